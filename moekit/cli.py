@@ -1,0 +1,34 @@
+"""The `moekit` command line: one entry point, one module per subcommand.
+
+Each module in moekit.commands defines `add_parser(subparsers)` and `run(args) -> int`;
+modules are imported only when listed here, and heavy imports live inside `run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = ("demo",)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moekit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    modules = {}
+    for name in COMMANDS:
+        module = importlib.import_module(f"moekit.commands.{name}")
+        module.add_parser(sub)
+        modules[name] = module
+    args = parser.parse_args(argv)
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        # User errors are reported in one line, not as a traceback.
+        print(f"moekit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

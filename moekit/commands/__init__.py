@@ -1,0 +1,1 @@
+"""Subcommands of the `moekit` CLI, one module each (see moekit.cli)."""

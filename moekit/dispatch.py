@@ -1,0 +1,96 @@
+"""Dispatch: group assignments by expert (permute), enforce capacity, and scatter back.
+
+Shapes: T tokens, D model dim, E experts, A assignments, C capacity per expert.
+
+Pure functions on tensors, shared by the local fast path and by expert parallelism.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Permutation:
+    """Assignments sorted by expert: order_A maps sorted position -> assignment index."""
+
+    order_A: Tensor
+    counts_E: Tensor
+
+    @property
+    def counts(self) -> list[int]:
+        return self.counts_E.tolist()
+
+
+def sort_by_expert(expert_A: Tensor, num_experts: int) -> Permutation:
+    """A stable sort of assignments by expert id, with the number per expert.
+
+    Stable so that, within an expert, assignments keep token order: results are
+    deterministic and identical to the reference loop's order of accumulation.
+    """
+    order_A = torch.sort(expert_A, stable=True).indices
+    counts_E = torch.bincount(expert_A, minlength=num_experts)
+    return Permutation(order_A, counts_E)
+
+
+def permute(x_TD: Tensor, token_A: Tensor, perm: Permutation) -> Tensor:
+    """Rows of x for each assignment, grouped by expert: [A, D]."""
+    return x_TD.index_select(0, token_A.index_select(0, perm.order_A))
+
+
+def unpermute(
+    y_AD: Tensor, token_A: Tensor, weight_A: Tensor, perm: Permutation, num_tokens: int
+) -> Tensor:
+    """Weighted sum of expert outputs back into token order: y_TD[t] = sum_a w_a * y_a."""
+    token_sorted = token_A.index_select(0, perm.order_A)
+    w_sorted = weight_A.index_select(0, perm.order_A).to(y_AD.dtype)
+    out = y_AD.new_zeros(num_tokens, y_AD.shape[-1])
+    return out.index_add(0, token_sorted, y_AD * w_sorted[:, None])
+
+
+def inverse(order_A: Tensor) -> Tensor:
+    """The inverse of a permutation: inverse(p)[p[i]] = i."""
+    inv = torch.empty_like(order_A)
+    inv[order_A] = torch.arange(order_A.numel(), device=order_A.device)
+    return inv
+
+
+def capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Tokens per expert: ceil(cf * T * K / E), the GShard/Switch definition."""
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def capacity_keep(
+    expert_A: Tensor,
+    weight_A: Tensor,
+    slot_A: Tensor,
+    token_A: Tensor,
+    num_experts: int,
+    cap: int,
+    policy: str,
+) -> Tensor:
+    """Which assignments fit: each expert keeps at most `cap`, by policy.
+
+    probs: highest combine weight first (ties by token order).
+    position: first choices before second choices (GShard), then earlier tokens first.
+    """
+    if policy == "probs":
+        # Sort keys from least to most significant, each sort stable.
+        order = torch.argsort(token_A, stable=True)
+        order = order[torch.argsort(-weight_A.detach()[order], stable=True)]
+    elif policy == "position":
+        order = torch.argsort(token_A, stable=True)
+        order = order[torch.argsort(slot_A[order], stable=True)]
+    else:
+        raise ValueError(f"drop_policy must be 'probs' or 'position', got {policy!r}")
+    order = order[torch.argsort(expert_A[order], stable=True)]
+    counts_E = torch.bincount(expert_A, minlength=num_experts)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    rank_sorted = torch.arange(order.numel(), device=order.device) - starts_E[expert_A[order]]
+    keep = torch.empty_like(expert_A, dtype=torch.bool)
+    keep[order] = rank_sorted < cap
+    return keep

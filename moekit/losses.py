@@ -1,0 +1,97 @@
+"""Load-balancing losses, per layer, over real tokens only.
+
+Shapes: T tokens (padding already removed), E experts, A assignments.
+
+Each function takes a `group_sum` that sums a tensor over every process that shares
+these experts (identity on one process), so that balancing is computed over the
+whole expert-parallel group and does not depend on how many ranks there are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+GroupSum = Callable[[Tensor], Tensor]
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+def switch_aux_loss(
+    probs_TE: Tensor,
+    expert_A: Tensor,
+    num_experts: int,
+    group_sum: GroupSum = _identity,
+) -> Tensor:
+    """Switch/GShard balancing loss: E * sum_e f_e * P_e (Fedus et al. 2021, eq. 4).
+
+    f_e is the fraction of assignments routed to e and P_e the mean router probability
+    of e. f is normalised by the number of assignments (T*K), not tokens, so a perfectly
+    uniform router scores exactly 1.0 for any K. Computed per layer: averaging the
+    statistics of several layers before the product (a known bug elsewhere) lets one
+    layer's imbalance cancel another's.
+    """
+    counts_E = torch.bincount(expert_A, minlength=num_experts).to(probs_TE.dtype)
+    totals = torch.stack([probs_TE.new_tensor(float(probs_TE.shape[0])), counts_E.sum()])
+    prob_sum_E = probs_TE.sum(dim=0)
+    counts_E, totals, prob_sum_E = group_sum(counts_E), group_sum(totals), group_sum(prob_sum_E)
+    num_tokens, num_assignments = totals[0], totals[1]
+    if num_tokens == 0 or num_assignments == 0:
+        return prob_sum_E.sum() * 0.0
+    f_E = counts_E / num_assignments
+    P_E = prob_sum_E / num_tokens
+    return num_experts * (f_E * P_E).sum()
+
+
+def sequence_aux_loss(
+    probs_TE: Tensor,
+    expert_A: Tensor,
+    token_A: Tensor,
+    seq_T: Tensor,
+    num_seqs: int,
+    num_experts: int,
+    top_k: int,
+    group_sum: GroupSum = _identity,
+) -> Tensor:
+    """Sequence-level balancing loss (DeepSeek-V2 eq. 12; DeepSeek-V3 eq. 17-20).
+
+    For each sequence s: sum_e f_se * P_se with f_se = E / (K * S_s) * count_se and
+    P_se the mean probability of e over the sequence's S_s real tokens; averaged over
+    sequences that have real tokens. A uniform router scores 1.0. Each sequence lives
+    on one rank, so only the mean over sequences needs the group.
+    """
+    E = num_experts
+    dtype = probs_TE.dtype
+    counts_SE = torch.zeros(num_seqs, E, dtype=dtype, device=probs_TE.device)
+    counts_SE.index_put_(
+        (seq_T[token_A], expert_A), torch.ones_like(expert_A, dtype=dtype), accumulate=True
+    )
+    prob_sum_SE = torch.zeros(num_seqs, E, dtype=dtype, device=probs_TE.device)
+    prob_sum_SE = prob_sum_SE.index_add(0, seq_T, probs_TE)
+    len_S = torch.bincount(seq_T, minlength=num_seqs).to(dtype)
+    present = len_S > 0
+    len_S = len_S.clamp(min=1)
+    f_SE = counts_SE * (E / top_k) / len_S[:, None]
+    P_SE = prob_sum_SE / len_S[:, None]
+    per_seq = (f_SE * P_SE).sum(dim=-1) * present
+    totals = group_sum(torch.stack([per_seq.sum(), present.sum().to(dtype)]))
+    return totals[0] / totals[1].clamp(min=1)
+
+
+def z_loss(logits_TE: Tensor, group_sum: GroupSum = _identity) -> Tensor:
+    """Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): mean of logsumexp(logits)^2."""
+    sq = logits_TE.logsumexp(dim=-1).square()
+    totals = group_sum(torch.stack([sq.sum(), sq.new_tensor(float(sq.shape[0]))]))
+    return totals[0] / totals[1].clamp(min=1)
+
+
+def router_entropy(probs_TE: Tensor, group_sum: GroupSum = _identity) -> Tensor:
+    """Mean entropy (nats) of the router distribution; log(E) is uniform, 0 is one-hot."""
+    with torch.no_grad():
+        ent = -(probs_TE * probs_TE.clamp(min=1e-30).log()).sum(dim=-1)
+        totals = group_sum(torch.stack([ent.sum(), ent.new_tensor(float(ent.shape[0]))]))
+        return totals[0] / totals[1].clamp(min=1)

@@ -1,0 +1,52 @@
+"""Expert paths: how routed assignments reach the experts and come back, on one process.
+
+Shapes: T tokens, D model dim, E experts, A assignments.
+
+`ReferencePath` is the readable truth: for each expert, gather its tokens, run it, add
+the weighted result. `GroupedPath` is the fast path: one stable sort by expert, one
+gather, all experts as grouped GEMMs, one weighted scatter-add. Both are tested equal,
+forward and backward. Expert parallelism (moekit.parallel) swaps in a path of its own.
+
+A path also says how to sum statistics over the processes that share its experts
+(`group_sum`); on one process that is the identity.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from moekit.dispatch import permute, sort_by_expert, unpermute
+from moekit.experts import ExpertBank
+from moekit.router import Routing
+
+
+class ReferencePath:
+    """A plain loop over experts."""
+
+    def __call__(self, x_TD: Tensor, routing: Routing, experts: ExpertBank) -> Tensor:
+        y_TD = x_TD.new_zeros(x_TD.shape)
+        for e in range(experts.num_experts):
+            sel_A = (routing.expert_A == e).nonzero().squeeze(1)
+            if sel_A.numel() == 0:
+                continue
+            tokens = routing.token_A[sel_A]
+            out = experts.forward_expert(e, x_TD[tokens])
+            weight = routing.weight_A[sel_A].to(out.dtype)
+            y_TD = y_TD.index_add(0, tokens, out * weight[:, None])
+        return y_TD
+
+    def group_sum(self, t: Tensor) -> Tensor:
+        return t
+
+
+class GroupedPath(ReferencePath):
+    """Sort by expert, grouped GEMM, scatter back."""
+
+    def __call__(self, x_TD: Tensor, routing: Routing, experts: ExpertBank) -> Tensor:
+        perm = sort_by_expert(routing.expert_A, experts.num_experts)
+        x_AD = permute(x_TD, routing.token_A, perm)
+        y_AD = experts.forward_grouped(x_AD, perm.counts_E)
+        return unpermute(y_AD, routing.token_A, routing.weight_A, perm, x_TD.shape[0])
+
+
+PATHS = {"reference": ReferencePath, "grouped": GroupedPath}
