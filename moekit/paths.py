@@ -33,6 +33,10 @@ class ReferencePath:
             out = experts.forward_expert(e, x_TD[tokens])
             weight = routing.weight_A[sel_A].to(out.dtype)
             y_TD = y_TD.index_add(0, tokens, out * weight[:, None])
+        if routing.expert_A.numel() == 0:
+            # No assignments (zero real tokens): tie y to the weights so their gradients are
+            # zeros rather than None, as the grouped path does; optimizers need them present.
+            y_TD = y_TD + sum(w.sum() for w in experts.parameters()) * 0
         return y_TD
 
     def group_sum(self, t: Tensor) -> Tensor:
