@@ -1,0 +1,184 @@
+"""The grouped fast path equals the reference loop, forward and backward; degenerate inputs.
+
+Shapes: B batch, S sequence, T tokens, D model dim, F expert hidden, E experts, K top-k.
+Odd sizes (D=24, F=40, E=5, K=3) so transposes and off-by-ones show; float64 throughout.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from moekit import MoE, MoEConfig
+from moekit.config import ROUTER_NAMES
+from moekit.mlp import MLP
+
+BASE = dict(d_model=24, d_ff=40, num_experts=5, top_k=3, seq_aux_loss_coef=0.1)
+
+
+def _twins(**changes) -> tuple[MoE, MoE]:
+    """A reference and a grouped layer with identical float64 weights."""
+    cfg = MoEConfig(**{**BASE, **changes}, impl="reference")
+    ref = MoE(cfg).double()
+    fast = MoE(cfg.replace(impl="grouped")).double()
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def _run(moe: MoE, x: torch.Tensor, mask: torch.Tensor | None, g: torch.Tensor):
+    """Forward, then backward of a random projection of y plus the balancing loss."""
+    x = x.clone().requires_grad_(True)
+    moe.zero_grad(set_to_none=True)
+    y, out = moe(x, padding_mask=mask)
+    ((y * g).sum() + out.loss).backward()
+    grads = {n: p.grad for n, p in moe.named_parameters()}
+    return y, out, x.grad, grads
+
+
+def _assert_paths_equal(ref: MoE, fast: MoE, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+    g = torch.randn_like(x)
+    y_r, out_r, gx_r, grads_r = _run(ref, x, mask, g)
+    y_f, out_f, gx_f, grads_f = _run(fast, x, mask, g)
+    assert_close(y_f, y_r)
+    assert_close(gx_f, gx_r)
+    assert grads_f.keys() == grads_r.keys()
+    for name, grad in grads_r.items():
+        assert grad is not None and grads_f[name] is not None, name
+        assert_close(grads_f[name], grad, msg=lambda m, name=name: f"{name}: {m}")
+    assert_close(out_f.loss, out_r.loss)
+    assert torch.equal(out_f.tokens_per_expert, out_r.tokens_per_expert)
+    assert_close(out_f.dropped_fraction, out_r.dropped_fraction)
+    # The output must depend on the experts at all: guards against a path returning zeros.
+    assert y_r.abs().amax() > 1e-3
+
+
+def _padding_mask(B: int, S: int) -> torch.Tensor:
+    mask = torch.zeros(B, S, dtype=torch.bool)
+    mask[0, -2:] = True  # right padding
+    mask[1, :3] = True  # left padding
+    return mask
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("capacity_factor", [None, 0.6], ids=["dropless", "capacity"])
+@pytest.mark.parametrize("router", ROUTER_NAMES)
+def test_grouped_equals_reference(router, capacity_factor, masked):
+    extra = dict(routed_scaling_factor=2.5) if router == "sigmoid_bias" else {}
+    ref, fast = _twins(router=router, capacity_factor=capacity_factor, **extra)
+    B, S = 2, 7
+    x = torch.randn(B, S, 24, dtype=torch.float64)
+    mask = _padding_mask(B, S) if masked else None
+    if capacity_factor is not None:
+        _, out = ref(x, padding_mask=mask)
+        if router != "expert_choice":
+            assert out.dropped_fraction > 0, "the capacity case must actually drop"
+    _assert_paths_equal(ref, fast, x, mask)
+
+
+@pytest.mark.parametrize("router", ["softmax_topk", "sigmoid_bias"])
+def test_grouped_equals_reference_gelu_shared_gate(router):
+    ref, fast = _twins(
+        router=router,
+        activation="gelu",
+        num_shared_experts=2,
+        shared_d_ff=12,
+        shared_expert_gate=True,
+        capacity_factor=0.8,
+    )
+    assert fast.shared_experts is not None and fast.shared_expert_gate is not None
+    x = torch.randn(3, 5, 24, dtype=torch.float64)
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    mask[2, 1:] = True
+    _assert_paths_equal(ref, fast, x, mask)
+
+
+@pytest.mark.parametrize("impl", ["reference", "grouped"])
+def test_swiglu_shared_experts_add_the_gated_mlp(impl):
+    cfg = MoEConfig(**BASE, num_shared_experts=1, shared_expert_gate=True, impl=impl)
+    moe = MoE(cfg).double()
+    x = torch.randn(9, 24, dtype=torch.float64)
+    y, _ = moe(x)
+    routed_only = MoE(cfg.replace(num_shared_experts=0, shared_expert_gate=False)).double()
+    routed_only.load_state_dict(moe.state_dict(), strict=False)
+    y_routed, _ = routed_only(x)
+    shared = moe.shared_experts(x) * torch.sigmoid(moe.shared_expert_gate(x))
+    assert_close(y, y_routed + shared)
+
+
+@pytest.mark.parametrize("impl", ["reference", "grouped"])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_one_expert_top1_equals_dense_mlp(activation, impl):
+    D, Fh = 24, 40
+    moe = MoE(MoEConfig(D, Fh, num_experts=1, top_k=1, activation=activation, impl=impl))
+    moe = moe.double()
+    mlp = MLP(D, Fh, activation).double()
+    with torch.no_grad():
+        # ExpertBank stores [E, D, F] / [E, F, D]; nn.Linear stores [out, in].
+        if activation == "swiglu":
+            mlp.gate_proj.weight.copy_(moe.experts.w_gate_EDF[0].t())
+        mlp.up_proj.weight.copy_(moe.experts.w_up_EDF[0].t())
+        mlp.down_proj.weight.copy_(moe.experts.w_down_EFD[0].t())
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    g = torch.randn_like(x)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y_moe, _ = moe(x1)
+    y_mlp = mlp(x2)
+    assert_close(y_moe, y_mlp)
+    (y_moe * g).sum().backward()
+    (y_mlp * g).sum().backward()
+    assert_close(x1.grad, x2.grad)
+    assert_close(moe.experts.w_up_EDF.grad[0], mlp.up_proj.weight.grad.t())
+    assert_close(moe.experts.w_down_EFD.grad[0], mlp.down_proj.weight.grad.t())
+    if activation == "swiglu":
+        assert_close(moe.experts.w_gate_EDF.grad[0], mlp.gate_proj.weight.grad.t())
+
+
+NO_REAL_TOKENS = {
+    "empty": lambda D: (torch.zeros(0, D, dtype=torch.float64), None),
+    "empty3d": lambda D: (torch.zeros(2, 0, D, dtype=torch.float64), None),
+    "allpad": lambda D: (torch.randn(2, 3, D, dtype=torch.float64), torch.ones(2, 3, dtype=bool)),
+}
+
+
+@pytest.mark.parametrize("router", ROUTER_NAMES)
+@pytest.mark.parametrize("impl", ["reference", "grouped"])
+@pytest.mark.parametrize("case", NO_REAL_TOKENS)
+def test_no_real_tokens(case, impl, router):
+    x, mask = NO_REAL_TOKENS[case](BASE["d_model"])
+    moe = MoE(
+        MoEConfig(**BASE, router=router, impl=impl, num_shared_experts=1, capacity_factor=1.0)
+    ).double()
+    x = x.clone().requires_grad_(True)
+    y, out = moe(x, padding_mask=mask)
+    assert y.shape == x.shape
+    assert torch.equal(y, torch.zeros_like(y))
+    for loss in (out.loss, out.aux_loss, out.seq_aux_loss, out.z_loss, out.router_entropy):
+        assert torch.isfinite(loss).all()
+    assert out.dropped_fraction == 0
+    assert out.tokens_per_expert.sum() == 0 and out.token_ids.numel() == 0
+    (y.sum() + out.loss).backward()
+    for name, p in moe.named_parameters():
+        # Optimizers and gradient all-reduce need every grad present, even for no tokens.
+        assert p.grad is not None, name
+        assert torch.equal(p.grad, torch.zeros_like(p)), name
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("router", ROUTER_NAMES)
+def test_router_arithmetic_is_float32_for_bf16(router):
+    cfg = MoEConfig(**BASE, router=router)
+    moe = MoE(cfg).to(torch.bfloat16)
+    x = torch.randn(4, 6, 24, dtype=torch.bfloat16)
+    routing = moe.router(x.reshape(-1, 24))
+    assert routing.logits_TE.dtype == torch.float32
+    assert routing.probs_TE.dtype == torch.float32
+    assert routing.weight_A.dtype == torch.float32
+    # The float32 logits are those of the bf16 values, computed without rounding to bf16.
+    expected = F.linear(x.reshape(-1, 24).float(), moe.router.weight.float())
+    assert_close(routing.logits_TE, expected)
+    y, out = moe(x)
+    assert y.dtype == torch.bfloat16
+    assert out.z_loss.dtype == torch.float32 and out.aux_loss.dtype == torch.float32
+    assert torch.isfinite(y).all() and torch.isfinite(out.loss)
