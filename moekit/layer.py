@@ -16,7 +16,7 @@ from moekit.dispatch import capacity, capacity_keep
 from moekit.experts import ExpertBank
 from moekit.mlp import MLP
 from moekit.paths import PATHS
-from moekit.router import ROUTERS, SigmoidBias
+from moekit.router import ROUTERS, Routing, SigmoidBias
 
 
 @dataclass
@@ -77,7 +77,10 @@ class MoE(nn.Module):
         T = x_TD.shape[0]
 
         routing = self.router(x_TD)
-        num_routed = routing.expert_A.numel()
+        # The balancing losses see the router's choices before capacity drops: Switch
+        # (Fedus et al. 2021, eq. 2) counts f_e from the argmax, so an overloaded expert
+        # keeps being pushed back instead of looking balanced once capped at C.
+        routed = routing
         if cfg.capacity_factor is not None and cfg.router != "expert_choice":
             cap = capacity(T, cfg.top_k, cfg.num_experts, cfg.capacity_factor)
             keep_A = capacity_keep(
@@ -98,7 +101,7 @@ class MoE(nn.Module):
                 shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
 
-        out = self._output(routing, seq_T, num_seqs, num_routed)
+        out = self._output(routing, routed, seq_T, num_seqs)
         if real_T is not None:
             y_full = y_TD.new_zeros(x.numel() // cfg.d_model, cfg.d_model)
             y_TD = y_full.index_copy(0, real_T, y_TD)
@@ -143,14 +146,15 @@ class MoE(nn.Module):
             )
         return (~padding_mask).reshape(-1).nonzero().squeeze(1)
 
-    def _output(self, routing, seq_T: Tensor, num_seqs: int, num_routed: int) -> MoEOutput:
+    def _output(self, routing: Routing, routed: Routing, seq_T: Tensor, num_seqs: int) -> MoEOutput:
         cfg = self.config
         gs = self.path.group_sum
-        aux = losses.switch_aux_loss(routing.probs_TE, routing.expert_A, cfg.num_experts, gs)
+        num_routed = routed.expert_A.numel()
+        aux = losses.switch_aux_loss(routed.probs_TE, routed.expert_A, cfg.num_experts, gs)
         seq_aux = losses.sequence_aux_loss(
-            routing.probs_TE,
-            routing.expert_A,
-            routing.token_A,
+            routed.probs_TE,
+            routed.expert_A,
+            routed.token_A,
             seq_T,
             num_seqs,
             cfg.num_experts,
