@@ -1,0 +1,203 @@
+"""Routing figures a person can read: load, imbalance, specialisation, co-selection.
+
+Shapes: L MoE layers, E experts, N domains.
+
+Each function takes `LayerCounts` (or their summaries), writes one PNG and returns its
+path. matplotlib is imported inside the functions (an optional dependency, the `plots`
+extra) with the non-interactive Agg backend, so plotting works on a headless machine.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from moekit.analysis import stats
+from moekit.analysis.counts import LayerCounts, LayerSummary
+
+# Cell values are printed on heatmaps up to this many cells per axis; beyond, they blur.
+_ANNOTATE_MAX = 16
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("plots need matplotlib: pip install 'moekit[plots]'") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _grid(n: int) -> tuple[int, int]:
+    cols = min(n, 4)
+    return math.ceil(n / cols), cols
+
+
+def _annotate(ax, values, fmt: str, threshold: float, skip=frozenset()) -> None:
+    rows, cols = len(values), len(values[0]) if values else 0
+    if rows > _ANNOTATE_MAX or cols > _ANNOTATE_MAX:
+        return
+    for i in range(rows):
+        for j in range(cols):
+            v = values[i][j]
+            if (i, j) in skip:
+                continue
+            colour = "white" if v > threshold else "black"
+            ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7, color=colour)
+
+
+def _expert_ticks(ax, num_experts: int) -> None:
+    step = max(1, math.ceil(num_experts / 32))
+    ax.set_xticks(range(0, num_experts, step))
+    ax.set_xlabel("expert")
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.clf()
+    _pyplot().close(fig)
+    return path
+
+
+def plot_load(summaries: list[LayerSummary], path: str | Path, title: str = "") -> Path:
+    """Heatmap layers x experts of each expert's load relative to the mean (1 = fair share).
+
+    Dead experts are marked with a cross; the colour scale is centred on 1 so overloaded
+    experts are red and starved ones blue.
+    """
+    plt = _pyplot()
+    rel = []
+    for s in summaries:
+        E = len(s.load_share)
+        rel.append([share * E for share in s.load_share])
+    L, E = len(rel), len(rel[0])
+    top = max(2.0, max(max(r) for r in rel))
+    fig, ax = plt.subplots(figsize=(2.5 + 0.6 * max(E, 8), 2.0 + 0.45 * L))
+    from matplotlib.colors import TwoSlopeNorm
+
+    im = ax.imshow(
+        rel, cmap="coolwarm", norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=top), aspect="auto"
+    )
+    _annotate(
+        ax,
+        rel,
+        ".2f",
+        float("inf"),
+        skip={(i, e) for i, s in enumerate(summaries) for e in s.dead_experts},
+    )
+    for i, s in enumerate(summaries):
+        for e in s.dead_experts:
+            ax.text(e, i, "dead", ha="center", va="center", fontsize=7, weight="bold")
+    _expert_ticks(ax, E)
+    ax.set_yticks(range(L))
+    ax.set_yticklabels([f"MoE {s.layer}" for s in summaries])
+    ax.set_ylabel("MoE layer")
+    fig.colorbar(im, ax=ax, label="load / mean load (1 = balanced)")
+    ax.set_title(title or "Expert load per MoE layer")
+    return _save(fig, Path(path))
+
+
+def plot_imbalance(summaries: list[LayerSummary], path: str | Path, title: str = "") -> Path:
+    """Bars per layer: load imbalance (max / mean, 1 = balanced) and specialisation score."""
+    plt = _pyplot()
+    layers = [s.layer for s in summaries]
+    spec = [s.specialisation for s in summaries]
+    has_spec = any(not math.isnan(v) for v in spec)
+    fig, axes = plt.subplots(1, 2 if has_spec else 1, figsize=(10 if has_spec else 5.5, 3.6))
+    axes = list(axes) if has_spec else [axes]
+    E = len(summaries[0].load_share)
+    ax = axes[0]
+    bars = ax.bar(layers, [s.imbalance for s in summaries], color="tab:orange")
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.axhline(1.0, color="black", lw=1, ls="--", label="balanced")
+    ax.axhline(E, color="tab:red", lw=1, ls=":", label=f"collapsed (E = {E})")
+    ax.set_ylim(0, E * 1.05)
+    ax.set_xticks(layers)
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("max load / mean load")
+    ax.set_title("Load imbalance")
+    ax.legend(fontsize=8, loc="upper right")
+    if has_spec:
+        ax = axes[1]
+        bars = ax.bar(layers, [0.0 if math.isnan(v) else v for v in spec], color="tab:green")
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+        ax.set_ylim(0, 1.08)
+        ax.set_xticks(layers)
+        ax.set_xlabel("MoE layer")
+        ax.set_ylabel("I(domain; expert) / H(domain)")
+        ax.set_title("Domain specialisation (0 = none, 1 = total)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def plot_specialisation(counts: list[LayerCounts], path: str | Path, title: str = "") -> Path:
+    """Per layer, a domains x experts heatmap of P(expert | domain), with the layer's score.
+
+    A row is how one domain spreads its tokens over the experts; rows that differ mean the
+    layer routes by domain. Uniform routing is 1/E everywhere.
+    """
+    plt = _pyplot()
+    rows, cols = _grid(len(counts))
+    E, N = counts[0].num_experts, len(counts[0].domains)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(cols * (1.0 + 0.45 * max(E, 6)), rows * (1.4 + 0.4 * N)), squeeze=False
+    )
+    vmax = max(2.0 / E, max(_row_norm(c.domain_expert).max().item() for c in counts))
+    for i, c in enumerate(counts):
+        ax = axes[i // cols][i % cols]
+        cond = _row_norm(c.domain_expert)
+        im = ax.imshow(cond.numpy(), cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
+        _annotate(ax, cond.tolist(), ".2f", vmax * 0.6)
+        score = stats.specialisation_score(c.domain_expert) if N > 1 else math.nan
+        ax.set_title(f"MoE layer {i}: specialisation {score:.3f}", fontsize=9)
+        _expert_ticks(ax, E)
+        ax.set_yticks(range(N))
+        ax.set_yticklabels(c.domains)
+        ax.set_ylabel("domain")
+        fig.colorbar(im, ax=ax, label="P(expert | domain)")
+    for j in range(len(counts), rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    fig.suptitle(title or f"Expert use by domain (uniform = 1/E = {1 / E:.3f})")
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def plot_co_selection(counts: list[LayerCounts], path: str | Path, title: str = "") -> Path:
+    """Per layer, experts x experts heatmap of P(token also chose j | it chose i).
+
+    Bright off-diagonal cells are experts that work as a pair; with top-1 routing the map
+    is empty. Under independent choices each cell would be about (K-1)/(E-1).
+    """
+    plt = _pyplot()
+    rows, cols = _grid(len(counts))
+    E = counts[0].num_experts
+    side = 1.5 + 0.45 * max(E, 6)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * side, rows * side * 0.85), squeeze=False)
+    conds = [stats.co_selection_conditional(c.co_selection) for c in counts]
+    vmax = max(1e-9, max(m.max().item() for m in conds))
+    for i, cond in enumerate(conds):
+        ax = axes[i // cols][i % cols]
+        im = ax.imshow(cond.numpy(), cmap="magma", vmin=0.0, vmax=vmax)
+        _annotate(ax, cond.tolist(), ".2f", vmax * 0.5, skip={(e, e) for e in range(E)})
+        ax.set_title(f"MoE layer {i}", fontsize=9)
+        _expert_ticks(ax, E)
+        ax.set_xlabel("expert j (also chosen)")
+        ax.set_yticks(range(0, E, max(1, math.ceil(E / 32))))
+        ax.set_ylabel("expert i (chosen)")
+        fig.colorbar(im, ax=ax, label="P(j | i)")
+    for j in range(len(conds), rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    fig.suptitle(title or "Expert co-selection: which experts serve the same token")
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def _row_norm(counts_NE: torch.Tensor) -> torch.Tensor:
+    return counts_NE / counts_NE.sum(dim=1, keepdim=True).clamp(min=1)

@@ -1,0 +1,46 @@
+"""Analysis figures are written as readable PNGs from hand-built routing counts."""
+
+import pytest
+import torch
+
+from moekit.analysis import LayerCounts
+from moekit.analysis import plots as aplots
+
+pytest.importorskip("matplotlib")
+
+
+def _counts(E, specialised: bool):
+    c = LayerCounts(E, domains=("code", "prose"))
+    if specialised:
+        c.domain_expert[0, 0] = 60
+        c.domain_expert[1, 1] = 40
+    else:
+        c.domain_expert[:] = 10
+    c.tokens_per_expert = c.domain_expert.sum(0)
+    c.co_selection = torch.diag(c.tokens_per_expert)
+    c.co_selection[0, 1] = c.co_selection[1, 0] = 5
+    c.num_tokens = int(c.tokens_per_expert.sum())
+    return c
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_all_figures_are_written(tmp_path):
+    counts = [_counts(6, True), _counts(6, False), _counts(6, True)]
+    summaries = [c.summary(i) for i, c in enumerate(counts)]
+    assert summaries[0].specialisation == pytest.approx(1.0)
+    assert summaries[1].specialisation == pytest.approx(0.0, abs=1e-12)
+    assert summaries[0].dead_experts == [2, 3, 4, 5]
+    paths = [
+        aplots.plot_load(summaries, tmp_path / "load.png"),
+        aplots.plot_imbalance(summaries, tmp_path / "imbalance.png"),
+        aplots.plot_specialisation(counts, tmp_path / "specialisation.png"),
+        aplots.plot_co_selection(counts, tmp_path / "co_selection.png"),
+    ]
+    for p in paths:
+        w, h = _png_size(p)
+        assert w > 300 and h > 200
