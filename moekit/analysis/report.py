@@ -1,0 +1,183 @@
+"""Analyse a trained model's routing end to end: table, figures and a JSON summary.
+
+`analyze_model` works on any built model and labelled batches; `analyze_checkpoint`
+loads a moekit checkpoint (or a Hugging Face directory), takes the validation split of
+the text it was trained on and calls it. Both return the summary that is written to
+`routing.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from torch import nn
+
+from moekit.analysis import plots
+from moekit.analysis.collect import Batch, collect_routing, labelled_batches
+from moekit.analysis.counts import LayerCounts, LayerSummary
+
+SUMMARY_FILE = "routing.json"
+FIGURES = ("load", "imbalance", "specialisation", "co_selection")
+
+
+def analyze_model(
+    model: nn.Module,
+    batches: list[Batch],
+    domains: tuple[str, ...],
+    out_dir: str | Path | None = None,
+    dead_threshold: float = 0.1,
+    title: str = "",
+    progress: bool = False,
+) -> dict:
+    """Route `batches` through `model`; write figures and routing.json to out_dir if given.
+
+    dead_threshold: an expert is dead under this fraction of its fair share (1/E) of the
+    assignments (see moekit.analysis.stats.dead_experts). Returns the summary dict:
+    {"domains", "num_tokens", "layers": [LayerSummary as dict], "co_selection",
+    "domain_expert", "figures": {name: path}}.
+    """
+    if not 0 <= dead_threshold <= 1:
+        raise ValueError(f"dead_threshold must be in [0, 1], got {dead_threshold!r}")
+    counts = collect_routing(model, batches, domains, progress=progress)
+    summaries = [c.summary(i, dead_threshold) for i, c in enumerate(counts)]
+    figures = {}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        figures = _write_figures(counts, summaries, out, title)
+    summary = {
+        "domains": list(domains),
+        "num_tokens": summaries[0].num_tokens,
+        "dead_threshold": dead_threshold,
+        "layers": [s.to_dict() for s in summaries],
+        "co_selection": [c.co_selection.tolist() for c in counts],
+        "domain_expert": [c.domain_expert.tolist() for c in counts],
+        "figures": figures,
+    }
+    if out_dir is not None:
+        (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def analyze_checkpoint(
+    path: str | Path,
+    out_dir: str | Path | None = None,
+    data: str | None = None,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    batches_per_domain: int = 8,
+    dead_threshold: float = 0.1,
+    cache_dir: str | Path | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+) -> dict:
+    """Analyse the routing of a checkpoint on the validation split of its own text.
+
+    path: a moekit checkpoint (or run directory: its newest checkpoint) or a Hugging Face
+    model directory. data: text to use instead of the one the model was trained on (see
+    moekit.data.sources). Windows of seq_len tokens (default: the training length), the
+    same number from each domain. out_dir: where the PNGs and routing.json go (default:
+    `<path>/analysis`). Returns the summary of `analyze_model` plus "checkpoint",
+    "data" and "out_dir".
+    """
+    from moekit.data import load_tokenizer, prepare_tokens
+
+    for name, value in (("batch_size", batch_size), ("batches_per_domain", batches_per_domain)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    model, train = _load(Path(path), device)
+    data = data or train.get("data", "embedded")
+    tokenizer = load_tokenizer(train.get("tokenizer", "bytes"))
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} ids, the model only "
+            f"{model.config.vocab_size}"
+        )
+    cache = Path(cache_dir) if cache_dir is not None else _default_cache()
+    val_fraction = float(train.get("val_fraction", 0.1))
+    split = prepare_tokens(data, tokenizer, cache, val_fraction)["val"]
+    seq_len = min(seq_len or int(train.get("seq_len", 128)), model.config.max_seq_len)
+    domains, batches = labelled_batches(split, seq_len, batch_size, batches_per_domain)
+    out_dir = Path(out_dir) if out_dir is not None else _default_out(Path(path))
+    summary = analyze_model(
+        model,
+        batches,
+        domains,
+        out_dir,
+        dead_threshold,
+        title=f"{Path(path).name}, {data} validation",
+        progress=progress,
+    )
+    return {"checkpoint": str(path), "data": data, "out_dir": str(out_dir), **summary}
+
+
+def format_table(layers: list[dict]) -> str:
+    """A per-layer text table of a summary's "layers" (LayerSummary dicts)."""
+    head = (
+        f"{'layer':>5}  {'imbalance':>9}  {'cv':>6}  {'load H':>6}  {'router H':>8}  "
+        f"{'dropped':>7}  {'special.':>8}  dead experts"
+    )
+    lines = [head, "-" * len(head)]
+    for s in layers:
+        dead = ",".join(str(e) for e in s["dead_experts"]) or "-"
+        lines.append(
+            f"{s['layer']:>5}  {_num(s['imbalance'], 2):>9}  {_num(s['cv'], 3):>6}  "
+            f"{_num(s['load_entropy'], 3):>6}  {_num(s['router_entropy'], 3):>8}  "
+            f"{_num(s['dropped_fraction'], 3):>7}  {_num(s['specialisation'], 3):>8}  {dead}"
+        )
+    return "\n".join(lines)
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _write_figures(
+    counts: list[LayerCounts], summaries: list[LayerSummary], out: Path, title: str
+) -> dict[str, str]:
+    suffix = f" ({title})" if title else ""
+    paths = {
+        "load": plots.plot_load(summaries, out / "load.png", "Expert load per MoE layer" + suffix),
+        "imbalance": plots.plot_imbalance(summaries, out / "imbalance.png", title),
+        "co_selection": plots.plot_co_selection(counts, out / "co_selection.png"),
+    }
+    if len(counts[0].domains) > 1:
+        paths["specialisation"] = plots.plot_specialisation(counts, out / "specialisation.png")
+    return {name: str(p) for name, p in paths.items()}
+
+
+def _load(path: Path, device: str) -> tuple[nn.Module, dict]:
+    """(model, training settings as a dict) from a moekit checkpoint or an HF directory."""
+    config_path = path / "config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        if "model_type" in config:  # a Hugging Face model directory
+            return _load_hf(path, device)
+    from moekit.train.checkpoint import load_model, resolve
+
+    ckpt_dir = resolve(path)
+    model = load_model(ckpt_dir, device)  # verifies the manifest's hashes
+    train = json.loads((ckpt_dir / "config.json").read_text()).get("train", {})
+    return model, train
+
+
+def _load_hf(path: Path, device: str) -> tuple[nn.Module, dict]:
+    import moekit
+
+    if not hasattr(moekit, "from_pretrained"):
+        raise ValueError(f"{path} is a Hugging Face model directory; this moekit cannot read it")
+    tokenizer = path / "tokenizer.json"
+    if not tokenizer.is_file():
+        raise FileNotFoundError(f"{path} has no tokenizer.json to turn text into its token ids")
+    model = moekit.from_pretrained(path).to(device).eval()
+    return model, {"tokenizer": str(tokenizer)}
+
+
+def _default_cache() -> Path:
+    return Path.home() / ".cache" / "moekit" / "tokens"
+
+
+def _default_out(path: Path) -> Path:
+    return (path if path.is_dir() else path.parent) / "analysis"
