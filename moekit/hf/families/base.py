@@ -1,0 +1,134 @@
+"""What every family shares: the Family record, common config fields, refused options.
+
+A family maps one Hugging Face `model_type` onto moekit in both directions
+(`to_model_config`, `to_hf_config`) and names where its MoE tensors live (`moe_key`,
+`expert_names`, `shared_key`); moekit.hf.tensors turns that into the tensor mapping.
+Options that would change the forward pass and that moekit does not implement raise
+`UnsupportedConfig` naming the option: a checkpoint is never loaded into a model that
+computes something else. Fields that cannot change the logits (token ids, init ranges,
+dropout, cache flags, tensor-parallel plans) are ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from moekit.model.config import ModelConfig
+
+
+class UnsupportedConfig(ValueError):
+    """A Hugging Face config option that moekit cannot reproduce exactly."""
+
+
+def unsupported(family: str, option: str, value: object, why: str = "") -> UnsupportedConfig:
+    tail = f" ({why})" if why else ""
+    return UnsupportedConfig(f"{family}: config option {option}={value!r} is not supported{tail}")
+
+
+def require(hf: dict, family: str, key: str) -> object:
+    """hf[key], which must be present and not null."""
+    if hf.get(key) is None:
+        raise UnsupportedConfig(f"{family}: config.json lacks the required field {key!r}")
+    return hf[key]
+
+
+def rope_theta(hf: dict, family: str, default_theta: float) -> float:
+    """The RoPE base. Only plain RoPE over the full rotary width is run: scaled variants
+    (yarn, linear, dynamic, llama3, ...) change the frequencies and are refused."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        raise unsupported(family, "rope_parameters", params, "per-layer RoPE settings")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default":
+        raise unsupported(family, "rope_parameters.rope_type", kind, "only plain RoPE is run")
+    factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if factor != 1.0:
+        raise unsupported(family, "partial_rotary_factor", factor)
+    return float(params.get("rope_theta", hf.get("rope_theta", default_theta)))
+
+
+def common_fields(hf: dict, family: str, default_theta: float) -> dict:
+    """ModelConfig fields every family reads the same way."""
+    if hf.get("hidden_act", "silu") != "silu":
+        raise unsupported(family, "hidden_act", hf["hidden_act"], "experts are SwiGLU with silu")
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method", "?")
+        raise unsupported(family, "quantization_config", method, "dequantize the checkpoint first")
+    num_heads = int(require(hf, family, "num_attention_heads"))
+    kv_heads = hf.get("num_key_value_heads")
+    head_dim = hf.get("head_dim")
+    return dict(
+        vocab_size=int(require(hf, family, "vocab_size")),
+        d_model=int(require(hf, family, "hidden_size")),
+        num_layers=int(require(hf, family, "num_hidden_layers")),
+        num_heads=num_heads,
+        num_kv_heads=None if kv_heads is None else int(kv_heads),
+        head_dim=None if head_dim is None else int(head_dim),
+        max_seq_len=int(hf.get("max_position_embeddings", 4096)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta(hf, family, default_theta),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        activation="swiglu",
+    )
+
+
+def common_hf(config: ModelConfig, model_type: str, architecture: str) -> dict:
+    """The Hugging Face config fields every family writes the same way."""
+    return {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": "silu",
+        "dtype": "float32",
+        "use_cache": True,
+    }
+
+
+def refuse_sliding_window(hf: dict, family: str) -> None:
+    """Sliding-window attention is not run: refuse it wherever it would take effect."""
+    window = hf.get("sliding_window")
+    active = hf.get("use_sliding_window", window is not None)
+    if "sliding_attention" in (hf.get("layer_types") or []):
+        raise unsupported(family, "layer_types", "sliding_attention", "no sliding windows")
+    if active and window and window < hf.get("max_position_embeddings", float("inf")):
+        raise unsupported(family, "sliding_window", window, "no sliding windows")
+
+
+def dense_width_if_used(config_fields: dict, intermediate_size: int | None) -> int | None:
+    """dense_d_ff for a config: the checkpoint's dense width when some layer is dense."""
+    probe = ModelConfig(**{**config_fields, "dense_d_ff": intermediate_size or 1})
+    if all(probe.is_moe_layer(i) for i in range(probe.num_layers)):
+        return None
+    return intermediate_size
+
+
+@dataclass(frozen=True)
+class Family:
+    """One Hugging Face model type and how it maps onto moekit."""
+
+    model_type: str
+    """config.json's model_type."""
+    architecture: str
+    """config.json's architectures[0], written on export."""
+    to_model_config: Callable[[dict], ModelConfig]
+    """Hugging Face config dict -> ModelConfig (raises UnsupportedConfig)."""
+    to_hf_config: Callable[[ModelConfig], dict]
+    """ModelConfig -> Hugging Face config dict."""
+    moe_key: str = "mlp"
+    """Module name of the MoE block inside a decoder layer ('block_sparse_moe' in Mixtral)."""
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    """Per-expert tensor names of gate, up and down (w1, w3, w2 in Mixtral)."""
+    shared_key: str | None = None
+    """Module name of the shared expert(s) inside the MoE block, if any."""
+    extra_layers: Callable[[dict], int] = lambda hf: 0
+    """Decoder layers stored after the last one that next-token logits never use (MTP)."""

@@ -1,0 +1,58 @@
+"""Mixtral: softmax over all experts, top-k, weights renormalised over the k (Jiang et al. 2024)."""
+
+from __future__ import annotations
+
+from moekit.config import MoEConfig
+from moekit.hf.families.base import (
+    Family,
+    common_fields,
+    common_hf,
+    refuse_sliding_window,
+    require,
+    unsupported,
+)
+from moekit.model.config import ModelConfig
+
+NAME = "mixtral"
+
+
+def to_model_config(hf: dict) -> ModelConfig:
+    refuse_sliding_window(hf, NAME)
+    if hf.get("router_jitter_noise"):
+        # Mixtral jitters the experts' input as well as the router's; moekit only the router's.
+        raise unsupported(NAME, "router_jitter_noise", hf["router_jitter_noise"])
+    fields = common_fields(hf, NAME, default_theta=1e6)
+    moe = MoEConfig(
+        d_model=fields["d_model"],
+        d_ff=int(require(hf, NAME, "intermediate_size")),
+        num_experts=int(hf.get("num_local_experts", hf.get("num_experts", 8))),
+        top_k=int(hf.get("num_experts_per_tok", 2)),
+        router="softmax_topk",
+        norm_topk_prob=True,
+        aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+        z_loss_coef=0.0,
+    )
+    return ModelConfig(**fields, moe=moe)
+
+
+def to_hf_config(config: ModelConfig) -> dict:
+    moe = config.moe
+    return {
+        **common_hf(config, NAME, "MixtralForCausalLM"),
+        "intermediate_size": moe.d_ff,
+        "num_local_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "router_aux_loss_coef": moe.aux_loss_coef,
+        "router_jitter_noise": 0.0,
+        "sliding_window": None,
+    }
+
+
+MIXTRAL = Family(
+    model_type=NAME,
+    architecture="MixtralForCausalLM",
+    to_model_config=to_model_config,
+    to_hf_config=to_hf_config,
+    moe_key="block_sparse_moe",
+    expert_names=("w1", "w3", "w2"),
+)

@@ -1,0 +1,56 @@
+"""OLMoE: softmax top-k without renormalisation by default, RMSNorm over the whole query and
+key projections, optional clamping of q, k and v (clip_qkv)."""
+
+from __future__ import annotations
+
+from moekit.config import MoEConfig
+from moekit.hf.families.base import Family, common_fields, common_hf, require
+from moekit.model.config import ModelConfig
+
+NAME = "olmoe"
+
+
+def to_model_config(hf: dict) -> ModelConfig:
+    fields = common_fields(hf, NAME, default_theta=10000.0)
+    moe = MoEConfig(
+        d_model=fields["d_model"],
+        d_ff=int(require(hf, NAME, "intermediate_size")),
+        num_experts=int(require(hf, NAME, "num_experts")),
+        top_k=int(require(hf, NAME, "num_experts_per_tok")),
+        router="softmax_topk",
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.01)),
+        z_loss_coef=0.0,
+    )
+    bias = bool(hf.get("attention_bias", False))
+    clip = hf.get("clip_qkv")
+    return ModelConfig(
+        **fields,
+        moe=moe,
+        qk_norm="full",
+        clip_qkv=None if clip is None else float(clip),
+        qkv_bias=bias,
+        o_bias=bias,
+    )
+
+
+def to_hf_config(config: ModelConfig) -> dict:
+    moe = config.moe
+    return {
+        **common_hf(config, NAME, "OlmoeForCausalLM"),
+        "intermediate_size": moe.d_ff,
+        "num_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "norm_topk_prob": moe.norm_topk_prob,
+        "clip_qkv": config.clip_qkv,
+        "attention_bias": config.qkv_bias,
+        "router_aux_loss_coef": moe.aux_loss_coef,
+    }
+
+
+OLMOE = Family(
+    model_type=NAME,
+    architecture="OlmoeForCausalLM",
+    to_model_config=to_model_config,
+    to_hf_config=to_hf_config,
+)

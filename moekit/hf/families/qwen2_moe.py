@@ -1,0 +1,72 @@
+"""Qwen2-MoE: softmax top-k (renormalised only with norm_topk_prob), q/k/v biases, and a
+shared expert whose output is scaled by sigmoid(x @ shared_expert_gate)."""
+
+from __future__ import annotations
+
+from moekit.config import MoEConfig
+from moekit.hf.families.base import (
+    Family,
+    common_fields,
+    common_hf,
+    dense_width_if_used,
+    refuse_sliding_window,
+    require,
+)
+from moekit.model.config import ModelConfig
+
+NAME = "qwen2_moe"
+
+
+def to_model_config(hf: dict) -> ModelConfig:
+    refuse_sliding_window(hf, NAME)
+    fields = common_fields(hf, NAME, default_theta=10000.0)
+    moe = MoEConfig(
+        d_model=fields["d_model"],
+        d_ff=int(require(hf, NAME, "moe_intermediate_size")),
+        num_experts=int(require(hf, NAME, "num_experts")),
+        top_k=int(require(hf, NAME, "num_experts_per_tok")),
+        router="softmax_topk",
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        num_shared_experts=1,
+        shared_d_ff=int(require(hf, NAME, "shared_expert_intermediate_size")),
+        shared_expert_gate=True,
+        aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+        z_loss_coef=0.0,
+    )
+    fields.update(
+        moe=moe,
+        # Qwen2-MoE checkpoints predate the qkv_bias field; their q/k/v always had biases.
+        qkv_bias=bool(hf.get("qkv_bias", True)),
+        moe_every=int(hf.get("decoder_sparse_step", 1)),
+        dense_layers=tuple(sorted(int(i) for i in hf.get("mlp_only_layers") or [])),
+    )
+    return ModelConfig(
+        **fields, dense_d_ff=dense_width_if_used(fields, hf.get("intermediate_size"))
+    )
+
+
+def to_hf_config(config: ModelConfig) -> dict:
+    moe = config.moe
+    return {
+        **common_hf(config, NAME, "Qwen2MoeForCausalLM"),
+        "intermediate_size": config.dense_width,
+        "moe_intermediate_size": moe.d_ff,
+        "shared_expert_intermediate_size": moe.shared_d_ff or moe.d_ff,
+        "num_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "norm_topk_prob": moe.norm_topk_prob,
+        "qkv_bias": config.qkv_bias,
+        "decoder_sparse_step": config.moe_every,
+        "mlp_only_layers": list(config.dense_layers),
+        "router_aux_loss_coef": moe.aux_loss_coef,
+        "use_sliding_window": False,
+    }
+
+
+QWEN2_MOE = Family(
+    model_type=NAME,
+    architecture="Qwen2MoeForCausalLM",
+    to_model_config=to_model_config,
+    to_hf_config=to_hf_config,
+    shared_key="shared_expert",
+)

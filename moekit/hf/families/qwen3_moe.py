@@ -1,0 +1,74 @@
+"""Qwen3-MoE: softmax top-k (renormalised with norm_topk_prob), RMSNorm on each query and
+key head before RoPE, explicit head_dim, no shared expert."""
+
+from __future__ import annotations
+
+from moekit.config import MoEConfig
+from moekit.hf.families.base import (
+    Family,
+    common_fields,
+    common_hf,
+    dense_width_if_used,
+    refuse_sliding_window,
+    require,
+)
+from moekit.model.config import ModelConfig
+
+NAME = "qwen3_moe"
+
+
+def to_model_config(hf: dict) -> ModelConfig:
+    refuse_sliding_window(hf, NAME)
+    fields = common_fields(hf, NAME, default_theta=10000.0)
+    # Hub configs say num_experts; transformers 5 writes its alias num_local_experts.
+    num_experts = hf.get("num_experts", hf.get("num_local_experts"))
+    if num_experts is None:
+        require(hf, NAME, "num_experts")
+    moe = MoEConfig(
+        d_model=fields["d_model"],
+        d_ff=int(require(hf, NAME, "moe_intermediate_size")),
+        num_experts=int(num_experts),
+        top_k=int(require(hf, NAME, "num_experts_per_tok")),
+        router="softmax_topk",
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+        z_loss_coef=0.0,
+    )
+    bias = bool(hf.get("attention_bias", False))
+    fields.update(
+        moe=moe,
+        qk_norm="head",
+        qkv_bias=bias,
+        o_bias=bias,
+        moe_every=int(hf.get("decoder_sparse_step", 1)),
+        dense_layers=tuple(sorted(int(i) for i in hf.get("mlp_only_layers") or [])),
+    )
+    return ModelConfig(
+        **fields, dense_d_ff=dense_width_if_used(fields, hf.get("intermediate_size"))
+    )
+
+
+def to_hf_config(config: ModelConfig) -> dict:
+    moe = config.moe
+    return {
+        **common_hf(config, NAME, "Qwen3MoeForCausalLM"),
+        "head_dim": config.head_size,
+        "intermediate_size": config.dense_width,
+        "moe_intermediate_size": moe.d_ff,
+        "num_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "norm_topk_prob": moe.norm_topk_prob,
+        "attention_bias": config.qkv_bias,
+        "decoder_sparse_step": config.moe_every,
+        "mlp_only_layers": list(config.dense_layers),
+        "router_aux_loss_coef": moe.aux_loss_coef,
+        "use_sliding_window": False,
+    }
+
+
+QWEN3_MOE = Family(
+    model_type=NAME,
+    architecture="Qwen3MoeForCausalLM",
+    to_model_config=to_model_config,
+    to_hf_config=to_hf_config,
+)

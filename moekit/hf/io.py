@@ -1,0 +1,219 @@
+"""Hugging Face checkpoint files: safetensors only (nothing is unpickled), with strict accounting.
+
+A checkpoint directory holds `config.json` and either `model.safetensors` or a sharded
+`model.safetensors.index.json` naming one file per tensor. `TensorFiles` reads the headers
+up front (so a truncated file is reported by the tensors it cuts off) and the data lazily.
+`Ledger` records which tensors a loader took; `finish` raises one error that lists every
+missing, unknown and misshapen tensor, so a broken checkpoint is diagnosed in one go.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+_MAX_LISTED = 12
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it is; the message names the files and tensors."""
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    """The parsed `config.json` of a checkpoint directory."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON: {err}") from None
+
+
+def _listing(items: list[str]) -> str:
+    shown = items[:_MAX_LISTED]
+    more = f"\n    ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
+    return "".join(f"\n    {item}" for item in shown) + more
+
+
+def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor name -> (shape, dtype) from a safetensors header; checks every tensor's bytes exist.
+
+    The format is an 8-byte little-endian header length, a JSON header with each tensor's
+    byte range, then the data; a file cut short loses the tensors whose range passes its end.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated or not a safetensors file ({size} bytes)")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > size - 8:
+            raise CheckpointError(
+                f"{path}: truncated or not a safetensors file "
+                f"(header of {header_len} bytes, file of {size} bytes)"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: unreadable safetensors header") from None
+    header.pop("__metadata__", None)
+    data_size = size - 8 - header_len
+    cut = [
+        f"{name} (bytes {info['data_offsets'][0]}..{info['data_offsets'][1]}, "
+        f"data holds {data_size})"
+        for name, info in sorted(header.items())
+        if info["data_offsets"][1] > data_size
+    ]
+    if cut:
+        raise CheckpointError(
+            f"{path}: file is truncated; these tensors are cut off:{_listing(cut)}"
+        )
+    return {name: (tuple(info["shape"]), info["dtype"]) for name, info in header.items()}
+
+
+class TensorFiles:
+    """The tensors of one checkpoint directory, single-file or sharded."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        single, index = self.directory / SINGLE_FILE, self.directory / INDEX_FILE
+        self._file_of: dict[str, Path] = {}
+        self._info: dict[str, tuple[tuple[int, ...], str]] = {}
+        if index.is_file():
+            self._read_index(index)
+        elif single.is_file():
+            header = _read_header(single)
+            self._info.update(header)
+            self._file_of.update(dict.fromkeys(header, single))
+        else:
+            found = sorted(p.name for p in self.directory.glob("*"))
+            hint = (
+                " (.bin/.pt files are not read: safetensors only)"
+                if any(n.endswith((".bin", ".pt", ".pth")) for n in found)
+                else ""
+            )
+            raise FileNotFoundError(
+                f"{self.directory}: neither {SINGLE_FILE} nor {INDEX_FILE}{hint}"
+            )
+
+    def _read_index(self, index: Path) -> None:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index}: not a valid index (needs a 'weight_map')") from None
+        problems = []
+        for shard in sorted(set(weight_map.values())):
+            path = self.directory / shard
+            if not path.is_file():
+                problems.append(f"shard {shard} is missing")
+                continue
+            header = _read_header(path)
+            listed = {k for k, v in weight_map.items() if v == shard}
+            problems += [
+                f"{k}: listed in the index but absent from {shard}"
+                for k in sorted(listed - set(header))
+            ]
+            problems += [
+                f"{k}: in {shard} but not listed in the index" for k in sorted(set(header) - listed)
+            ]
+            for name in listed & set(header):
+                self._info[name] = header[name]
+                self._file_of[name] = path
+        if problems:
+            raise CheckpointError(f"{index}: inconsistent sharded checkpoint:{_listing(problems)}")
+
+    def names(self) -> list[str]:
+        return sorted(self._info)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._info
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._info[key][0]
+
+    def get(self, key: str) -> torch.Tensor:
+        """One tensor, read from its file (memory-mapped by safetensors)."""
+        with safe_open(self._file_of[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+
+class Ledger:
+    """Strict key accounting: every tensor taken once, with the shape the config implies."""
+
+    def __init__(self, files: TensorFiles, ignored: frozenset[str] = frozenset()) -> None:
+        self.files = files
+        self.ignored = ignored
+        self.taken: set[str] = set()
+        self.missing: list[str] = []
+        self.misshapen: list[str] = []
+
+    def take(self, key: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The tensor `key` if present with `shape`; else records the problem and returns None."""
+        if key not in self.files:
+            self.missing.append(f"{key} (expected shape {tuple(shape)})")
+            return None
+        self.taken.add(key)
+        got = self.files.shape(key)
+        if got != tuple(shape):
+            hint = " (transposed?)" if got == tuple(shape)[::-1] and len(got) == 2 else ""
+            self.misshapen.append(f"{key}: shape {got}, config implies {tuple(shape)}{hint}")
+            return None
+        return self.files.get(key)
+
+    def finish(self) -> None:
+        """Raise one CheckpointError listing every problem, if there is any."""
+        unknown = sorted(set(self.files.names()) - self.taken - self.ignored)
+        parts = []
+        if self.misshapen:
+            parts.append(f"shape mismatch:{_listing(self.misshapen)}")
+        if self.missing:
+            parts.append(f"missing tensors:{_listing(self.missing)}")
+        if unknown:
+            parts.append(f"unknown tensors (not used by this config):{_listing(unknown)}")
+        if parts:
+            raise CheckpointError(f"{self.files.directory}: " + "\n".join(parts))
+
+
+def save_tensors(
+    directory: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    max_shard_bytes: int | None = None,
+) -> list[Path]:
+    """Write tensors as `model.safetensors`, or as shards plus an index past max_shard_bytes."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].numel() * tensors[key].element_size()
+        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensors[key]
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        path = directory / SINGLE_FILE
+        save_file(shards[0], path, metadata=meta)
+        return [path]
+    paths, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / name, metadata=meta)
+        weight_map.update(dict.fromkeys(shard, name))
+        paths.append(directory / name)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return paths

@@ -1,0 +1,126 @@
+"""`from_pretrained`: a local Hugging Face MoE checkpoint as a moekit `Transformer`.
+
+The model is first built on the `meta` device, so its state dict gives every tensor's
+name and the shape the config implies without allocating anything; each checkpoint tensor
+is then read, checked and assigned in place, and the whole checkpoint is accounted for
+(unused, missing and misshapen tensors are one error). Loaded models are ordinary moekit
+models: the same MoE layer, routers and expert paths as trained ones.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+from torch import Tensor
+
+from moekit.hf.families import Family, get_family
+from moekit.hf.io import Ledger, TensorFiles, read_config
+from moekit.hf.tensors import bank_prefix, hf_name, read_bank
+from moekit.model.config import ModelConfig
+from moekit.model.transformer import Transformer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_model_config(directory: str | os.PathLike) -> tuple[Family, ModelConfig, dict]:
+    """(family, ModelConfig, raw config dict) of a Hugging Face checkpoint directory."""
+    hf = read_config(directory)
+    family = get_family(hf.get("model_type"))
+    return family, family.to_model_config(hf), hf
+
+
+def _ignored(files: TensorFiles, config: ModelConfig, extra_layers: int) -> frozenset[str]:
+    """Tensors a checkpoint may hold that next-token logits never read."""
+    skip = set()
+    if extra_layers:
+        last = config.num_layers + extra_layers
+        for key in files.names():
+            m = re.match(r"model\.layers\.(\d+)\.", key)
+            if m and config.num_layers <= int(m[1]) < last:
+                skip.add(key)
+    if config.tie_embeddings and "lm_head.weight" in files:
+        skip.add("lm_head.weight")  # a tied copy some exporters write anyway
+    return frozenset(skip)
+
+
+def load_state(
+    directory: str | os.PathLike, family: Family, config: ModelConfig, hf: dict
+) -> dict[str, Tensor]:
+    """The moekit state dict of a checkpoint, every tensor accounted for and shape-checked."""
+    files = TensorFiles(directory)
+    ledger = Ledger(files, _ignored(files, config, family.extra_layers(hf)))
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}
+    state: dict[str, Tensor | None] = {}
+    for name, shape in shapes.items():
+        if ".ffn.experts." in name or (name == "lm_head.weight" and config.tie_embeddings):
+            continue
+        state[name] = ledger.take(hf_name(family, config, name), shape)
+    moe = config.moe
+    for i in config.moe_layer_ids:
+        bank = read_bank(
+            ledger,
+            bank_prefix(family, i),
+            family.expert_names,
+            moe.num_experts,
+            config.d_model,
+            moe.d_ff,
+        )
+        state.update({f"layers.{i}.ffn.experts.{slot}": t for slot, t in bank.items()})
+    ledger.finish()
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    return state
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, hf: dict) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype if dtype is not None else hf.get("dtype", hf.get("torch_dtype", "float32"))
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def from_pretrained(
+    directory: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+) -> Transformer:
+    """A moekit `Transformer` from a local Hugging Face checkpoint, in eval mode.
+
+    Args:
+        directory: holds config.json and model.safetensors or model.safetensors.index.json
+            (safetensors only; nothing is unpickled). Families: mixtral, qwen2_moe,
+            qwen3_moe, olmoe, deepseek_v3.
+        dtype: parameter dtype; None = the checkpoint's config dtype (float32 if unset).
+            The sigmoid router's correction bias stays float32.
+        device: where the model lives.
+
+    Returns:
+        The model; `model(ids_BS).logits` equals transformers' logits for the checkpoint.
+
+    Raises:
+        UnsupportedConfig: a config option moekit cannot reproduce (named in the message).
+        CheckpointError: missing, unknown, misshapen or truncated tensors (all listed).
+    """
+    family, config, hf = read_model_config(directory)
+    target = _resolve_dtype(dtype, hf)
+    state = load_state(directory, family, config, hf)
+    for name, t in state.items():
+        # Float32 always for the selection bias: its updates are below bf16 resolution.
+        want = torch.float32 if name.endswith("expert_bias") else target
+        state[name] = t.to(device=device, dtype=want).contiguous()
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    for module in model.modules():
+        for key, buf in module._buffers.items():
+            if buf is not None and buf.is_meta:  # non-persistent: the RoPE tables
+                module._buffers[key] = torch.empty_like(buf, device=device)
+    model.rope.reset_parameters()
+    return model.eval()
