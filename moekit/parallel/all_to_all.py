@@ -1,0 +1,78 @@
+"""The all-to-all expert path: each rank holds E/W experts and exchanges tokens with the rest.
+
+Shapes: T tokens, D model dim, E experts, L local experts per rank (E / W), W ranks,
+A assignments made on this rank, N rows received by this rank's experts.
+
+One MoE call, on every rank of the expert-parallel group:
+1. sort this rank's assignments by global expert id; since rank r owns experts
+   [r*L, (r+1)*L), the sorted rows are already contiguous per destination rank;
+2. exchange the per-(rank, local expert) counts, then the rows (variable-split
+   all-to-all);
+3. regroup the received rows (ordered by source rank, then local expert) by local
+   expert, stably, so each expert sees its rows in global token order: rank 0's tokens,
+   then rank 1's, ... exactly the order of one process fed the concatenated batch;
+4. run the local experts as grouped GEMMs, undo the regrouping, send the rows back by
+   the reverse all-to-all, and combine with the router weights on the source rank.
+The router, the combine weights and the balancing losses never leave their rank; only
+the statistics the losses need are summed over the group (`group_sum`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from moekit.dispatch import inverse, permute, sort_by_expert, unpermute
+from moekit.experts import ExpertBank
+from moekit.parallel.collectives import all_reduce_sum, all_to_all, exchange_counts
+from moekit.router import Routing
+
+
+class AllToAllPath:
+    """Runs routed assignments on experts sharded over a process group.
+
+    Args:
+        group: the expert-parallel process group (W ranks).
+        num_experts: E, the global number of experts; W must divide it.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, num_experts: int) -> None:
+        world = dist.get_world_size(group)
+        if num_experts % world:
+            raise ValueError(
+                f"num_experts ({num_experts}) must be divisible by the expert-parallel "
+                f"group size, got group size {world}"
+            )
+        self.group = group
+        self.world_size = world
+        self.rank = dist.get_rank(group)
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // world
+
+    def __call__(self, x_TD: Tensor, routing: Routing, experts: ExpertBank) -> Tensor:
+        W, L = self.world_size, self.num_local_experts
+        if experts.num_experts != L:
+            raise ValueError(
+                f"expert bank holds {experts.num_experts} experts, expected {L} local experts "
+                f"(E={self.num_experts} over {W} ranks)"
+            )
+        perm = sort_by_expert(routing.expert_A, self.num_experts)
+        x_AD = permute(x_TD, routing.token_A, perm)
+        send_RL = perm.counts_E.view(W, L)
+        recv_RL = exchange_counts(send_RL, self.group)
+        send_splits = send_RL.sum(dim=1).tolist()
+        recv_splits = recv_RL.sum(dim=1).tolist()
+
+        x_ND = all_to_all(x_AD, send_splits, recv_splits, self.group)
+        local_N = torch.arange(L, device=x_ND.device).repeat(W)
+        local_N = local_N.repeat_interleave(recv_RL.reshape(-1))
+        order_N = torch.sort(local_N, stable=True).indices
+        y_ND = experts.forward_grouped(x_ND.index_select(0, order_N), recv_RL.sum(dim=0))
+        y_ND = y_ND.index_select(0, inverse(order_N))
+        y_AD = all_to_all(y_ND, recv_splits, send_splits, self.group)
+        return unpermute(y_AD, routing.token_A, routing.weight_A, perm, x_TD.shape[0])
+
+    def group_sum(self, t: Tensor) -> Tensor:
+        """Sum over the expert-parallel group; gradients are summed back to every rank."""
+        return all_reduce_sum(t, self.group)

@@ -1,0 +1,128 @@
+"""Start torch.distributed from the environment torchrun sets, with bounded waits.
+
+Rendezvous defaults to loopback (MASTER_ADDR=127.0.0.1). Two separate timeouts: how long
+to wait for every rank to join (init), and how long any collective may block once
+running; a rank that dies therefore turns into an error on the others in bounded time
+instead of a hang. Nothing here runs at import.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistributedEnv:
+    """Where this process sits, as read from torchrun's environment variables."""
+
+    rank: int
+    """Global rank (RANK)."""
+    world_size: int
+    """Number of processes (WORLD_SIZE)."""
+    local_rank: int
+    """Rank on this machine (LOCAL_RANK); picks the CUDA device."""
+    master_addr: str
+    """Rendezvous host (MASTER_ADDR), loopback by default."""
+    master_port: int
+    """Rendezvous port (MASTER_PORT)."""
+    agent_store: bool
+    """True when torchrun's agent already serves the store: every rank joins as a client."""
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"WORLD_SIZE must be >= 1, got {self.world_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"RANK must be in [0, {self.world_size}), got {self.rank}")
+        if not 0 < self.master_port < 65536:
+            raise ValueError(f"MASTER_PORT must be a TCP port, got {self.master_port}")
+
+
+def read_env(environ: dict[str, str] | None = None) -> DistributedEnv | None:
+    """The torchrun variables, or None when this process was not started as one of several."""
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" not in env or "RANK" not in env:
+        return None
+
+    def as_int(name: str, default: str | None = None) -> int:
+        value = env.get(name, default)
+        try:
+            return int(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ValueError(f"environment variable {name} must be an int, got {value!r}") from None
+
+    return DistributedEnv(
+        rank=as_int("RANK"),
+        world_size=as_int("WORLD_SIZE"),
+        local_rank=as_int("LOCAL_RANK", env.get("RANK")),
+        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=as_int("MASTER_PORT", "29500"),
+        agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true",
+    )
+
+
+def default_backend() -> str:
+    """nccl when CUDA is present, gloo otherwise."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(
+    backend: str | None = None,
+    *,
+    init_timeout_s: float = 120.0,
+    timeout_s: float = 300.0,
+    env: DistributedEnv | None = None,
+) -> DistributedEnv:
+    """Join the process group described by the environment (torchrun / moekit.parallel.spawn).
+
+    Args:
+        backend: "gloo", "nccl" or None (nccl with CUDA, else gloo).
+        init_timeout_s: how long to wait for all ranks to reach the rendezvous.
+        timeout_s: how long any collective may block before it fails.
+        env: explicit placement; None reads the environment.
+
+    Returns:
+        The placement used. Raises RuntimeError if the environment names no group.
+    """
+    for name, value in (("init_timeout_s", init_timeout_s), ("timeout_s", timeout_s)):
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
+    env = env if env is not None else read_env()
+    if env is None:
+        raise RuntimeError(
+            "no distributed environment: start with torchrun (RANK/WORLD_SIZE unset)"
+        )
+    if dist.is_initialized():
+        return env
+    backend = backend or default_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank)
+    store = dist.TCPStore(
+        env.master_addr,
+        env.master_port,
+        env.world_size,
+        is_master=env.rank == 0 and not env.agent_store,
+        timeout=datetime.timedelta(seconds=init_timeout_s),
+        wait_for_workers=False,
+    )
+    dist.init_process_group(
+        backend,
+        store=store,
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    # Connecting the ranks waits on the store (init_timeout_s); one barrier confirms that
+    # every rank got through before the first real collective.
+    dist.barrier()
+    return env
+
+
+def close_distributed() -> None:
+    """Leave the process group if one is open."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,144 @@
+"""Worker functions and cases for the multi-process tests (run under moekit.parallel.spawn).
+
+Shapes: B batch, S sequence, D model dim, E experts, W ranks.
+
+Module-level so spawned interpreters can import them by name. Each case builds the same
+full MoE layer and global batch on every process from a seed; a rank takes batch rows
+[rank*B/W, (rank+1)*B/W), the way the data pipeline shards a global batch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from moekit import MoE, MoEConfig
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    """One expert-parallel equivalence check: a layer, a batch shape, some forcing."""
+
+    name: str
+    config: dict
+    dtype: torch.dtype = torch.float32
+    batch: int = 4
+    seq: int = 5
+    empty_last_rank: bool = False
+    """The last rank's rows are all padding: it sends zero tokens."""
+    random_padding: bool = True
+    dead_expert: int | None = None
+    """Push this expert's router logit far down: it receives no tokens."""
+    hot_expert: int | None = None
+    """Push this expert's logit far up: with top_k=1 it receives every token."""
+    bias: list[float] = field(default_factory=list)
+    """expert_bias for the sigmoid_bias router."""
+
+
+def build_case(case: LayerCase, world_size: int):
+    """The full layer, global input x [B, S, D], padding mask [B, S] and output weights g."""
+    cfg = MoEConfig(**case.config)
+    torch.manual_seed(1234)
+    moe = MoE(cfg).to(case.dtype)
+    gen = torch.Generator().manual_seed(99)
+    B, S, D = case.batch, case.seq, cfg.d_model
+    x = torch.randn(B, S, D, generator=gen, dtype=case.dtype)
+    g = torch.randn(B, S, D, generator=gen, dtype=case.dtype)
+    mask = torch.zeros(B, S, dtype=torch.bool)
+    if case.random_padding:
+        mask = torch.rand(B, S, generator=gen) < 0.25
+    if case.empty_last_rank:
+        mask[B - B // world_size :] = True
+    with torch.no_grad():
+        if case.dead_expert is not None or case.hot_expert is not None:
+            # Feature 0 is made large and positive, so a router row's weight on it decides.
+            x[..., 0] = 3.0 + x[..., 0].abs()
+        if case.dead_expert is not None:
+            moe.router.weight[case.dead_expert, 0] = -20.0
+        if case.hot_expert is not None:
+            moe.router.weight[case.hot_expert, 0] = 20.0
+        if case.bias:
+            moe.router.expert_bias.copy_(torch.tensor(case.bias))
+    return moe, x, mask, g
+
+
+def rank_rows(t: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    b = t.shape[0] // world_size
+    return t[rank * b : (rank + 1) * b]
+
+
+def layer_worker(rank: int, world_size: int, cases: list[LayerCase]) -> list[dict]:
+    """Run every case expert-parallel; return this rank's outputs and gradients."""
+    from moekit.parallel import apply_expert_parallel
+
+    results = []
+    for case in cases:
+        moe, x, mask, g = build_case(case, world_size)
+        apply_expert_parallel(moe)
+        x_local = rank_rows(x, rank, world_size).clone().requires_grad_(True)
+        y, out = moe(x_local, padding_mask=rank_rows(mask, rank, world_size))
+        loss = (y * rank_rows(g, rank, world_size)).sum() + out.loss
+        loss.backward()
+        results.append(
+            {
+                "y": y.detach(),
+                "x_grad": x_local.grad,
+                "stats": _stats(out),
+                "grads": {n: p.grad for n, p in moe.named_parameters()},
+            }
+        )
+    return results
+
+
+def _stats(out) -> dict:
+    return {
+        "loss": out.loss.detach(),
+        "aux_loss": out.aux_loss.detach(),
+        "seq_aux_loss": out.seq_aux_loss.detach(),
+        "z_loss": out.z_loss.detach(),
+        "tokens_per_expert": out.tokens_per_expert,
+        "dropped_fraction": out.dropped_fraction,
+        "router_entropy": out.router_entropy,
+    }
+
+
+def single_process_reference(case: LayerCase, world_size: int) -> dict:
+    """The same layer on one process, fed the whole batch, differentiating the sum of the
+    W ranks' losses: sum(y * g) + W * out.loss (each rank adds the group-wide loss once).
+    """
+    moe, x, mask, g = build_case(case, world_size)
+    x = x.clone().requires_grad_(True)
+    y, out = moe(x, padding_mask=mask)
+    loss = (y * g).sum() + world_size * out.loss
+    loss.backward()
+    return {
+        "y": y.detach(),
+        "x_grad": x.grad,
+        "stats": _stats(out),
+        "grads": {n: p.grad for n, p in moe.named_parameters()},
+    }
+
+
+def dead_rank_worker(rank: int, world_size: int, die_rank: int) -> dict:
+    """An expert-parallel step in which `die_rank` exits before its all-to-all."""
+    from moekit.parallel import apply_expert_parallel
+
+    cfg = MoEConfig(d_model=8, d_ff=12, num_experts=world_size * 2, top_k=2)
+    torch.manual_seed(0)
+    moe = apply_expert_parallel(MoE(cfg))
+    x = torch.randn(6, cfg.d_model)
+    moe(x)  # one healthy step
+    dist.barrier()
+    if rank == die_rank:
+        os._exit(3)
+    start = time.monotonic()
+    try:
+        for _ in range(1000):
+            moe(x)[0].sum().backward()
+    except Exception as err:  # what a surviving rank sees
+        return {"error": f"{type(err).__name__}: {err}", "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}

@@ -1,0 +1,110 @@
+"""Expert parallelism over 2 and 4 gloo processes equals the single-process layer.
+
+Forward outputs, every balancing statistic, and the gradients of the input, router,
+shared and expert weights, for the softmax top-k and sigmoid-bias routers; including a
+rank that sends zero tokens, an expert that receives none, and every token on one expert.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from parallel_cases import LayerCase, layer_worker, single_process_reference
+
+from moekit.parallel.spawn import spawn
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(150)]
+
+BASE = dict(d_model=12, d_ff=20, num_experts=8, aux_loss_coef=0.5, z_loss_coef=0.1)
+
+CASES = [
+    LayerCase(
+        "softmax_topk fp32, last rank empty, dead expert, shared expert",
+        dict(BASE, top_k=3, num_shared_experts=1, shared_d_ff=6, seq_aux_loss_coef=0.3),
+        empty_last_rank=True,
+        dead_expert=2,
+    ),
+    LayerCase(
+        "softmax_topk fp64, gelu",
+        dict(BASE, top_k=2, activation="gelu", seq_aux_loss_coef=0.3),
+        dtype=torch.float64,
+        empty_last_rank=True,
+        dead_expert=7,
+    ),
+    LayerCase(
+        "sigmoid_bias fp32, groups, bias",
+        dict(BASE, top_k=2, router="sigmoid_bias", num_groups=2, topk_groups=1),
+        bias=[0.1, -0.2, 0.0, 0.3, -0.1, 0.05, 0.0, -0.3],
+    ),
+    LayerCase(
+        "sigmoid_bias fp64, last rank empty, dead expert",
+        dict(BASE, top_k=3, router="sigmoid_bias", seq_aux_loss_coef=0.3),
+        dtype=torch.float64,
+        empty_last_rank=True,
+        dead_expert=4,
+    ),
+    LayerCase(
+        "softmax_topk fp64, every token to one expert",
+        dict(BASE, top_k=1),
+        dtype=torch.float64,
+        hot_expert=5,
+    ),
+    LayerCase(
+        "softmax_topk fp32, every token to one expert",
+        dict(BASE, top_k=1, router="sigmoid_bias"),
+        hot_expert=3,
+        random_padding=False,
+    ),
+]
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, msg: str = "") -> None:
+    # 1e-6 (float32) / 1e-12 (float64) relative to the tensor's largest entry: the ranks
+    # sum the same terms in another order, so an entry that cancels to near zero carries
+    # the rounding of the large terms it came from.
+    eps = 1e-12 if dtype == torch.float64 else 1e-6
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=eps, atol=eps * scale, msg=msg or None)
+
+
+def _check(case: LayerCase, ranks: list[dict], world_size: int) -> None:
+    ref = single_process_reference(case, world_size)
+    dt = case.dtype
+    num_local = case.config["num_experts"] // world_size
+    _close(torch.cat([r["y"] for r in ranks]), ref["y"], dt, "y")
+    _close(torch.cat([r["x_grad"] for r in ranks]), ref["x_grad"], dt, "x.grad")
+    for rank, r in enumerate(ranks):
+        for name, value in ref["stats"].items():
+            _close(r["stats"][name], value, dt, f"{name} on rank {rank}")
+    for name, grad in ref["grads"].items():
+        if ".experts." in f".{name}":
+            for rank, r in enumerate(ranks):
+                local = grad[rank * num_local : (rank + 1) * num_local]
+                _close(r["grads"][name], local, dt, f"{name}.grad on rank {rank}")
+        else:
+            # Replicated weights: the ranks' gradients add up to the whole batch's.
+            _close(sum(r["grads"][name] for r in ranks), grad, dt, f"{name}.grad")
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_expert_parallel_equals_single_process(world_size: int) -> None:
+    ranks = spawn(layer_worker, world_size, CASES, timeout_s=120)
+    for i, case in enumerate(CASES):
+        per_rank = [ranks[r][i] for r in range(world_size)]
+        _check(case, per_rank, world_size)
+
+
+def test_cases_exercise_the_edge_cases() -> None:
+    # The forcing in the cases must do what their names say, or the test above proves less.
+    from parallel_cases import build_case
+
+    for case in CASES:
+        moe, x, mask, _ = build_case(case, 4)
+        _, out = moe(x, padding_mask=mask)
+        if case.dead_expert is not None:
+            assert out.tokens_per_expert[case.dead_expert] == 0, case.name
+        if case.hot_expert is not None:
+            others = out.tokens_per_expert.sum() - out.tokens_per_expert[case.hot_expert]
+            assert others == 0 and out.tokens_per_expert[case.hot_expert] > 0, case.name
+        if case.empty_last_rank:
+            assert mask[-1:].all(), case.name
