@@ -1,0 +1,149 @@
+"""Token files: a corpus tokenized once into flat binary files, then memory-mapped.
+
+Layout of a cache entry `<cache_dir>/<key>/`: `train.bin` and `val.bin` (token ids,
+native-endian uint8/uint16/uint32 by vocabulary size) and `meta.json`, written last: an
+entry without `meta.json` is incomplete and is rebuilt. The key hashes the source, the
+tokenizer and the split, so changing any of them never reuses stale tokens.
+
+Documents go to validation when `stable_fraction(name) < val_fraction` (a stable hash of
+the name, fixed across machines and runs); when that leaves a split empty (a single small
+file), the last `val_fraction` of the tokens becomes validation instead.
+"""
+
+from __future__ import annotations
+
+import array
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moekit.data import sources
+from moekit.data.corpus import stable_fraction
+from moekit.data.tokenizer import Tokenizer, token_dtype
+
+SPLITS = ("train", "val")
+_FORMAT = 1
+_ARRAY_CODES = {torch.uint8: "B", torch.uint16: "H", torch.uint32: "I"}
+_DTYPE_NAMES = {torch.uint8: "uint8", torch.uint16: "uint16", torch.uint32: "uint32"}
+
+
+@dataclass(frozen=True)
+class TokenSplit:
+    """One split on disk: `num_tokens` ids in `path`, and the token ranges of each domain."""
+
+    path: Path
+    dtype: torch.dtype
+    num_tokens: int
+    domains: tuple[tuple[str, int, int], ...]
+    """(domain, start, end) runs of consecutive documents of the same domain."""
+
+    def tokens(self) -> torch.Tensor:
+        """The ids as a 1-D tensor memory-mapped from disk (read lazily, never written)."""
+        if self.num_tokens == 0:
+            return torch.empty(0, dtype=self.dtype)
+        return torch.from_file(str(self.path), shared=False, size=self.num_tokens, dtype=self.dtype)
+
+    def domain_names(self) -> list[str]:
+        return sorted({d for d, _, _ in self.domains})
+
+
+def prepare_tokens(
+    data: str, tokenizer: Tokenizer, cache_dir: str | Path, val_fraction: float
+) -> dict[str, TokenSplit]:
+    """Tokenize `data` into `cache_dir` once (reusing a complete earlier entry) and map it."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    dtype = token_dtype(tokenizer.vocab_size)
+    key_src = [
+        _FORMAT,
+        sources.fingerprint(data),
+        tokenizer.name,
+        tokenizer.vocab_size,
+        val_fraction,
+    ]
+    key = hashlib.sha1(json.dumps(key_src).encode()).hexdigest()[:16]
+    entry = Path(cache_dir) / key
+    meta_path = entry / "meta.json"
+    if not meta_path.is_file():
+        _build(entry, data, tokenizer, dtype, val_fraction)
+    meta = json.loads(meta_path.read_text())
+    return {
+        split: TokenSplit(
+            entry / f"{split}.bin",
+            dtype,
+            meta[split]["num_tokens"],
+            tuple(tuple(d) for d in meta[split]["domains"]),
+        )
+        for split in SPLITS
+    }
+
+
+def _build(entry: Path, data: str, tokenizer: Tokenizer, dtype: torch.dtype, val_fraction: float):
+    tmp = entry.with_name(entry.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    counts = {s: 0 for s in SPLITS}
+    domains: dict[str, list[list]] = {s: [] for s in SPLITS}
+    files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}  # noqa: SIM115 - closed below
+    try:
+        for doc in sources.iter_documents(data):
+            split = "val" if stable_fraction(doc.name) < val_fraction else "train"
+            ids = tokenizer.encode(doc.text)
+            if not ids:
+                continue
+            files[split].write(_to_bytes(ids, dtype))
+            start, counts[split] = counts[split], counts[split] + len(ids)
+            runs = domains[split]
+            if runs and runs[-1][0] == doc.domain and runs[-1][2] == start:
+                runs[-1][2] = counts[split]
+            else:
+                runs.append([doc.domain, start, counts[split]])
+    finally:
+        for f in files.values():
+            f.close()
+    if counts["train"] + counts["val"] == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"data {data} contains no text")
+    if counts["train"] == 0 or counts["val"] == 0:
+        _split_by_position(tmp, counts, domains, dtype, val_fraction)
+    meta = {
+        "format": _FORMAT,
+        "data": data,
+        "tokenizer": tokenizer.name,
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": _DTYPE_NAMES[dtype],
+        **{s: {"num_tokens": counts[s], "domains": domains[s]} for s in SPLITS},
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(entry, ignore_errors=True)
+    os.replace(tmp, entry)
+
+
+def _split_by_position(tmp: Path, counts, domains, dtype: torch.dtype, val_fraction: float):
+    """All tokens landed in one split: keep the head for training, the tail for validation."""
+    full = "train" if counts["train"] else "val"
+    if full == "val":
+        os.replace(tmp / "val.bin", tmp / "train.bin")
+    n = counts[full]
+    cut = n - max(1, round(n * val_fraction))
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    with open(tmp / "train.bin", "r+b") as f:
+        f.seek(cut * itemsize)
+        tail = f.read()
+        f.truncate(cut * itemsize)
+    (tmp / "val.bin").write_bytes(tail)
+    runs = domains[full]
+    counts["train"], counts["val"] = cut, n - cut
+    domains["train"] = [[d, s, min(e, cut)] for d, s, e in runs if s < cut]
+    domains["val"] = [[d, max(s, cut) - cut, e - cut] for d, s, e in runs if e > cut]
+
+
+def _to_bytes(ids: list[int], dtype: torch.dtype) -> bytes:
+    if dtype == torch.uint8:
+        return bytes(ids)
+    return array.array(_ARRAY_CODES[dtype], ids).tobytes()

@@ -1,0 +1,121 @@
+"""PNG plots of training runs: loss curves, expert load over training, MoE-vs-dense comparisons.
+
+matplotlib is imported inside each function (an optional dependency: `moekit[plots]`), and
+figures are drawn on the Agg canvas directly, so no display or pyplot state is involved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moekit.train.metrics import read_metrics
+
+
+def _figure(width: float, height: float, nrows: int = 1, ncols: int = 1):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError("plots need matplotlib: pip install 'moekit[plots]'") from err
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def plot_losses(records: list[dict], path: str | Path) -> Path:
+    """Training loss (raw and smoothed) and validation loss (overall and per domain) by step."""
+    fig, axes = _figure(7, 4.2)
+    ax = axes[0][0]
+    train = [r for r in records if r.get("kind") == "train"]
+    if train:
+        steps = [r["step"] for r in train]
+        losses = [r["loss"] for r in train]
+        ax.plot(steps, losses, color="tab:blue", alpha=0.25, lw=0.8)
+        ax.plot(steps, _ema(losses, 0.9), color="tab:blue", label="train (EMA 0.9)")
+    val = [r for r in records if r.get("kind") == "val"]
+    keys = sorted({k for r in val for k in r if k.startswith("val_loss")})
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in val if key in r]
+        label = "validation" if key == "val_loss" else f"validation: {key[len('val_loss_') :]}"
+        style = "-o" if key == "val_loss" else "--."
+        ax.plot(*zip(*pts, strict=True), style, ms=3, label=label)
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_expert_load(records: list[dict], path: str | Path) -> Path | None:
+    """Share of routed tokens per expert over training, one panel per MoE layer.
+
+    Returns None for a dense run (no MoE layer, nothing to plot).
+    """
+    train = [r for r in records if r.get("kind") == "train" and r.get("tokens_per_expert")]
+    if not train:
+        return None
+    num_layers = len(train[0]["tokens_per_expert"])
+    cols = min(num_layers, 2)
+    rows = (num_layers + cols - 1) // cols
+    fig, axes = _figure(5.5 * cols, 3.2 * rows, rows, cols)
+    steps = [r["step"] for r in train]
+    for layer in range(rows * cols):
+        ax = axes[layer // cols][layer % cols]
+        if layer >= num_layers:
+            ax.set_visible(False)
+            continue
+        loads = [r["tokens_per_expert"][layer] for r in train]
+        shares = [[v / max(sum(row), 1e-9) for v in row] for row in loads]
+        per_expert = list(zip(*shares, strict=True))
+        ax.stackplot(steps, *[_ema(list(s), 0.8) for s in per_expert], lw=0)
+        E = len(per_expert)
+        ax.set(
+            xlabel="step",
+            ylabel="share of tokens",
+            ylim=(0, 1),
+            title=f"MoE layer {layer}: {E} experts (uniform = 1/{E} each)",
+        )
+    fig.suptitle("Tokens per expert over training (stacked, EMA 0.8)")
+    return _save(fig, path)
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Write loss.png and expert_load.png (MoE runs) into run_dir; returns the paths."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    paths = [plot_losses(records, run_dir / "loss.png")]
+    load = plot_expert_load(records, run_dir / "expert_load.png")
+    if load is not None:
+        paths.append(load)
+    return paths
+
+
+def plot_compare(curves: dict[str, tuple[list[float], list[float]]], path: str | Path) -> Path:
+    """Validation loss against cumulative training FLOPs, one line per run name."""
+    fig, axes = _figure(7, 4.2)
+    ax = axes[0][0]
+    for name, (flops, losses) in curves.items():
+        ax.plot(flops, losses, "-o", ms=3, label=name)
+    ax.set(
+        xlabel="training FLOPs (forward + backward matmuls)",
+        ylabel="validation loss (nats/token)",
+        title="Validation loss against training compute",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def _ema(values: list[float], decay: float) -> list[float]:
+    out, avg = [], None
+    for v in values:
+        avg = v if avg is None else decay * avg + (1 - decay) * v
+        out.append(avg)
+    return out
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path

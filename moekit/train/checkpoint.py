@@ -1,0 +1,202 @@
+"""Checkpoints: safetensors + JSON, written atomically, verified when read. No pickle anywhere.
+
+A checkpoint is a directory `<run_dir>/checkpoints/step_<n>/` holding
+
+- `model.safetensors`: the full, unsharded model state dict;
+- `config.json`: {"model": ModelConfig, "train": TrainConfig} as plain JSON;
+- `state.safetensors`: optimizer moments by parameter name and the RNG states;
+- `state.json`: step, optimizer hyper-parameters and other scalars;
+- `manifest.json`: size and sha256 of every file above, written last.
+
+Everything is written into a temporary sibling directory, each file fsynced, then the
+directory is renamed into place with `os.replace` (atomic on POSIX). So a `step_<n>`
+directory exists only once it is complete, a process killed mid-save leaves at most a
+`.tmp-` directory (removed by the next save), and the manifest's hashes catch a checkpoint
+truncated or corrupted afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+FORMAT = 1
+FILES = ("model.safetensors", "config.json", "state.safetensors", "state.json")
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, corrupted or does not fit the run."""
+
+
+@dataclass
+class Checkpoint:
+    """What `load_checkpoint` read: tensors and plain JSON, nothing executed."""
+
+    path: Path
+    step: int
+    config: dict
+    """{"model": ModelConfig dict, "train": TrainConfig dict}."""
+    model_state: dict[str, Tensor]
+    state_tensors: dict[str, Tensor]
+    state: dict
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run (renamed into place), oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model_state: dict[str, Tensor],
+    config: dict,
+    state_tensors: dict[str, Tensor],
+    state: dict,
+    keep: int,
+    on_file_written: Callable[[str], None] | None = None,
+) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep`.
+
+    on_file_written(name) is called after each file is on disk (tests use it to kill a
+    process mid-save). Returns the final directory.
+    """
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".step_*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    blobs = {
+        "model.safetensors": st_save(_contiguous(model_state)),
+        "config.json": json.dumps({"format": FORMAT, **config}, indent=1).encode(),
+        "state.safetensors": st_save(_contiguous(state_tensors)),
+        "state.json": json.dumps({"format": FORMAT, "step": step, **state}, indent=1).encode(),
+    }
+    manifest = {"format": FORMAT, "step": step, "files": {}}
+    for name, blob in blobs.items():
+        _write_synced(tmp / name, blob)
+        manifest["files"][name] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+        if on_file_written is not None:
+            on_file_written(name)
+    _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+    _fsync_dir(tmp)
+    if final.exists():  # a step re-run after resuming from an earlier checkpoint
+        old = root / f".{final.name}.tmp-old-{os.getpid()}"
+        os.replace(final, old)
+        shutil.rmtree(old)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and verify one checkpoint directory; CheckpointError says what is wrong."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        expected = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path} is corrupted: unreadable {MANIFEST}") from err
+    blobs = {}
+    for name in FILES:
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        blob = file.read_bytes()
+        want = expected.get(name, {})
+        if len(blob) != want.get("bytes"):
+            raise CheckpointError(
+                f"checkpoint {path} is corrupted: {name} has {len(blob)} bytes, "
+                f"expected {want.get('bytes')} (truncated?)"
+            )
+        if hashlib.sha256(blob).hexdigest() != want.get("sha256"):
+            raise CheckpointError(f"checkpoint {path} is corrupted: {name} fails its sha256 check")
+        blobs[name] = blob
+    try:
+        config = json.loads(blobs["config.json"])
+        state = json.loads(blobs["state.json"])
+        model_state = st_load(blobs["model.safetensors"])
+        state_tensors = st_load(blobs["state.safetensors"])
+    except (json.JSONDecodeError, SafetensorError) as err:
+        raise CheckpointError(f"checkpoint {path} is corrupted: {err}") from err
+    return Checkpoint(path, int(state["step"]), config, model_state, state_tensors, state)
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory as given, or the newest complete checkpoint of a run directory."""
+    path = Path(path)
+    if (path / MANIFEST).is_file() or _STEP_DIR.match(path.name):
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise CheckpointError(f"no checkpoint found in {path}")
+    return found[-1]
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """The trained `Transformer` of a checkpoint (or of a run directory's newest one)."""
+    from moekit.model import ModelConfig, Transformer
+
+    ckpt = load_checkpoint(resolve(path))
+    model = Transformer(ModelConfig.from_dict(ckpt.config["model"]))
+    model.load_state_dict(ckpt.model_state, strict=True)
+    return model.to(device).eval()
+
+
+def _contiguous(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    # safetensors refuses views and tensors sharing storage (tied embeddings): copy those.
+    out, seen = {}, set()
+    for name, t in tensors.items():
+        t = t.detach().cpu()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen or not t.is_contiguous():
+            t = t.clone(memory_format=torch.contiguous_format)
+        seen.add(key)
+        out[name] = t.contiguous()
+    return out
+
+
+def _write_synced(path: Path, blob: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

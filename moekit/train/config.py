@@ -1,0 +1,134 @@
+"""TrainConfig: every setting of a training run, validated when it is made."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+DEVICES = ("auto", "cpu", "cuda")
+# Fields that change no number a run computes: they may differ on --resume.
+RESUMABLE_FIELDS = frozenset(
+    {"eval_every", "checkpoint_every", "keep_checkpoints", "progress", "device"}
+)
+
+
+def _int(name: str, value: object, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+
+
+def _float(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    bad_low = value <= low if low_open else value < low
+    if not math.isfinite(value) or bad_low or value > high:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: optimisation, data, evaluation and checkpointing."""
+
+    steps: int = 300
+    """Optimizer steps to train for."""
+    batch_size: int = 16
+    """Sequences per optimizer step (the global batch, over all micro-batches and ranks)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; batch_size must be a multiple of it."""
+    seq_len: int = 128
+    """Tokens per training sequence (at most the model's max_seq_len)."""
+    lr: float = 3e-3
+    """Peak learning rate, reached after the warm-up."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule decays to lr * min_lr_ratio at the last step."""
+    warmup_steps: int = 20
+    """Steps of linear warm-up from 0 to lr."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (never on norms, biases or the router bias)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    seed: int = 0
+    """Seed of the initial weights and of the training windows."""
+    data: str = "embedded"
+    """Text: embedded (stdlib code + reference prose), a file, a directory, or hf:NAME."""
+    tokenizer: str = "bytes"
+    """bytes (V=256) or a path to a tokenizer.json."""
+    val_fraction: float = 0.1
+    """Share of documents held out for validation (by a stable hash of their names)."""
+    eval_every: int = 50
+    """Validation loss every this many steps (and at the end)."""
+    eval_batches: int = 4
+    """Batches of fixed validation windows per evaluation."""
+    checkpoint_every: int = 100
+    """Save a checkpoint every this many steps (and at the end); 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """Keep the newest N checkpoints, delete older ones."""
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda; on cuda the forward runs in bf16 autocast."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every"):
+            _int(name, getattr(self, name))
+        for name in ("eval_batches", "keep_checkpoints"):
+            _int(name, getattr(self, name))
+        for name in ("warmup_steps", "seed", "checkpoint_every"):
+            _int(name, getattr(self, name), minimum=0)
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of grad_accum, "
+                f"got grad_accum={self.grad_accum!r}"
+            )
+        _float("lr", self.lr, 0.0, 10.0, low_open=True)
+        _float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _float("weight_decay", self.weight_decay, 0.0, 10.0)
+        _float("beta1", self.beta1, 0.0, 1.0)
+        _float("beta2", self.beta2, 0.0, 1.0)
+        _float("grad_clip", self.grad_clip, 0.0, math.inf)
+        _float("val_fraction", self.val_fraction, 0.0, 0.5, low_open=True)
+        for name in ("data", "tokenizer"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if not isinstance(self.progress, bool):
+            raise TypeError(f"progress must be a bool, got {self.progress!r}")
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Sequences per micro-batch (over all ranks)."""
+        return self.batch_size // self.grad_accum
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step."""
+        return self.batch_size * self.seq_len
+
+    def replace(self, **changes: object) -> TrainConfig:
+        """A copy with some fields changed (validated again)."""
+        values = asdict(self)
+        unknown = set(changes) - set(values)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s): {sorted(unknown)}")
+        values.update(changes)
+        return TrainConfig(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s): {sorted(unknown)}")
+        return cls(**data)

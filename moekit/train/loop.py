@@ -1,0 +1,280 @@
+"""The training loop: data -> model -> loss (+ balancing losses) -> AdamW, with checkpoints.
+
+Shapes: B batch, S sequence, V vocab, E experts.
+
+One process by default; with a `parallel` context (moekit.parallel.ParallelContext) it
+calls only that object's methods (prepare, shard_batch, mean, full_state_dict,
+load_state_dict, barrier) and never torch.distributed itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moekit.data.batches import TrainBatches, val_batches
+from moekit.data.tokenizer import load_tokenizer
+from moekit.data.tokens import prepare_tokens
+from moekit.train import checkpoint as ckpt_io
+from moekit.train import metrics as metrics_io
+from moekit.train import state as state_io
+from moekit.train.config import RESUMABLE_FIELDS, TrainConfig
+from moekit.train.optim import build_optimizer, lr_at, set_lr
+
+
+@dataclass
+class TrainResult:
+    """Summary of a finished run (the full history is in run_dir/metrics.jsonl)."""
+
+    run_dir: Path
+    steps: int
+    train_loss: float
+    val_loss: float
+    val_losses_by_domain: dict[str, float]
+    tokens_per_s: float
+    """Training tokens per second of pure training time (evaluation and saving excluded)."""
+    train_seconds: float
+    plots: list[Path] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """'name: saved != now' for every differing (nested) field."""
+    diffs = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} (checkpoint) != {b!r} (now)")
+    return diffs
+
+
+def _check_resumable(saved: dict, model_config, train_config: TrainConfig) -> None:
+    now_train = {k: v for k, v in train_config.to_dict().items() if k not in RESUMABLE_FIELDS}
+    old_train = {k: v for k, v in saved["train"].items() if k not in RESUMABLE_FIELDS}
+    diffs = config_differences(saved["model"], model_config.to_dict(), "model.")
+    diffs += config_differences(old_train, now_train, "train.")
+    if diffs:
+        raise ckpt_io.CheckpointError(
+            "cannot resume: the configuration differs from the checkpoint's in "
+            f"{len(diffs)} field(s): " + "; ".join(diffs)
+        )
+
+
+def _cross_entropy(logits_BSV: Tensor, y_BS: Tensor) -> Tensor:
+    return F.cross_entropy(logits_BSV.reshape(-1, logits_BSV.shape[-1]), y_BS.reshape(-1))
+
+
+def train(
+    model_config,
+    config: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: str | Path | None = None,
+    parallel=None,
+    cache_dir: str | Path | None = None,
+    plots: bool = True,
+) -> TrainResult:
+    """Train a `Transformer(model_config)` per `config`, writing everything under run_dir.
+
+    resume: a checkpoint directory, or a run directory (its newest checkpoint), to continue
+    from exactly where it stopped. cache_dir: where token files go (default run_dir/cache).
+    Returns a TrainResult; metrics.jsonl, checkpoints/ and the PNG plots are in run_dir.
+    """
+    from moekit.model import Transformer
+
+    run_dir = Path(run_dir)
+    is_main = parallel is None or parallel.is_main
+    device = resolve_device(config.device)
+    if config.seq_len > model_config.max_seq_len:
+        raise ValueError(
+            f"seq_len ({config.seq_len}) must be <= the model's max_seq_len "
+            f"({model_config.max_seq_len})"
+        )
+    tokenizer = load_tokenizer(config.tokenizer)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ValueError(
+            f"tokenizer {config.tokenizer!r} has {tokenizer.vocab_size} tokens, more than the "
+            f"model's vocab_size ({model_config.vocab_size})"
+        )
+    splits = prepare_tokens(
+        config.data, tokenizer, cache_dir or run_dir / "cache", config.val_fraction
+    )
+    batches = TrainBatches(splits["train"], config.seq_len, config.batch_size, config.seed)
+    evals = {"": val_batches(splits["val"], config.seq_len, config.batch_size, config.eval_batches)}
+    domains = splits["val"].domain_names()
+    if len(domains) > 1:
+        for d in domains:
+            evals[d] = val_batches(
+                splits["val"], config.seq_len, config.batch_size, config.eval_batches, d
+            )
+
+    saved = None
+    if resume is not None:
+        saved = ckpt_io.load_checkpoint(ckpt_io.resolve(resume))
+        _check_resumable(saved.config, model_config, config)
+    torch.manual_seed(config.seed)
+    base = Transformer(model_config).to(device)
+    model = parallel.prepare(base) if parallel is not None else base
+    optimizer = build_optimizer(base, config)
+    start = 0
+    if saved is not None:
+        if parallel is not None:
+            parallel.load_state_dict(base, saved.model_state)
+        else:
+            base.load_state_dict(saved.model_state, strict=True)
+        state_io.restore(base, optimizer, saved.state_tensors, saved.state)
+        start = saved.step
+        if is_main:
+            metrics_io.truncate_after(run_dir, start)
+    if start >= config.steps:
+        raise ValueError(f"the checkpoint is at step {start}; nothing left of steps={config.steps}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = metrics_io.MetricsLog(run_dir) if is_main else None
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    shard = parallel.shard_batch if parallel is not None else (lambda t: t)
+    reduce = parallel.mean if parallel is not None else (lambda t: t)
+
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        out = {}
+        with torch.no_grad(), autocast:
+            for name, batches_ in evals.items():
+                if not batches_:
+                    continue
+                losses = [
+                    _cross_entropy(model(shard(x).to(device)).logits, shard(y).to(device))
+                    for x, y in batches_
+                ]
+                out[f"val_loss_{name}" if name else "val_loss"] = float(
+                    reduce(torch.stack(losses).mean())
+                )
+        model.train()
+        return out
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=config.steps, initial=start, disable=not (config.progress and is_main), unit="step"
+    )
+    params = [p for p in base.parameters() if p.requires_grad]
+    mb = config.micro_batch_size
+    train_seconds, last_loss, last_val = 0.0, float("nan"), {}
+    model.train()
+    for step in range(start, config.steps):
+        t0 = time.perf_counter()
+        set_lr(optimizer, lr_at(step, config))
+        x_BS, y_BS = batches(step)
+        ce_sum = aux_sum = 0.0
+        loads = None
+        for m in range(config.grad_accum):
+            x = shard(x_BS[m * mb : (m + 1) * mb]).to(device)
+            y = shard(y_BS[m * mb : (m + 1) * mb]).to(device)
+            with autocast:
+                out = model(x)
+            ce = _cross_entropy(out.logits, y)
+            ((ce + out.aux_loss) / config.grad_accum).backward()
+            ce_sum, aux_sum = ce_sum + ce.detach(), aux_sum + out.aux_loss.detach()
+            step_loads = [o.tokens_per_expert.detach() for o in out.moe]
+            if loads is None:
+                loads = step_loads
+            else:
+                loads = [a + b for a, b in zip(loads, step_loads, strict=True)]
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            params, config.grad_clip if config.grad_clip > 0 else float("inf")
+        )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if loads:
+            if parallel is not None:  # data-parallel ranks must move the bias identically
+                loads = list(parallel.mean(torch.stack(loads)))
+            base.update_bias(loads)
+        dt = time.perf_counter() - t0
+        train_seconds += dt
+        last_loss = float(reduce(ce_sum / config.grad_accum))
+        record = {
+            "kind": "train",
+            "step": step + 1,
+            "loss": last_loss,
+            "aux_loss": float(reduce(aux_sum / config.grad_accum)),
+            "lr": optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": config.tokens_per_step / dt,
+        }
+        if loads:
+            per_layer = [t.float().cpu() for t in loads]
+            record["imbalance"] = max(float(t.max() / t.mean().clamp_min(1e-9)) for t in per_layer)
+            record["tokens_per_expert"] = [t.tolist() for t in per_layer]
+        last_step = step + 1 == config.steps
+        if (step + 1) % config.eval_every == 0 or last_step:
+            last_val = evaluate()
+        if log is not None:
+            log.write(record)
+            if (step + 1) % config.eval_every == 0 or last_step:
+                log.write({"kind": "val", "step": step + 1, **last_val})
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{last_loss:.3f}",
+            tok_s=f"{record['tokens_per_s']:.0f}",
+            aux=f"{record['aux_loss']:.3f}",
+            imb=f"{record.get('imbalance', 1.0):.2f}",
+            **({"val": f"{last_val['val_loss']:.3f}"} if last_val else {}),
+        )
+        every = config.checkpoint_every
+        if last_step or (every and (step + 1) % every == 0):
+            _save(run_dir, step + 1, base, optimizer, model_config, config, parallel)
+    bar.close()
+    if log is not None:
+        log.close()
+    result = TrainResult(
+        run_dir=run_dir,
+        steps=config.steps,
+        train_loss=last_loss,
+        val_loss=last_val.get("val_loss", float("nan")),
+        val_losses_by_domain={
+            k[len("val_loss_") :]: v for k, v in last_val.items() if k.startswith("val_loss_")
+        },
+        tokens_per_s=config.tokens_per_step * (config.steps - start) / max(train_seconds, 1e-9),
+        train_seconds=train_seconds,
+    )
+    if plots and is_main:
+        from moekit.plots import plot_run
+
+        result.plots = plot_run(run_dir)
+    return result
+
+
+def _save(run_dir, step, base, optimizer, model_config, config, parallel) -> None:
+    full = parallel.full_state_dict(base) if parallel is not None else base.state_dict()
+    if parallel is None or parallel.is_main:
+        tensors, scalars = state_io.capture(base, optimizer)
+        world = 1 if parallel is None else parallel.world_size
+        ckpt_io.save_checkpoint(
+            run_dir,
+            step,
+            full,
+            {"model": model_config.to_dict(), "train": config.to_dict()},
+            tensors,
+            {**scalars, "world_size": world},
+            keep=config.keep_checkpoints,
+        )
+    if parallel is not None:
+        parallel.barrier()
