@@ -1,0 +1,165 @@
+"""Routers: bias balancing, group-limited routing, expert choice, equivalent formulations.
+
+Shapes: B batch, S sequence, T tokens, D model dim, E experts, K top-k, C capacity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from moekit import MoE, MoEConfig
+
+D = 24
+
+
+def _layer(**changes) -> MoE:
+    cfg = dict(d_model=D, d_ff=16, num_experts=8, top_k=2)
+    return MoE(MoEConfig(**{**cfg, **changes})).double()
+
+
+def _imbalance(tokens_per_expert: torch.Tensor) -> float:
+    return (tokens_per_expert.max() / tokens_per_expert.mean()).item()
+
+
+def test_bias_updates_balance_a_skewed_router():
+    moe = _layer(router="sigmoid_bias", bias_update_rate=0.005)
+    u = torch.randn(D, dtype=torch.float64)
+    u = u / u.norm()
+    with torch.no_grad():
+        # Every token leans along u, and experts 0 and 1 score u highly: both are always chosen.
+        moe.router.weight[:2] += 3 * u
+    gen = torch.Generator().manual_seed(1)
+
+    def batch(T: int = 512) -> torch.Tensor:
+        return torch.randn(T, D, generator=gen, dtype=torch.float64) + u
+
+    # Load measured on 4096 fresh tokens: a balanced router still shows ~sqrt(T*K/E) noise.
+    before = _imbalance(moe(batch(4096))[1].tokens_per_expert)
+    for _ in range(300):
+        _, out = moe(batch())
+        moe.update_bias(out.tokens_per_expert)
+    after = _imbalance(moe(batch(4096))[1].tokens_per_expert)
+    assert before > 2.5
+    assert after < 1.3
+    assert moe.router.expert_bias.dtype == torch.float64  # followed .double()
+    assert moe.router.expert_bias[:2].max() < moe.router.expert_bias[2:].min()
+
+
+def test_update_bias_is_a_no_op_for_other_routers():
+    moe = _layer(router="softmax_topk")
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    moe.update_bias(torch.arange(8.0))
+    assert all(torch.equal(before[k], v) for k, v in moe.state_dict().items())
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_bias_changes_selection_never_weights(norm):
+    moe = _layer(router="sigmoid_bias", routed_scaling_factor=2.5, norm_topk_prob=norm)
+    x = torch.randn(31, D, dtype=torch.float64)
+    unbiased = moe.router(x)
+    with torch.no_grad():
+        moe.router.expert_bias.copy_(torch.linspace(-0.3, 0.4, 8, dtype=torch.float64))
+    biased = moe.router(x)
+    assert not torch.equal(unbiased.expert_A, biased.expert_A)
+
+    scores_TE = torch.sigmoid(x @ moe.router.weight.t())
+    ids_TK = biased.expert_A.view(31, 2)
+    expected_ids = (scores_TE + moe.router.expert_bias).topk(2, dim=-1).indices
+    assert torch.equal(ids_TK, expected_ids)
+    w_TK = scores_TE.gather(1, ids_TK)
+    if norm:
+        w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
+    assert_close(biased.weight_A.view(31, 2), 2.5 * w_TK)
+    # The balancing statistics also ignore the bias.
+    assert torch.equal(biased.probs_TE, unbiased.probs_TE)
+
+
+@pytest.mark.parametrize(("E", "groups", "topk_groups", "K"), [(8, 4, 2, 3), (12, 3, 1, 4)])
+def test_group_limited_routing(E, groups, topk_groups, K):
+    moe = _layer(
+        router="sigmoid_bias", num_experts=E, top_k=K, num_groups=groups, topk_groups=topk_groups
+    )
+    with torch.no_grad():
+        moe.router.expert_bias.uniform_(-0.2, 0.2)
+    T = 40
+    x = torch.randn(T, D, dtype=torch.float64)
+    ids_TK = moe.router(x).expert_A.view(T, K)
+    per_group = E // groups
+    choice = (torch.sigmoid(x @ moe.router.weight.t()) + moe.router.expert_bias).tolist()
+    for t in range(T):
+        used = {int(e) // per_group for e in ids_TK[t]}
+        assert len(used) <= topk_groups
+        # DeepSeek-V3: a group scores the sum of its two best biased scores.
+        group_score = [
+            sum(sorted(choice[t][g * per_group : (g + 1) * per_group])[-2:]) for g in range(groups)
+        ]
+        best = sorted(range(groups), key=lambda g: -group_score[g])[:topk_groups]
+        allowed = [e for e in range(E) if e // per_group in best]
+        expected = sorted(allowed, key=lambda e: -choice[t][e])[:K]
+        assert sorted(ids_TK[t].tolist()) == sorted(expected)
+
+
+@pytest.mark.parametrize("impl", ["reference", "grouped"])
+@pytest.mark.parametrize("cf", [None, 0.5, 1.7, 50.0])
+def test_expert_choice_fills_every_expert_exactly(cf, impl):
+    E, K = 5, 2
+    moe = _layer(router="expert_choice", num_experts=E, top_k=K, capacity_factor=cf, impl=impl)
+    mask = torch.zeros(3, 7, dtype=torch.bool)
+    mask[2, 3:] = True
+    x = torch.randn(3, 7, D, dtype=torch.float64)
+    _, out = moe(x, padding_mask=mask)
+    T = int((~mask).sum())
+    C = min(T, math.ceil((1.0 if cf is None else cf) * T * K / E))
+    assert torch.equal(out.tokens_per_expert, torch.full((E,), float(C)))
+    assert out.dropped_fraction == 0
+
+    # Each expert's tokens are its C highest-probability real tokens.
+    real = (~mask).reshape(-1).nonzero().squeeze(1)
+    probs_TE = torch.softmax(x.reshape(-1, D)[real] @ moe.router.weight.t(), dim=-1)
+    for e in range(E):
+        mine = out.token_ids[out.expert_ids == e]
+        assert not mask.reshape(-1)[mine].any()
+        expected = real[probs_TE[:, e].topk(C).indices]
+        assert sorted(mine.tolist()) == sorted(expected.tolist())
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_softmax_topk_with_norm_equals_topk_softmax(scale):
+    a = _layer(router="softmax_topk", top_k=3, routed_scaling_factor=scale)
+    b = _layer(router="topk_softmax", top_k=3, routed_scaling_factor=scale)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 9, D, dtype=torch.float64)
+    ra, rb = a.router(x.reshape(-1, D)), b.router(x.reshape(-1, D))
+    assert torch.equal(ra.expert_A, rb.expert_A)
+    assert torch.equal(ra.token_A, rb.token_A)
+    assert_close(ra.weight_A, rb.weight_A)
+    assert_close(ra.weight_A.view(-1, 3).sum(-1), torch.full((18,), scale, dtype=torch.float64))
+    (ya, oa), (yb, ob) = a(x), b(x)
+    assert_close(ya, yb)
+    assert_close(oa.loss, ob.loss)
+
+
+def test_softmax_topk_without_norm_uses_softmax_probs():
+    moe = _layer(router="softmax_topk", top_k=3, norm_topk_prob=False)
+    x = torch.randn(11, D, dtype=torch.float64)
+    routing = moe.router(x)
+    probs_TE = torch.softmax(x @ moe.router.weight.t(), dim=-1)
+    assert_close(routing.weight_A, probs_TE.gather(1, routing.expert_A.view(11, 3)).reshape(-1))
+    assert (routing.weight_A.view(11, 3).sum(-1) < 1).all()
+
+
+@pytest.mark.parametrize("option", [dict(router_jitter=0.3), dict(router_noise=0.5)])
+def test_jitter_and_noise_only_in_training(option):
+    quiet = _layer()
+    noisy = _layer(**option)
+    noisy.load_state_dict(quiet.state_dict())
+    x = torch.randn(16, D, dtype=torch.float64)
+    quiet.eval()
+    noisy.eval()
+    assert torch.equal(noisy.router(x).logits_TE, quiet.router(x).logits_TE)
+    noisy.train()
+    assert not torch.allclose(noisy.router(x).logits_TE, quiet.router(x).logits_TE)
