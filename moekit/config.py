@@ -25,6 +25,11 @@ def _non_negative_float(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
+def _bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
 def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -77,15 +82,25 @@ class MoEConfig:
     z_loss_coef: float = 1e-3
     """Weight of the router z-loss (ST-MoE)."""
     impl: str = "grouped"
-    """Expert computation: reference (loop over experts) or grouped (sorted tokens, grouped GEMM)."""
+    """Expert computation: reference (loop over experts) or grouped (sorted, grouped GEMM)."""
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "top_k", "num_groups", "topk_groups"):
             _positive_int(name, getattr(self, name))
         if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
-            raise ValueError(f"num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}")
+            raise ValueError(
+                f"num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}"
+            )
         if self.shared_d_ff is not None:
             _positive_int("shared_d_ff", self.shared_d_ff)
+        _bool("norm_topk_prob", self.norm_topk_prob)
+        _bool("shared_expert_gate", self.shared_expert_gate)
+        if self.shared_expert_gate and not self.num_shared_experts:
+            # A gate with nothing to gate would be built, never used, and never trained.
+            raise ValueError(
+                "shared_expert_gate=True needs num_shared_experts >= 1, "
+                f"got num_shared_experts={self.num_shared_experts!r}"
+            )
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"top_k must be <= num_experts ({self.num_experts}), got {self.top_k!r}"
@@ -111,7 +126,9 @@ class MoEConfig:
         if self.capacity_factor is not None:
             _non_negative_float("capacity_factor", self.capacity_factor)
             if self.capacity_factor <= 0:
-                raise ValueError(f"capacity_factor must be > 0 or None, got {self.capacity_factor!r}")
+                raise ValueError(
+                    f"capacity_factor must be > 0 or None, got {self.capacity_factor!r}"
+                )
         if self.num_experts % self.num_groups:
             raise ValueError(
                 f"num_groups must divide num_experts ({self.num_experts}), got {self.num_groups!r}"
@@ -131,7 +148,11 @@ class MoEConfig:
                     f"({self.experts_per_group}) must be >= top_k ({self.top_k})"
                 )
         if (self.router_jitter or self.router_noise) and self.router == "expert_choice":
-            raise ValueError("router_jitter/router_noise apply to token-choice routers only")
+            raise ValueError(
+                f"router_jitter ({self.router_jitter!r}) and router_noise "
+                f"({self.router_noise!r}) apply to token-choice routers only, "
+                f"got router={self.router!r}"
+            )
 
     @property
     def experts_per_group(self) -> int:
