@@ -5,7 +5,8 @@ A assignments (token, expert, weight) triples: A = T*K for token choice, E*C for
 
 Every router returns a `Routing` of flat assignments, so dispatch, capacity and expert
 parallelism never need to know which router made them. Router arithmetic runs in float32
-(float64 for float64 input) whatever the input dtype: bf16 logits collapse the top-k margins and make ties common.
+(float64 for float64 input) whatever the input dtype: bf16 logits collapse the top-k
+margins and make ties common.
 """
 
 from __future__ import annotations
