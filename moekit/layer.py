@@ -54,7 +54,9 @@ class MoE(nn.Module):
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
         if not isinstance(config, MoEConfig):
-            raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+            raise TypeError(
+                f"config must be a MoEConfig, got {type(config).__name__} {config!r:.200}"
+            )
         self.config = config
         self.router = ROUTERS[config.router](config)
         self.experts = ExpertBank(config)
