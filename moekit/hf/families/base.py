@@ -58,6 +58,9 @@ def common_fields(hf: dict, family: str, default_theta: float) -> dict:
     num_heads = int(require(hf, family, "num_attention_heads"))
     kv_heads = hf.get("num_key_value_heads")
     head_dim = hf.get("head_dim")
+    d_model = int(require(hf, family, "hidden_size"))
+    if head_dim is not None and d_model % num_heads == 0 and head_dim == d_model // num_heads:
+        head_dim = None  # the default width, written out: one canonical ModelConfig
     return dict(
         vocab_size=int(require(hf, family, "vocab_size")),
         d_model=int(require(hf, family, "hidden_size")),
@@ -83,7 +86,7 @@ def common_hf(config: ModelConfig, model_type: str, architecture: str) -> dict:
         "num_hidden_layers": config.num_layers,
         "num_attention_heads": config.num_heads,
         "num_key_value_heads": config.kv_heads,
-        "head_dim": config.head_dim,
+        "head_dim": config.head_size,
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
@@ -91,6 +94,10 @@ def common_hf(config: ModelConfig, model_type: str, architecture: str) -> dict:
         "hidden_act": "silu",
         "dtype": "float32",
         "use_cache": True,
+        # moekit configs hold no token ids; the family defaults may lie outside the vocab.
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
     }
 
 

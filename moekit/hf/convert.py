@@ -1,0 +1,135 @@
+"""Conversion between Hugging Face checkpoint directories and moekit training checkpoints.
+
+- Hugging Face -> moekit: DST becomes a run directory whose `checkpoints/step_00000000`
+  is in the format of moekit.train.checkpoint (so `moekit sample DST`, analysis and
+  fine-tuning read it like a trained run); tokenizer files are copied to DST.
+- moekit -> Hugging Face: SRC is a checkpoint or run directory; DST gets config.json and
+  safetensors that transformers loads; a tokenizer.json found beside SRC is copied.
+
+`verify=True` runs a probe batch through source and result and raises VerificationError
+on any logit difference above atol.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moekit.hf.export import save_pretrained
+from moekit.hf.io import CONFIG_FILE
+from moekit.hf.load import from_pretrained
+from moekit.hf.verify import (
+    DEFAULT_ATOL,
+    compare_logits,
+    moekit_logits,
+    probe_ids,
+    reference_for_hf_dir,
+)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+@dataclass
+class ConvertResult:
+    """Where the converted checkpoint went and, when verified, how closely it agrees."""
+
+    path: Path
+    direction: str
+    max_abs_diff: float | None = None
+    reference: str | None = None
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """Whether path is a Hugging Face checkpoint directory (config.json with a model_type)."""
+    config = Path(path) / CONFIG_FILE
+    if not config.is_file():
+        return False
+    try:
+        return "model_type" in json.loads(config.read_text())
+    except json.JSONDecodeError:
+        return False
+
+
+def _copy_tokenizer(src_dirs: list[Path], dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        for d in src_dirs:
+            if (d / name).is_file():
+                shutil.copyfile(d / name, dst / name)
+                break
+
+
+def hf_to_moekit(src: str | Path, dst: str | Path, dtype: str | None = None) -> Path:
+    """Write the Hugging Face checkpoint src as a moekit run directory dst; returns the
+    checkpoint directory inside it."""
+    from moekit.train.checkpoint import save_checkpoint
+    from moekit.train.config import TrainConfig
+
+    src, dst = Path(src), Path(dst)
+    model = from_pretrained(src, dtype=dtype)
+    config = {"model": model.config.to_dict(), "train": TrainConfig().to_dict()}
+    path = save_checkpoint(
+        dst, 0, model.state_dict(), config, {}, {"converted_from": str(src.resolve())}, keep=1
+    )
+    _copy_tokenizer([src], dst)
+    return path
+
+
+def moekit_to_hf(
+    src: str | Path,
+    dst: str | Path,
+    family: str | None = None,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write the moekit checkpoint (or run directory's newest checkpoint) src as a Hugging
+    Face checkpoint directory dst."""
+    from moekit.train.checkpoint import load_model, resolve
+
+    src, dst = Path(src), Path(dst)
+    model = load_model(src)
+    save_pretrained(model, dst, family=family, max_shard_bytes=max_shard_bytes)
+    ckpt = resolve(src)
+    _copy_tokenizer([src, ckpt, ckpt.parent.parent], dst)
+    return dst
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    family: str | None = None,
+    dtype: str | None = None,
+    verify: bool = False,
+    atol: float | None = None,
+    max_shard_bytes: int | None = None,
+) -> ConvertResult:
+    """Convert in the direction src implies (see the module docstring); optionally verify."""
+    from moekit.train.checkpoint import load_model
+
+    if is_hf_dir(src):
+        result = ConvertResult(hf_to_moekit(src, dst, dtype), "hf->moekit")
+        if verify:
+            name, reference = reference_for_hf_dir(src)
+            candidate = load_model(result.path)
+            ids = probe_ids(candidate.config.vocab_size)
+            tol = atol if atol is not None else DEFAULT_ATOL[candidate.embed.weight.dtype]
+            result.max_abs_diff = compare_logits(
+                reference(ids), moekit_logits(candidate, ids), tol, f"{dst} vs {name}({src})"
+            )
+            result.reference = name
+        return result
+    if dtype is not None:
+        raise ValueError("--dtype applies to Hugging Face -> moekit conversion only")
+    result = ConvertResult(moekit_to_hf(src, dst, family, max_shard_bytes), "moekit->hf")
+    if verify:
+        source = load_model(src)
+        ids = probe_ids(source.config.vocab_size)
+        name, candidate = reference_for_hf_dir(dst)
+        tol = atol if atol is not None else DEFAULT_ATOL[torch.float32]
+        result.max_abs_diff = compare_logits(
+            moekit_logits(source, ids), candidate(ids), tol, f"{name}({dst}) vs {src}"
+        )
+        result.reference = name
+    return result
