@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo",)
+COMMANDS = ("demo", "convert")
 
 
 def main(argv: list[str] | None = None) -> int:
