@@ -1,0 +1,123 @@
+"""Autoregressive sampling with the KV cache: temperature, top-k, top-p (nucleus), seed.
+
+Shapes: B batch, S prompt length, V vocab, N new tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moekit.model.transformer import Transformer
+
+
+def filter_logits(
+    logits_BV: Tensor, top_k: int | None = None, top_p: float | None = None
+) -> Tensor:
+    """Logits with the tokens outside the top-k and outside the top-p nucleus set to -inf.
+
+    top_k keeps the k largest logits (ties with the k-th are kept too). top_p keeps the
+    smallest set of most likely tokens whose probabilities sum to at least top_p
+    (Holtzman et al. 2019); the most likely token is always kept.
+    """
+    if top_k is not None:
+        k = min(top_k, logits_BV.shape[-1])
+        kth_B1 = logits_BV.topk(k, dim=-1).values[..., -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
+        probs_BV = sorted_BV.softmax(dim=-1)
+        # Probability mass strictly before each token: a token is kept while that mass
+        # has not yet reached top_p, so the first token always stays.
+        before_BV = probs_BV.cumsum(dim=-1) - probs_BV
+        drop_sorted_BV = before_BV >= top_p
+        drop_BV = drop_sorted_BV.scatter(-1, order_BV, drop_sorted_BV)
+        logits_BV = logits_BV.masked_fill(drop_BV, float("-inf"))
+    return logits_BV
+
+
+def sample_next(
+    logits_BV: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One token id per row, [B] long; temperature 0 is greedy (argmax)."""
+    if temperature == 0:
+        return logits_BV.argmax(dim=-1)
+    logits_BV = filter_logits(logits_BV.float() / temperature, top_k, top_p)
+    probs_BV = logits_BV.softmax(dim=-1)
+    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(1)
+
+
+def _check_options(temperature: object, top_k: object, top_p: object, max_new: object) -> None:
+    if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new!r}")
+    if not isinstance(temperature, int | float) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, int | float) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompt_ids: Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_id: int | None = None,
+) -> Tensor:
+    """Continue each prompt row by up to max_new_tokens sampled tokens.
+
+    Args:
+        model: the language model; run in eval mode (its mode is restored afterwards).
+        prompt_ids: [B, S] long token ids, no padding.
+        temperature: 0 = greedy; otherwise logits are divided by it before sampling.
+        top_k, top_p: optional filters (see `filter_logits`).
+        seed: a private generator seeded with it makes the output reproducible; None
+            draws from torch's global generator.
+        eos_id: a row that samples it keeps emitting it; generation stops early once
+            every row has.
+
+    Returns:
+        [B, S + N] ids, the prompt followed by N <= max_new_tokens new tokens.
+    """
+    _check_options(temperature, top_k, top_p, max_new_tokens)
+    if not isinstance(prompt_ids, Tensor) or prompt_ids.dim() != 2:
+        raise ValueError(f"prompt_ids must be a [B, S] tensor, got {prompt_ids!r}")
+    B, S = prompt_ids.shape
+    total = S + max_new_tokens
+    if total > model.config.max_seq_len:
+        raise ValueError(
+            f"prompt length {S} + max_new_tokens {max_new_tokens} must be <= max_seq_len "
+            f"({model.config.max_seq_len}), got {total}"
+        )
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=prompt_ids.device)
+        generator.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(B, total)
+        logits_BV = model(prompt_ids, cache=cache).logits[:, -1]
+        done_B = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+        new: list[Tensor] = []
+        for step in range(max_new_tokens):
+            next_B = sample_next(logits_BV, temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                next_B = next_B.masked_fill(done_B, eos_id)
+                done_B = done_B | (next_B == eos_id)
+            new.append(next_B)
+            if step == max_new_tokens - 1 or (eos_id is not None and bool(done_B.all())):
+                break
+            logits_BV = model(next_B[:, None], cache=cache).logits[:, -1]
+    finally:
+        model.train(was_training)
+    return torch.cat([prompt_ids, torch.stack(new, dim=1).to(prompt_ids.dtype)], dim=1)

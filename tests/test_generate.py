@@ -1,0 +1,126 @@
+"""Sampling: filters on hand-built distributions, seeds, greedy against the full forward, EOS."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from moekit import MoEConfig
+from moekit.generate import filter_logits, generate, sample_next
+from moekit.model import ModelConfig, Transformer
+
+V = 37
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(1)
+    cfg = ModelConfig(
+        vocab_size=V,
+        d_model=24,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=24,
+        tie_embeddings=True,
+        moe=MoEConfig(d_model=24, d_ff=20, num_experts=5, top_k=2),
+        init_std=0.3,
+    )
+    return Transformer(cfg).double()
+
+
+def _logits(probs: list[float]) -> torch.Tensor:
+    return torch.tensor([probs]).log()
+
+
+def test_top_k_keeps_the_k_largest() -> None:
+    out = filter_logits(_logits([0.1, 0.4, 0.05, 0.3, 0.15]), top_k=2)
+    assert torch.isfinite(out).tolist() == [[False, True, False, True, False]]
+    assert_close(out[0, [1, 3]], _logits([0.4, 0.3])[0])
+
+
+@pytest.mark.parametrize(
+    ("top_p", "kept"),
+    [
+        (0.3, [1]),  # 0.4 alone already reaches 0.3
+        (0.5, [1, 3]),  # 0.4 < 0.5, 0.4 + 0.3 >= 0.5
+        (0.71, [1, 3, 4]),
+        (0.84, [1, 3, 4]),
+        (0.9, [0, 1, 3, 4]),  # 0.85 < 0.9 needs the fourth (0.1)
+        (1.0, [0, 1, 2, 3, 4]),
+    ],
+)
+def test_top_p_keeps_the_smallest_nucleus(top_p, kept) -> None:
+    probs = [0.1, 0.4, 0.05, 0.3, 0.15]
+    # Shuffle a second row to check the scatter back to vocabulary order.
+    perm = [3, 0, 4, 1, 2]
+    logits = torch.cat([_logits(probs), _logits([probs[i] for i in perm])])
+    finite = torch.isfinite(filter_logits(logits, top_p=top_p))
+    assert finite[0].nonzero().squeeze(1).tolist() == kept
+    assert sorted(perm[i] for i in finite[1].nonzero().squeeze(1).tolist()) == kept
+
+
+def test_sampling_follows_the_filtered_distribution() -> None:
+    logits = _logits([0.1, 0.4, 0.05, 0.3, 0.15]).expand(20000, 5)
+    gen = torch.Generator().manual_seed(0)
+    draws = sample_next(logits, top_k=3, generator=gen)
+    freq = torch.bincount(draws, minlength=5).double() / draws.numel()
+    assert_close(
+        freq, torch.tensor([0, 0.4, 0, 0.3, 0.15], dtype=torch.float64) / 0.85, atol=0.015, rtol=0
+    )
+    t = sample_next(_logits([0.1, 0.4, 0.05, 0.3, 0.15]), temperature=0)
+    assert t.tolist() == [1]
+
+
+def test_seed_makes_generation_reproducible(model) -> None:
+    prompt = torch.randint(0, V, (3, 4))
+    a = generate(model, prompt, 10, temperature=1.0, top_p=0.95, seed=7)
+    b = generate(model, prompt, 10, temperature=1.0, top_p=0.95, seed=7)
+    c = generate(model, prompt, 10, temperature=1.0, top_p=0.95, seed=8)
+    assert a.shape == (3, 14) and torch.equal(a[:, :4], prompt)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("options", [{"temperature": 0}, {"top_k": 1}])
+def test_greedy_equals_argmax_of_the_full_forward(model, options) -> None:
+    prompt = torch.randint(0, V, (2, 3))
+    out = generate(model, prompt, 8, seed=0, **options)
+    ids = prompt
+    for _ in range(8):
+        nxt = model(ids).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+    assert torch.equal(out, ids)
+    assert model.training  # generation restores the caller's mode
+
+
+def test_eos_stops_rows_and_generation(model) -> None:
+    prompt = torch.randint(0, V, (2, 3))
+    greedy = generate(model, prompt, 6, temperature=0)
+    eos = int(greedy[0, 4])  # row 0's second new token
+    out = generate(model, prompt, 6, temperature=0, eos_id=eos)
+    row0 = out[0, 3:].tolist()
+    first = row0.index(eos)
+    assert all(t == eos for t in row0[first:])
+    assert torch.equal(out[:, : 3 + first + 1][1], greedy[1, : 3 + first + 1])
+    finished = generate(model, prompt[:1], 6, temperature=0, eos_id=int(greedy[0, 3]))
+    assert finished.shape == (1, 4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens.*0"),
+        ({"max_new_tokens": 30}, "max_seq_len.*24.*34"),
+        ({"temperature": -1.0}, "temperature.*-1.0"),
+        ({"top_k": 0}, "top_k.*0"),
+        ({"top_p": 1.5}, "top_p.*1.5"),
+        ({"top_p": math.nan}, "top_p.*nan"),
+    ],
+)
+def test_bad_options(model, kwargs, match) -> None:
+    args = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        generate(model, torch.zeros(1, 4, dtype=torch.long), **args)

@@ -1,0 +1,128 @@
+"""Parameter and FLOP counts: meta-device counts against materialised models and a FLOP
+counter, the dense twin's equal FFN FLOPs, and the published sizes of the large presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from moekit import MoEConfig
+from moekit.mlp import MLP
+from moekit.model import PRESETS, ModelConfig, Transformer, count_parameters, dense_twin
+from moekit.model import flops_per_token as flops
+
+MOE = MoEConfig(d_model=24, d_ff=20, num_experts=5, top_k=2)
+CONFIGS = {
+    "moe": ModelConfig(
+        vocab_size=37, d_model=24, num_layers=3, num_heads=4, num_kv_heads=2, moe=MOE
+    ),
+    "shared+dense+tied": ModelConfig(
+        vocab_size=37,
+        d_model=24,
+        num_layers=4,
+        num_heads=3,
+        head_dim=10,
+        qkv_bias=True,
+        qk_norm="full",
+        tie_embeddings=True,
+        first_k_dense=1,
+        moe_every=2,
+        dense_d_ff=44,
+        moe=MOE.replace(num_shared_experts=2, shared_d_ff=12, shared_expert_gate=True),
+    ),
+    "dense": ModelConfig(vocab_size=37, d_model=24, num_layers=2, num_heads=4, dense_d_ff=40),
+    "mla": ModelConfig(
+        vocab_size=37,
+        d_model=24,
+        num_layers=2,
+        num_heads=3,
+        attention="mla",
+        q_lora_rank=10,
+        kv_lora_rank=8,
+        qk_nope_head_dim=6,
+        qk_rope_head_dim=4,
+        v_head_dim=5,
+        moe=MOE,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_meta_counts_equal_a_materialised_model(name) -> None:
+    cfg = CONFIGS[name]
+    model = Transformer(cfg)
+    total, active = count_parameters(cfg)
+    assert total == sum(p.numel() for p in model.parameters())
+    inactive = sum(
+        p.numel() * (m.config.num_experts - m.config.top_k) // m.config.num_experts
+        for m in model.moe_layers()
+        for p in m.experts.parameters()
+    )
+    assert active == total - inactive
+    # The twin holds exactly the parameters a token uses, minus the router's.
+    twin_total, twin_active = count_parameters(dense_twin(cfg))
+    routers = sum(
+        p.numel()
+        for m in model.moe_layers()
+        for mod in (m.router, m.shared_expert_gate)
+        if mod is not None
+        for p in mod.parameters()
+    )
+    assert twin_total == twin_active == active - routers
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_flops_match_a_flop_counter(name) -> None:
+    # Every token of a dropless MoE runs exactly K experts, so the matmul FLOPs torch counts
+    # for T tokens are T times our per-token projections, FFN, router and lm_head.
+    cfg = CONFIGS[name]
+    model = Transformer(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(ids)
+    counts = counter.get_flop_counts()["Global"]
+    measured = sum(v for op, v in counts.items() if op.__name__.split(".")[0] in ("mm", "addmm"))
+    f = flops(cfg, seq_len=9)
+    assert measured == 18 * (f.attention + f.ffn + f.router + f.lm_head)
+
+
+@pytest.mark.parametrize("name", ["moe", "shared+dense+tied", "mla"])
+def test_dense_twin_has_equal_ffn_flops_and_same_attention(name) -> None:
+    cfg = CONFIGS[name]
+    twin = dense_twin(cfg)
+    f, ft = flops(cfg), flops(twin)
+    assert f.ffn == ft.ffn and ft.router == 0
+    assert (f.attention, f.attention_scores, f.lm_head) == (
+        ft.attention,
+        ft.attention_scores,
+        ft.lm_head,
+    )
+    model, twin_model = Transformer(cfg), Transformer(twin)
+    assert twin_model.moe_layers() == []
+    shapes = {k: v.shape for k, v in model.state_dict().items() if ".ffn." not in k}
+    twin_shapes = {k: v.shape for k, v in twin_model.state_dict().items() if ".ffn." not in k}
+    assert shapes == twin_shapes
+    for i in cfg.moe_layer_ids:
+        ffn = twin_model.layers[i].ffn
+        assert isinstance(ffn, MLP) and ffn.up_proj.out_features == cfg.moe.active_ffn_width
+
+
+# Published sizes (total, active) in billions: Mixtral paper (46.7B/12.9B), OLMoE paper
+# (6.9B/1.3B), Qwen3-30B-A3B model card (30.5B/3.3B), DeepSeek-V3 report (671B/37B, without
+# the multi-token-prediction module).
+PUBLISHED = {
+    "mixtral-8x7b": (46.7, 12.9),
+    "olmoe-1b-7b": (6.9, 1.3),
+    "qwen3-moe-30b-a3b": (30.5, 3.3),
+    "deepseek-v3": (671, 37),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_large_presets_match_published_sizes(name) -> None:
+    total, active = count_parameters(PRESETS[name])
+    want_total, want_active = PUBLISHED[name]
+    assert total / 1e9 == pytest.approx(want_total, rel=0.01)
+    assert active / 1e9 == pytest.approx(want_active, rel=0.03)
