@@ -19,6 +19,8 @@ from moekit.analysis.counts import LayerCounts, LayerSummary
 
 # Cell values are printed on heatmaps up to this many cells per axis; beyond, they blur.
 _ANNOTATE_MAX = 16
+# Values that would print as 0.00 are left blank so the cells that matter stand out.
+_ANNOTATE_BELOW = 0.005
 
 
 def _pyplot():
@@ -33,20 +35,21 @@ def _pyplot():
 
 
 def _grid(n: int) -> tuple[int, int]:
-    cols = min(n, 4)
+    cols = min(n, 2)
     return math.ceil(n / cols), cols
 
 
-def _annotate(ax, values, fmt: str, threshold: float, skip=frozenset()) -> None:
+def _annotate(ax, values, fmt: str, dark_below: float, skip=frozenset()) -> None:
+    """Print cell values; white on cells below dark_below (the dark end of the colour map)."""
     rows, cols = len(values), len(values[0]) if values else 0
     if rows > _ANNOTATE_MAX or cols > _ANNOTATE_MAX:
         return
     for i in range(rows):
         for j in range(cols):
             v = values[i][j]
-            if (i, j) in skip:
+            if (i, j) in skip or abs(v) < _ANNOTATE_BELOW:
                 continue
-            colour = "white" if v > threshold else "black"
+            colour = "white" if v < dark_below else "black"
             ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7, color=colour)
 
 
@@ -179,7 +182,7 @@ def plot_co_selection(counts: list[LayerCounts], path: str | Path, title: str = 
     rows, cols = _grid(len(counts))
     E = counts[0].num_experts
     side = 1.5 + 0.45 * max(E, 6)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * side, rows * side * 0.85), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * side, rows * side), squeeze=False)
     conds = [stats.co_selection_conditional(c.co_selection) for c in counts]
     vmax = max(1e-9, max(m.max().item() for m in conds))
     for i, cond in enumerate(conds):

@@ -87,7 +87,7 @@ def analyze_checkpoint(
     for name, value in (("batch_size", batch_size), ("batches_per_domain", batches_per_domain)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    model, train = _load(Path(path), device)
+    model, train, source = _load(Path(path), device)
     data = data or train.get("data", "embedded")
     tokenizer = load_tokenizer(train.get("tokenizer", "bytes"))
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -95,22 +95,25 @@ def analyze_checkpoint(
             f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} ids, the model only "
             f"{model.config.vocab_size}"
         )
-    cache = Path(cache_dir) if cache_dir is not None else _default_cache()
+    run_dir = _run_dir(source)
+    out_dir = Path(out_dir) if out_dir is not None else (run_dir or source) / "analysis"
+    if cache_dir is None:
+        # The training run's token cache when there is one (same key: nothing is redone).
+        cache_dir = run_dir / "cache" if run_dir is not None else out_dir / "cache"
     val_fraction = float(train.get("val_fraction", 0.1))
-    split = prepare_tokens(data, tokenizer, cache, val_fraction)["val"]
+    split = prepare_tokens(data, tokenizer, cache_dir, val_fraction)["val"]
     seq_len = min(seq_len or int(train.get("seq_len", 128)), model.config.max_seq_len)
     domains, batches = labelled_batches(split, seq_len, batch_size, batches_per_domain)
-    out_dir = Path(out_dir) if out_dir is not None else _default_out(Path(path))
     summary = analyze_model(
         model,
         batches,
         domains,
         out_dir,
         dead_threshold,
-        title=f"{Path(path).name}, {data} validation",
+        title=f"{source.name}, {data} validation",
         progress=progress,
     )
-    return {"checkpoint": str(path), "data": data, "out_dir": str(out_dir), **summary}
+    return {"checkpoint": str(source), "data": data, "out_dir": str(out_dir), **summary}
 
 
 def format_table(layers: list[dict]) -> str:
@@ -130,6 +133,23 @@ def format_table(layers: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_summary(summary: dict) -> str:
+    """The text `moekit analyze` prints for a summary of analyze_checkpoint."""
+    domains = ", ".join(summary["domains"]) or "-"
+    lines = [
+        f"routing of {summary['checkpoint']} on {summary['data']} validation: "
+        f"{summary['num_tokens']} tokens, domains: {domains}",
+        format_table(summary["layers"]),
+        "imbalance = max/mean load (1 balanced); cv = std/mean; load H, router H = entropy "
+        "of the load (/ log E) and of the router (nats)",
+        "special. = I(domain; expert) / H(domain): 0 = experts ignore the domain, 1 = they "
+        f"reveal it; dead = under {summary['dead_threshold']:g} x fair share (1/E)",
+        f"figures and routing.json in {summary['out_dir']}:",
+    ]
+    lines += [f"  {name}: {path}" for name, path in summary["figures"].items()]
+    return "\n".join(lines)
+
+
 def _num(value: float | None, digits: int) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
@@ -141,26 +161,35 @@ def _write_figures(
     paths = {
         "load": plots.plot_load(summaries, out / "load.png", "Expert load per MoE layer" + suffix),
         "imbalance": plots.plot_imbalance(summaries, out / "imbalance.png", title),
-        "co_selection": plots.plot_co_selection(counts, out / "co_selection.png"),
+        "co_selection": plots.plot_co_selection(
+            counts,
+            out / "co_selection.png",
+            "Expert co-selection: which experts serve the same token" + suffix,
+        ),
     }
     if len(counts[0].domains) > 1:
-        paths["specialisation"] = plots.plot_specialisation(counts, out / "specialisation.png")
+        E = counts[0].num_experts
+        paths["specialisation"] = plots.plot_specialisation(
+            counts,
+            out / "specialisation.png",
+            f"Expert use by domain (uniform = 1/E = {1 / E:.3f})" + suffix,
+        )
     return {name: str(p) for name, p in paths.items()}
 
 
-def _load(path: Path, device: str) -> tuple[nn.Module, dict]:
-    """(model, training settings as a dict) from a moekit checkpoint or an HF directory."""
+def _load(path: Path, device: str) -> tuple[nn.Module, dict, Path]:
+    """(model, training settings as a dict, directory read) from a checkpoint or HF dir."""
     config_path = path / "config.json"
     if config_path.is_file():
         config = json.loads(config_path.read_text())
         if "model_type" in config:  # a Hugging Face model directory
-            return _load_hf(path, device)
+            return (*_load_hf(path, device), path)
     from moekit.train.checkpoint import load_model, resolve
 
     ckpt_dir = resolve(path)
     model = load_model(ckpt_dir, device)  # verifies the manifest's hashes
     train = json.loads((ckpt_dir / "config.json").read_text()).get("train", {})
-    return model, train
+    return model, train, ckpt_dir
 
 
 def _load_hf(path: Path, device: str) -> tuple[nn.Module, dict]:
@@ -175,9 +204,7 @@ def _load_hf(path: Path, device: str) -> tuple[nn.Module, dict]:
     return model, {"tokenizer": str(tokenizer)}
 
 
-def _default_cache() -> Path:
-    return Path.home() / ".cache" / "moekit" / "tokens"
-
-
-def _default_out(path: Path) -> Path:
-    return (path if path.is_dir() else path.parent) / "analysis"
+def _run_dir(checkpoint: Path) -> Path | None:
+    """The training run a checkpoint belongs to (run_dir/checkpoints/step_n), if any."""
+    parent = checkpoint.resolve().parent
+    return parent.parent if parent.name == "checkpoints" else None

@@ -1,0 +1,68 @@
+"""`moekit analyze` end to end on a saved checkpoint and the embedded corpus."""
+
+import json
+
+import pytest
+import torch
+
+from moekit import MoEConfig
+from moekit.analysis import collect_routing, labelled_batches
+from moekit.cli import main
+from moekit.data import load_tokenizer, prepare_tokens
+from moekit.model import ModelConfig, Transformer
+from moekit.train import TrainConfig, load_model
+from moekit.train.checkpoint import save_checkpoint
+
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    moe = MoEConfig(d_model=16, d_ff=24, num_experts=5, top_k=2)
+    config = ModelConfig(d_model=16, num_layers=2, num_heads=2, max_seq_len=32, moe=moe)
+    train = TrainConfig(seq_len=24, batch_size=2, steps=1)
+    run = tmp_path_factory.mktemp("run")
+    model = Transformer(config)
+    save_checkpoint(
+        run,
+        1,
+        model.state_dict(),
+        {"model": config.to_dict(), "train": train.to_dict()},
+        {},
+        {},
+        keep=1,
+    )
+    return run
+
+
+def test_analyze_command_writes_table_figures_and_json(run_dir, capsys):
+    out = run_dir / "report"
+    code = main(["analyze", str(run_dir), "--out", str(out), "--batches", "2", "--batch-size", "3"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "imbalance" in printed and "domains: code, prose" in printed
+    assert str(out) in printed
+    summary = json.loads((out / "routing.json").read_text())
+    assert summary["domains"] == ["code", "prose"]
+    assert len(summary["layers"]) == 2
+    for name in ("load", "imbalance", "co_selection", "specialisation"):
+        assert (out / f"{name}.png").stat().st_size > 10_000
+    assert (run_dir / "cache").is_dir()  # tokens shared with the training run's cache
+
+    # The same windows through the checkpoint's model, counted directly, agree.
+    model = load_model(run_dir)
+    split = prepare_tokens("embedded", load_tokenizer("bytes"), run_dir / "cache", 0.1)["val"]
+    domains, batches = labelled_batches(split, 24, 3, 2)
+    assert all(ids.shape == (3, 24) for ids, _ in batches)
+    counts = collect_routing(model, batches, domains)
+    for layer, c in zip(summary["layers"], counts, strict=True):
+        assert layer["tokens_per_expert"] == c.tokens_per_expert.tolist()
+        assert layer["num_tokens"] == 2 * 2 * 3 * 24
+    assert summary["domain_expert"][1] == counts[1].domain_expert.tolist()
+
+
+def test_analyze_reports_a_missing_checkpoint_in_one_line(tmp_path, capsys):
+    assert main(["analyze", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert "moekit analyze: error:" in err and "nothing" in err
