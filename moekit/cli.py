@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "convert")
+COMMANDS = ("demo", "convert", "analyze")
 
 
 def main(argv: list[str] | None = None) -> int:
