@@ -54,8 +54,12 @@ def roundtrip_mismatch(family: Family, config: ModelConfig) -> list[str]:
         moe=back.moe.replace(**keep),
         **{name: getattr(config, name) for name in TRAINING_ONLY_MODEL},
     )
+    # Defaults spelt out (head width d_model / heads, as many kv heads as heads) compare
+    # equal to the defaults left implicit, which is how configs are read back.
     if config.head_dim is not None and config.head_dim * config.num_heads == config.d_model:
-        config = config.replace(head_dim=None)  # the default width, spelt out
+        config = config.replace(head_dim=None)
+    if config.num_kv_heads == config.num_heads:
+        config = config.replace(num_kv_heads=None)
     diffs = []
     for f in fields(ModelConfig):
         mine, theirs = getattr(config, f.name), getattr(back, f.name)

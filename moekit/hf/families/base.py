@@ -66,7 +66,7 @@ def common_fields(hf: dict, family: str, default_theta: float) -> dict:
         d_model=int(require(hf, family, "hidden_size")),
         num_layers=int(require(hf, family, "num_hidden_layers")),
         num_heads=num_heads,
-        num_kv_heads=None if kv_heads is None else int(kv_heads),
+        num_kv_heads=None if kv_heads in (None, num_heads) else int(kv_heads),
         head_dim=None if head_dim is None else int(head_dim),
         max_seq_len=int(hf.get("max_position_embeddings", 4096)),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
