@@ -1,0 +1,180 @@
+"""Broken or unsupported Hugging Face checkpoints fail with one clear error naming the tensor
+or option; nothing is loaded silently wrong. Checkpoints here are written by moekit's own
+exporter (no transformers needed), then damaged."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import moekit
+from moekit.config import MoEConfig
+from moekit.hf import CheckpointError, UnsupportedConfig
+from moekit.hf.export import save_pretrained
+from moekit.hf.verify import VerificationError, compare_logits
+from moekit.model import ModelConfig, Transformer
+
+EXPERT = "model.layers.1.block_sparse_moe.experts.2.w1.weight"
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    moe = MoEConfig(d_model=24, d_ff=40, num_experts=5, top_k=3, aux_loss_coef=0.001)
+    config = ModelConfig(
+        vocab_size=53,
+        d_model=24,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        moe=moe,
+        max_seq_len=64,
+    )
+    model = Transformer(config).eval()
+    save_pretrained(model, tmp_path / "ckpt", family="mixtral")
+    return model, tmp_path / "ckpt"
+
+
+def _rewrite(directory, change):
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path)
+
+
+def _edit_config(directory, **changes):
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def test_intact_checkpoint_loads_equal(checkpoint):
+    model, directory = checkpoint
+    ids = torch.randint(0, 53, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(moekit.from_pretrained(directory)(ids).logits, model(ids).logits)
+
+
+def test_truncated_file_names_the_cut_tensors(checkpoint):
+    _, directory = checkpoint
+    path = directory / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match="truncated") as err:
+        moekit.from_pretrained(directory)
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    header.pop("__metadata__", None)
+    last = max(header, key=lambda k: header[k]["data_offsets"][1])
+    assert f"{last} (bytes" in str(err.value)
+
+
+def test_missing_expert_tensor_is_named(checkpoint):
+    _, directory = checkpoint
+    _rewrite(directory, lambda t: t.pop(EXPERT))
+    with pytest.raises(CheckpointError, match="missing tensors") as err:
+        moekit.from_pretrained(directory)
+    assert EXPERT in str(err.value) and "(40, 24)" in str(err.value)
+
+
+def test_transposed_tensor_is_named(checkpoint):
+    _, directory = checkpoint
+    _rewrite(directory, lambda t: t.update({EXPERT: t[EXPERT].t().contiguous()}))
+    with pytest.raises(CheckpointError, match="shape mismatch") as err:
+        moekit.from_pretrained(directory)
+    assert f"{EXPERT}: shape (24, 40), config implies (40, 24) (transposed?)" in str(err.value)
+
+
+def test_config_disagreeing_with_shapes(checkpoint):
+    _, directory = checkpoint
+    _edit_config(directory, intermediate_size=36)
+    with pytest.raises(CheckpointError, match="shape mismatch") as err:
+        moekit.from_pretrained(directory)
+    assert "model.layers.0.block_sparse_moe.experts.0.w1.weight: shape (40, 24)" in str(err.value)
+    assert "config implies (36, 24)" in str(err.value)
+
+
+def test_unknown_and_missing_listed_together(checkpoint):
+    _, directory = checkpoint
+    _edit_config(directory, num_local_experts=4)  # the checkpoint holds 5 experts
+
+    def change(t):
+        t["model.layers.0.extra.weight"] = torch.zeros(3)
+
+    _rewrite(directory, change)
+    with pytest.raises(CheckpointError) as err:
+        moekit.from_pretrained(directory)
+    msg = str(err.value)
+    assert "model.layers.0.extra.weight" in msg and "unknown tensors" in msg
+    assert "model.layers.1.block_sparse_moe.experts.4.w2.weight" in msg  # the fifth expert
+    assert "model.layers.0.block_sparse_moe.gate.weight: shape (5, 24)" in msg
+
+
+def test_sharded_index_with_missing_shard(checkpoint, tmp_path):
+    model, _ = checkpoint
+    save_pretrained(model, tmp_path / "sharded", family="mixtral", max_shard_bytes=20_000)
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 2
+    shards[1].unlink()
+    with pytest.raises(CheckpointError, match=f"shard {shards[1].name} is missing"):
+        moekit.from_pretrained(tmp_path / "sharded")
+
+
+def test_no_safetensors_means_no_pickle(checkpoint):
+    _, directory = checkpoint
+    (directory / "model.safetensors").rename(directory / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="safetensors only"):
+        moekit.from_pretrained(directory)
+
+
+@pytest.mark.parametrize(
+    ("changes", "option"),
+    [
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope_type"),
+        ({"sliding_window": 16}, "sliding_window=16"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"router_jitter_noise": 0.1}, "router_jitter_noise"),
+        ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+        ({"model_type": "llama"}, "model_type"),
+    ],
+)
+def test_unsupported_options_are_named(checkpoint, changes, option):
+    _, directory = checkpoint
+    _edit_config(directory, **changes)
+    with pytest.raises(UnsupportedConfig, match=option):
+        moekit.from_pretrained(directory)
+
+
+def test_export_refuses_what_the_family_cannot_express(checkpoint, tmp_path):
+    model, _ = checkpoint
+    capped = Transformer(model.config.replace(moe=model.config.moe.replace(capacity_factor=1.0)))
+    with pytest.raises(UnsupportedConfig, match="capacity_factor"):
+        save_pretrained(capped, tmp_path / "x", family="mixtral")
+    with pytest.raises(UnsupportedConfig, match="qk_norm"):
+        save_pretrained(model, tmp_path / "y", family="qwen3_moe")
+
+
+def test_compare_logits_fails_loudly():
+    a = torch.zeros(2, 3, 5)
+    b = a.clone()
+    b[1, 2, 4] = 0.5
+    assert compare_logits(a, a, atol=1e-6) == 0.0
+    with pytest.raises(VerificationError, match=r"0.5 > atol 0.0001 at \[b, s, v\] = \(1, 2, 4\)"):
+        compare_logits(a, b, atol=1e-4)
+
+
+def test_loader_never_imports_transformers():
+    code = (
+        "import sys, moekit\n"
+        "lazy = 'moekit.hf' not in sys.modules\n"
+        "import moekit.hf, moekit.hf.convert\n"
+        "moekit.from_pretrained\n"
+        "print(lazy, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False"]
