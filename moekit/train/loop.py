@@ -137,7 +137,10 @@ def train(
             parallel.load_state_dict(base, saved.model_state)
         else:
             base.load_state_dict(saved.model_state, strict=True)
-        state_io.restore(base, optimizer, saved.state_tensors, saved.state)
+        state_tensors = saved.state_tensors
+        if parallel is not None:  # full expert moments in the file; this rank's slice here
+            state_tensors = parallel.shard_optimizer_state(base, state_tensors)
+        state_io.restore(base, optimizer, state_tensors, saved.state)
         start = saved.step
         if is_main:
             metrics_io.truncate_after(run_dir, start)
@@ -198,9 +201,9 @@ def train(
                 loads = step_loads
             else:
                 loads = [a + b for a, b in zip(loads, step_loads, strict=True)]
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            params, config.grad_clip if config.grad_clip > 0 else float("inf")
-        )
+        # Under expert parallelism the norm must count every rank's experts.
+        clip = parallel.clip_grad_norm_ if parallel is not None else torch.nn.utils.clip_grad_norm_
+        grad_norm = clip(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if loads:
@@ -264,8 +267,10 @@ def train(
 
 def _save(run_dir, step, base, optimizer, model_config, config, parallel) -> None:
     full = parallel.full_state_dict(base) if parallel is not None else base.state_dict()
+    tensors, scalars = state_io.capture(base, optimizer)
+    if parallel is not None:  # gather expert moments: a collective, on every rank
+        tensors = parallel.full_optimizer_state(base, tensors)
     if parallel is None or parallel.is_main:
-        tensors, scalars = state_io.capture(base, optimizer)
         world = 1 if parallel is None else parallel.world_size
         ckpt_io.save_checkpoint(
             run_dir,
