@@ -153,6 +153,16 @@ class SigmoidBias(Router):
         probs_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
         return _from_topk(ids_TK, weights_TK, logits_TE, probs_TE)
 
+    def _apply(self, fn, recurse=True):
+        # Module.to(torch.bfloat16) casts every floating buffer; the bias keeps at least
+        # float32 (see __init__), restored from its values before the cast, not after.
+        bias = self.expert_bias
+        super()._apply(fn, recurse)
+        keep = torch.promote_types(self.expert_bias.dtype, torch.float32)
+        if self.expert_bias.dtype != keep:
+            self.expert_bias = bias.to(device=self.expert_bias.device, dtype=keep)
+        return self
+
     @torch.no_grad()
     def update_bias(self, tokens_per_expert: Tensor) -> None:
         """bias += rate * sign(mean load - load): underloaded experts become likelier."""
