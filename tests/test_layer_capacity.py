@@ -76,6 +76,18 @@ def test_large_capacity_equals_dropless(router, policy, impl):
     assert out1.dropped_fraction == 0
 
 
+def test_padding_mask_on_flat_tokens():
+    moe = _layer()
+    x = torch.randn(9, D, dtype=torch.float64)
+    mask = torch.tensor([0, 1, 0, 0, 1, 1, 0, 0, 0], dtype=torch.bool)
+    y, out = moe(x, padding_mask=mask)
+    y_real, out_real = moe(x[~mask])
+    assert torch.equal(y[~mask], y_real)
+    assert torch.equal(y[mask], torch.zeros_like(y[mask]))
+    assert torch.equal(out.token_ids, (~mask).nonzero().squeeze(1)[out_real.token_ids])
+    assert torch.equal(out.aux_loss, out_real.aux_loss)
+
+
 @pytest.mark.parametrize("router", TOKEN_CHOICE)
 def test_dropless_tokens_per_expert_sum_to_t_times_k(router):
     moe = _layer(router=router)

@@ -43,6 +43,9 @@ def _assert_paths_equal(ref: MoE, fast: MoE, x: torch.Tensor, mask: torch.Tensor
     y_f, out_f, gx_f, grads_f = _run(fast, x, mask, g)
     assert_close(y_f, y_r)
     assert_close(gx_f, gx_r)
+    if mask is not None:
+        assert torch.equal(y_r[mask], torch.zeros_like(y_r[mask]))
+        assert torch.equal(gx_r[mask], torch.zeros_like(gx_r[mask]))
     assert grads_f.keys() == grads_r.keys()
     for name, grad in grads_r.items():
         assert grad is not None and grads_f[name] is not None, name

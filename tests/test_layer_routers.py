@@ -163,3 +163,19 @@ def test_jitter_and_noise_only_in_training(option):
     assert torch.equal(noisy.router(x).logits_TE, quiet.router(x).logits_TE)
     noisy.train()
     assert not torch.allclose(noisy.router(x).logits_TE, quiet.router(x).logits_TE)
+
+
+def test_bias_stays_float32_in_a_bf16_layer():
+    moe = MoE(MoEConfig(d_model=D, d_ff=16, num_experts=4, top_k=2, router="sigmoid_bias"))
+    moe = moe.to(torch.bfloat16)
+    assert moe.router.weight.dtype == torch.bfloat16
+    assert moe.router.expert_bias.dtype == torch.float32
+    with torch.no_grad():
+        moe.router.expert_bias.fill_(0.5)
+    for _ in range(10):
+        moe.update_bias(torch.tensor([10.0, 0.0, 0.0, 0.0]))
+    # In bf16 (8 bits of mantissa) steps of 1e-3 on 0.5 would round away entirely.
+    expected = torch.tensor([0.49, 0.51, 0.51, 0.51])
+    assert_close(moe.router.expert_bias, expected, rtol=0, atol=1e-6)
+    y, _ = moe(torch.randn(5, D, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
