@@ -11,8 +11,8 @@ from moekit.config import MoEConfig
 from moekit.model.config import ModelConfig
 
 PRESETS: dict[str, ModelConfig] = {
-    # Byte-level; ~0.8M active / 1.9M total parameters. Sized so that 600 steps of a
-    # 16 x 256 batch train in a few minutes on 2 CPU threads (see the README).
+    # Byte-level; 0.63M active / 1.81M total parameters. One AdamW step on a 16 x 256
+    # batch measured 0.21 s on 2 CPU threads (its dense twin 0.17 s): 600 steps ~ 2 min.
     "tiny": ModelConfig(
         vocab_size=256,
         d_model=128,
