@@ -36,6 +36,14 @@ def run_dir(tmp_path_factory):
     return run
 
 
+def _direct_counts(run_dir):
+    model = load_model(run_dir)
+    split = prepare_tokens("embedded", load_tokenizer("bytes"), run_dir / "cache", 0.1)["val"]
+    domains, batches = labelled_batches(split, 24, 3, 2)
+    assert all(ids.shape == (3, 24) for ids, _ in batches)
+    return collect_routing(model, batches, domains)
+
+
 def test_analyze_command_writes_table_figures_and_json(run_dir, capsys):
     out = run_dir / "report"
     code = main(["analyze", str(run_dir), "--out", str(out), "--batches", "2", "--batch-size", "3"])
@@ -51,11 +59,7 @@ def test_analyze_command_writes_table_figures_and_json(run_dir, capsys):
     assert (run_dir / "cache").is_dir()  # tokens shared with the training run's cache
 
     # The same windows through the checkpoint's model, counted directly, agree.
-    model = load_model(run_dir)
-    split = prepare_tokens("embedded", load_tokenizer("bytes"), run_dir / "cache", 0.1)["val"]
-    domains, batches = labelled_batches(split, 24, 3, 2)
-    assert all(ids.shape == (3, 24) for ids, _ in batches)
-    counts = collect_routing(model, batches, domains)
+    counts = _direct_counts(run_dir)
     for layer, c in zip(summary["layers"], counts, strict=True):
         assert layer["tokens_per_expert"] == c.tokens_per_expert.tolist()
         assert layer["num_tokens"] == 2 * 2 * 3 * 24
@@ -66,3 +70,19 @@ def test_analyze_reports_a_missing_checkpoint_in_one_line(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
     assert "moekit analyze: error:" in err and "nothing" in err
+
+
+def test_hugging_face_directory_routes_like_the_model_it_came_from(run_dir, tmp_path, capsys):
+    from moekit.hf.export import save_pretrained
+
+    model = load_model(run_dir)
+    hf_dir = save_pretrained(model, tmp_path / "hf", family="mixtral")
+    assert main(["analyze", str(hf_dir), "--out", str(tmp_path / "a")]) == 2
+    assert "--tokenizer" in capsys.readouterr().err  # no tokenizer.json: it says what to pass
+    args = ["analyze", str(hf_dir), "--tokenizer", "bytes", "--out", str(tmp_path / "a")]
+    args += ["--seq-len", "24", "--batches", "2", "--batch-size", "3"]
+    args += ["--cache-dir", str(run_dir / "cache")]
+    assert main(args) == 0
+    hf = json.loads((tmp_path / "a" / "routing.json").read_text())
+    for layer, c in zip(hf["layers"], _direct_counts(run_dir), strict=True):
+        assert layer["tokens_per_expert"] == c.tokens_per_expert.tolist()

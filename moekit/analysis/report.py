@@ -72,6 +72,7 @@ def analyze_checkpoint(
     cache_dir: str | Path | None = None,
     device: str = "cpu",
     progress: bool = False,
+    tokenizer: str | None = None,
 ) -> dict:
     """Analyse the routing of a checkpoint on the validation split of its own text.
 
@@ -79,8 +80,9 @@ def analyze_checkpoint(
     model directory. data: text to use instead of the one the model was trained on (see
     moekit.data.sources). Windows of seq_len tokens (default: the training length), the
     same number from each domain. out_dir: where the PNGs and routing.json go (default:
-    `<path>/analysis`). Returns the summary of `analyze_model` plus "checkpoint",
-    "data" and "out_dir".
+    `<run_dir>/analysis` for a checkpoint of a training run, else `<path>/analysis`).
+    tokenizer: "bytes" or a tokenizer.json, instead of the checkpoint's own. Returns the
+    summary of `analyze_model` plus "checkpoint", "data" and "out_dir".
     """
     from moekit.data import load_tokenizer, prepare_tokens
 
@@ -89,10 +91,16 @@ def analyze_checkpoint(
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     model, train, source = _load(Path(path), device)
     data = data or train.get("data", "embedded")
-    tokenizer = load_tokenizer(train.get("tokenizer", "bytes"))
-    if tokenizer.vocab_size > model.config.vocab_size:
+    spec = tokenizer or train.get("tokenizer")
+    if spec is None:
+        raise FileNotFoundError(
+            f"{source} has no tokenizer.json to turn text into token ids; pass a tokenizer "
+            "(--tokenizer PATH, or bytes for a byte-level model)"
+        )
+    tok = load_tokenizer(spec)
+    if tok.vocab_size > model.config.vocab_size:
         raise ValueError(
-            f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} ids, the model only "
+            f"tokenizer {tok.name!r} has {tok.vocab_size} ids, the model only "
             f"{model.config.vocab_size}"
         )
     run_dir = _run_dir(source)
@@ -101,7 +109,7 @@ def analyze_checkpoint(
         # The training run's token cache when there is one (same key: nothing is redone).
         cache_dir = run_dir / "cache" if run_dir is not None else out_dir / "cache"
     val_fraction = float(train.get("val_fraction", 0.1))
-    split = prepare_tokens(data, tokenizer, cache_dir, val_fraction)["val"]
+    split = prepare_tokens(data, tok, cache_dir, val_fraction)["val"]
     seq_len = min(seq_len or int(train.get("seq_len", 128)), model.config.max_seq_len)
     domains, batches = labelled_batches(split, seq_len, batch_size, batches_per_domain)
     summary = analyze_model(
@@ -198,10 +206,8 @@ def _load_hf(path: Path, device: str) -> tuple[nn.Module, dict]:
     if not hasattr(moekit, "from_pretrained"):
         raise ValueError(f"{path} is a Hugging Face model directory; this moekit cannot read it")
     tokenizer = path / "tokenizer.json"
-    if not tokenizer.is_file():
-        raise FileNotFoundError(f"{path} has no tokenizer.json to turn text into its token ids")
-    model = moekit.from_pretrained(path).to(device).eval()
-    return model, {"tokenizer": str(tokenizer)}
+    model = moekit.from_pretrained(path, device=device)
+    return model, {"tokenizer": str(tokenizer)} if tokenizer.is_file() else {}
 
 
 def _run_dir(checkpoint: Path) -> Path | None:

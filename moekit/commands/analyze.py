@@ -42,6 +42,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cache-dir", default=None, help="token cache (default: ~/.cache/moekit/tokens)"
     )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="bytes or a tokenizer.json (default: the checkpoint's own)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
@@ -59,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         device=args.device,
         progress=True,
+        tokenizer=args.tokenizer,
     )
     print(format_summary(summary))
     return 0
