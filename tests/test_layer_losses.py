@@ -201,6 +201,17 @@ def test_padding_with_unequal_lengths():
     assert not torch.allclose(out_pad.seq_aux_loss, out_flat.seq_aux_loss)
 
 
+def test_fully_padded_sequence_is_left_out_of_the_sequence_mean():
+    moe = _layer()
+    x = torch.randn(3, 4, D, dtype=torch.float64)
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    mask[1] = True
+    _, out = moe(x, padding_mask=mask)
+    _, out_kept = moe(x[[0, 2]])
+    assert torch.equal(out.seq_aux_loss, out_kept.seq_aux_loss)
+    assert torch.equal(out.aux_loss, out_kept.aux_loss)
+
+
 @pytest.mark.parametrize("name", ["aux_loss", "seq_aux_loss", "z_loss"])
 def test_loss_gradient_reaches_router(name):
     moe = _layer()

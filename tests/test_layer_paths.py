@@ -80,10 +80,17 @@ def test_grouped_equals_reference(router, capacity_factor, masked):
     _assert_paths_equal(ref, fast, x, mask)
 
 
-@pytest.mark.parametrize("router", ["softmax_topk", "sigmoid_bias"])
-def test_grouped_equals_reference_gelu_shared_gate(router):
+@pytest.mark.parametrize(
+    "routing",
+    [
+        dict(router="softmax_topk"),
+        dict(router="sigmoid_bias", num_groups=5, topk_groups=3, routed_scaling_factor=2.0),
+    ],
+    ids=["softmax_topk", "sigmoid_bias-groups"],
+)
+def test_grouped_equals_reference_gelu_shared_gate(routing):
     ref, fast = _twins(
-        router=router,
+        **routing,
         activation="gelu",
         num_shared_experts=2,
         shared_d_ff=12,
