@@ -70,12 +70,15 @@ def hf_to_moekit(src: str | Path, dst: str | Path, dtype: str | None = None) -> 
 
     src, dst = Path(src), Path(dst)
     model = from_pretrained(src, dtype=dtype)
-    config = {"model": model.config.to_dict(), "train": TrainConfig().to_dict()}
-    path = save_checkpoint(
+    dst.mkdir(parents=True, exist_ok=True)
+    _copy_tokenizer([src], dst)
+    # The run's tokenizer is the checkpoint's own, so `moekit sample DST` decodes right.
+    tokenizer = dst / "tokenizer.json"
+    train = TrainConfig(tokenizer=str(tokenizer.resolve()) if tokenizer.is_file() else "bytes")
+    config = {"model": model.config.to_dict(), "train": train.to_dict()}
+    return save_checkpoint(
         dst, 0, model.state_dict(), config, {}, {"converted_from": str(src.resolve())}, keep=1
     )
-    _copy_tokenizer([src], dst)
-    return path
 
 
 def moekit_to_hf(
