@@ -124,3 +124,33 @@ def test_sharded_and_fused_layouts_load(tmp_path):
     torch.testing.assert_close(
         _logits(moekit.from_pretrained(out), ids), hf_models.hf_logits(hf, ids), **TOL
     )
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [
+        # Full-rank queries, rotary dims not interleaved, no renormalisation, no dense layer.
+        (
+            "deepseek_v3",
+            dict(
+                q_lora_rank=None,
+                rope_interleave=False,
+                norm_topk_prob=False,
+                first_k_dense_replace=0,
+                n_group=1,
+                topk_group=1,
+            ),
+        ),
+        ("qwen3_moe", dict(tie_word_embeddings=True, attention_bias=True, mlp_only_layers=[0])),
+        ("qwen2_moe", dict(decoder_sparse_step=2, mlp_only_layers=[], norm_topk_prob=True)),
+        ("mixtral", dict(num_key_value_heads=4, head_dim=10, tie_word_embeddings=True)),
+    ],
+)
+def test_config_variants(family, overrides, tmp_path):
+    hf = hf_models.build(family, tmp_path / "src", seed=13, **overrides)
+    model = moekit.from_pretrained(tmp_path / "src")
+    ids = _ids(seed=8)
+    torch.testing.assert_close(_logits(model, ids), hf_models.hf_logits(hf, ids), **TOL)
+    save_pretrained(model, tmp_path / "out")
+    back = hf_models.load_hf(tmp_path / "out")
+    torch.testing.assert_close(hf_models.hf_logits(back, ids), hf_models.hf_logits(hf, ids), **TOL)
