@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "convert", "analyze")
+COMMANDS = ("demo", "convert", "analyze", "train", "sample", "compare")
 
 
 def main(argv: list[str] | None = None) -> int:

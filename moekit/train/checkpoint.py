@@ -166,9 +166,13 @@ def resolve(path: str | Path) -> Path:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """The trained `Transformer` of a checkpoint (or of a run directory's newest one)."""
+    return model_from_checkpoint(load_checkpoint(resolve(path)), device)
+
+
+def model_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu"):
+    """The `Transformer` of an already loaded checkpoint, in eval mode."""
     from moekit.model import ModelConfig, Transformer
 
-    ckpt = load_checkpoint(resolve(path))
     model = Transformer(ModelConfig.from_dict(ckpt.config["model"]))
     model.load_state_dict(ckpt.model_state, strict=True)
     return model.to(device).eval()

@@ -1,0 +1,87 @@
+"""`moekit sample`: generate text from a trained checkpoint (KV cache, temperature/top-k/top-p).
+
+moekit sample runs/tiny --prompt "def " --max-new-tokens 200 --temperature 0.8 --top-k 40
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="generate text from a checkpoint")
+    p.add_argument(
+        "checkpoint",
+        help="a checkpoint directory, a run directory (newest one), or a Hugging Face "
+        "checkpoint directory (config.json, safetensors, tokenizer.json)",
+    )
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
+    p.add_argument("--num-samples", type=int, default=1, help="independent continuations")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
+def sample_text(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    num_samples: int = 1,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = 0,
+) -> list[str]:
+    """`num_samples` continuations of `prompt` (the generated text only, prompt excluded)."""
+    import torch
+
+    from moekit.generate import generate
+
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples!r}")
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError("the prompt must contain at least one token")
+    device = next(model.parameters()).device
+    prompt_ids = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+    out = generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed)
+    return [tokenizer.decode(row[len(ids) :].tolist()) for row in out.cpu()]
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit.data.tokenizer import load_tokenizer
+    from moekit.hf.convert import is_hf_dir
+    from moekit.train.checkpoint import load_checkpoint, model_from_checkpoint, resolve
+
+    if is_hf_dir(args.checkpoint):
+        # A Hugging Face checkpoint directory: its own tokenizer.json, via `tokenizers`.
+        from pathlib import Path
+
+        from moekit.hf import from_pretrained
+
+        tokenizer = load_tokenizer(str(Path(args.checkpoint) / "tokenizer.json"))
+        model = from_pretrained(args.checkpoint, device=args.device)
+    else:
+        ckpt = load_checkpoint(resolve(args.checkpoint))
+        tokenizer = load_tokenizer(ckpt.config["train"]["tokenizer"])
+        model = model_from_checkpoint(ckpt, device=args.device)
+    texts = sample_text(
+        model,
+        tokenizer,
+        args.prompt,
+        args.max_new_tokens,
+        args.num_samples,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.seed,
+    )
+    for i, text in enumerate(texts):
+        if args.num_samples > 1:
+            print(f"--- sample {i} ---")
+        print(args.prompt + text)
+    return 0

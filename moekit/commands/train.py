@@ -1,0 +1,87 @@
+"""`moekit train`: train a model preset on the embedded corpus or your own text.
+
+    moekit train --preset tiny --set moe.top_k=4 --set d_model=256 --steps 300
+    moekit train --run-dir runs/tiny --resume          # continue from the newest checkpoint
+
+Flow: parse -> build_configs(args) -> train(...). Extra launch modes (e.g. several
+processes) add flags in add_parser and pass a `parallel` context to train().
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--preset, --set and --dense-twin: the model half of train and compare."""
+    p.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a ModelConfig field, moe.FIELD for the MoE layer (repeatable)",
+    )
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from moekit.train.config import TrainConfig
+    from moekit.train.overrides import add_config_flags
+
+    p = sub.add_parser("train", help="train a model; writes metrics, checkpoints and plots")
+    add_model_arguments(p)
+    p.add_argument(
+        "--dense-twin", action="store_true", help="train the preset's dense twin instead"
+    )
+    p.add_argument("--run-dir", default=None, help="output directory (default: runs/<preset>)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue exactly from a checkpoint (default: the run directory's newest)",
+    )
+    add_config_flags(p, TrainConfig)
+
+
+def build_configs(args: argparse.Namespace):
+    """(ModelConfig, TrainConfig) from the parsed arguments."""
+    from moekit.model import dense_twin, get_preset
+    from moekit.train.config import TrainConfig
+    from moekit.train.overrides import apply_overrides, config_from_flags
+
+    model_config = apply_overrides(get_preset(args.preset), args.overrides)
+    if getattr(args, "dense_twin", False):
+        model_config = dense_twin(model_config)
+    return model_config, config_from_flags(TrainConfig, args)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit.model import count_parameters
+    from moekit.train.loop import train
+
+    model_config, train_config = build_configs(args)
+    run_dir = Path(args.run_dir or f"runs/{args.preset}")
+    resume = None
+    if args.resume is not None:
+        resume = run_dir if args.resume == "latest" else Path(args.resume)
+    total, active = count_parameters(model_config)
+    print(
+        f"training {args.preset}{' (dense twin)' if args.dense_twin else ''}: "
+        f"{total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per token; "
+        f"{train_config.steps} steps of {train_config.tokens_per_step} tokens -> {run_dir}"
+    )
+    result = train(model_config, train_config, run_dir, resume=resume)
+    print(
+        f"done: train loss {result.train_loss:.4f}, validation loss {result.val_loss:.4f}, "
+        f"{result.tokens_per_s:.0f} tokens/s"
+    )
+    for name, loss in sorted(result.val_losses_by_domain.items()):
+        print(f"  validation loss on {name}: {loss:.4f}")
+    print(f"metrics: {run_dir / 'metrics.jsonl'}  checkpoints: {run_dir / 'checkpoints'}")
+    for path in result.plots:
+        print(f"plot: {path}")
+    return 0

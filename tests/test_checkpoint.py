@@ -1,0 +1,147 @@
+"""Checkpoints: exact round trip, corruption and truncation detected, atomic under SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from train_common import MICRO, micro_train, write_corpus
+
+from moekit.model import Transformer
+from moekit.train import CheckpointError, load_checkpoint, load_model, train
+from moekit.train import state as state_io
+from moekit.train.checkpoint import list_checkpoints, resolve, save_checkpoint
+from moekit.train.optim import build_optimizer
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished micro run with checkpoints at steps 3 and 6."""
+    corpus = write_corpus(tmp_path_factory.mktemp("corpus"))
+    run_dir = tmp_path_factory.mktemp("run")
+    config = micro_train(corpus, steps=6)
+    train(MICRO, config, run_dir, plots=False)
+    return run_dir, config
+
+
+def _save(run_dir, step, model, optimizer, keep=5, hook=None):
+    tensors, scalars = state_io.capture(model, optimizer)
+    config = {"model": model.config.to_dict(), "train": {}}
+    return save_checkpoint(
+        run_dir, step, model.state_dict(), config, tensors, scalars, keep, on_file_written=hook
+    )
+
+
+def _trained_model_and_optimizer(seed: int = 0):
+    torch.manual_seed(seed)
+    model = Transformer(MICRO)
+    optimizer = build_optimizer(model, micro_train("unused"))
+    model(torch.randint(0, 256, (2, 7))).logits.square().mean().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def test_round_trip_is_exact(tmp_path):
+    model, optimizer = _trained_model_and_optimizer()
+    path = _save(tmp_path, 1, model, optimizer)
+    loaded = load_model(path)
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, loaded.state_dict()[name]), name
+
+    fresh_model, _ = _trained_model_and_optimizer(seed=1)
+    fresh_model.load_state_dict(loaded.state_dict())
+    fresh_opt = build_optimizer(fresh_model, micro_train("unused"))
+    ckpt = load_checkpoint(path)
+    state_io.restore(fresh_model, fresh_opt, ckpt.state_tensors, ckpt.state)
+    a, b = optimizer.state_dict(), fresh_opt.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for index, per_param in a["state"].items():
+        for key, value in per_param.items():
+            assert torch.equal(value, b["state"][index][key]), (index, key)
+
+
+def test_keeps_the_newest_n(tmp_path):
+    model, optimizer = _trained_model_and_optimizer()
+    for step in (1, 2, 3, 4):
+        _save(tmp_path, step, model, optimizer, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
+    assert resolve(tmp_path).name == "step_00000004"
+
+
+def test_corrupted_checkpoint_is_detected_and_previous_still_loads(run, tmp_path):
+    import shutil
+
+    run_dir, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir / "checkpoints", copy / "checkpoints")
+    previous, latest = list_checkpoints(copy)[-2:]
+    weights = latest / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-5] ^= 0xFF  # one flipped bit pattern inside tensor data: safetensors alone can't tell
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="model.safetensors fails its sha256 check"):
+        load_model(latest)
+    with pytest.raises(CheckpointError, match="corrupted"):
+        train(MICRO, run[1].replace(steps=9), copy, resume=copy, plots=False)
+    assert isinstance(load_model(previous), Transformer)
+
+
+def test_truncated_checkpoint_is_detected(run, tmp_path):
+    import shutil
+
+    run_dir, _ = run
+    latest = tmp_path / "latest"
+    shutil.copytree(list_checkpoints(run_dir)[-1], latest)
+    state = latest / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="state.safetensors has 100 bytes.*truncated"):
+        load_checkpoint(latest)
+    (latest / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="incomplete: manifest.json is missing"):
+        load_checkpoint(latest)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+_KILLED_SAVE = """
+import sys, time, torch
+sys.path.insert(0, {tests!r})
+from test_checkpoint import _save, _trained_model_and_optimizer
+model, optimizer = _trained_model_and_optimizer()
+_save({run_dir!r}, 1, model, optimizer)
+def hang(name):
+    if name == "model.safetensors":
+        print("writing", flush=True)
+        time.sleep(60)
+optimizer.step()
+_save({run_dir!r}, 2, model, optimizer, hook=hang)
+"""
+
+
+def test_kill_during_save_keeps_the_last_good_checkpoint(tmp_path):
+    script = _KILLED_SAVE.format(tests=os.path.dirname(__file__), run_dir=str(tmp_path))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "writing"  # blocks until mid-save
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001"]
+    leftovers = list((tmp_path / "checkpoints").glob(".step_00000002.tmp-*"))
+    assert leftovers and (leftovers[0] / "model.safetensors").is_file()
+    model = load_model(tmp_path)
+    assert isinstance(model, Transformer)
+    # The next save sweeps the half-written directory away.
+    fresh, optimizer = _trained_model_and_optimizer()
+    _save(tmp_path, 2, fresh, optimizer)
+    assert not list((tmp_path / "checkpoints").glob(".step_*"))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001", "step_00000002"]

@@ -1,0 +1,81 @@
+"""Interrupted-and-resumed training equals uninterrupted training, bitwise, on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from train_common import MICRO, micro_train, write_corpus
+
+from moekit.data.batches import TrainBatches
+from moekit.train import CheckpointError, load_checkpoint, train
+from moekit.train.checkpoint import list_checkpoints
+from moekit.train.metrics import read_metrics
+
+# Router noise draws from the global RNG every step and sigmoid_bias moves a buffer after
+# every step: both must come back exactly from the checkpoint for the runs to agree.
+NOISY = MICRO.replace(moe=MICRO.moe.replace(router="sigmoid_bias", router_noise=0.1))
+_TIMING = ("tokens_per_s",)
+
+
+def _history(run_dir):
+    return [{k: v for k, v in r.items() if k not in _TIMING} for r in read_metrics(run_dir)]
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def test_resumed_run_is_bitwise_equal(corpus, tmp_path, monkeypatch):
+    config = micro_train(corpus)
+    cache = tmp_path / "cache"
+    full = train(NOISY, config, tmp_path / "full", cache_dir=cache, plots=False)
+
+    real_call = TrainBatches.__call__
+
+    def crash_at_step_4(self, step):
+        if step == 4:  # after the step-3 checkpoint, mid-way to the next one
+            raise _Crash
+        return real_call(self, step)
+
+    monkeypatch.setattr(TrainBatches, "__call__", crash_at_step_4)
+    with pytest.raises(_Crash):
+        train(NOISY, config, tmp_path / "cut", cache_dir=cache, plots=False)
+    monkeypatch.setattr(TrainBatches, "__call__", real_call)
+    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step_00000003"]
+    assert max(r["step"] for r in read_metrics(tmp_path / "cut")) == 4
+
+    resumed = train(
+        NOISY, config, tmp_path / "cut", resume=tmp_path / "cut", cache_dir=cache, plots=False
+    )
+    assert resumed.val_loss == full.val_loss
+    a = load_checkpoint(list_checkpoints(tmp_path / "full")[-1])
+    b = load_checkpoint(list_checkpoints(tmp_path / "cut")[-1])
+    assert a.step == b.step == 6
+    assert a.model_state.keys() == b.model_state.keys()
+    for name, t in a.model_state.items():
+        assert torch.equal(t, b.model_state[name]), name
+    assert any("expert_bias" in n and t.abs().sum() > 0 for n, t in a.model_state.items())
+    for name, t in a.state_tensors.items():
+        assert torch.equal(t, b.state_tensors[name]), name
+    assert _history(tmp_path / "full") == _history(tmp_path / "cut")
+
+
+def test_resume_with_a_different_config_names_the_fields(corpus, tmp_path):
+    config = micro_train(corpus, steps=3)
+    train(MICRO, config, tmp_path, plots=False)
+    other = MICRO.replace(moe=MICRO.moe.replace(top_k=3))
+    with pytest.raises(CheckpointError, match=r"model\.moe\.top_k: 2 \(checkpoint\) != 3") as err:
+        train(other, config.replace(lr=1e-3), tmp_path, resume=tmp_path, plots=False)
+    assert "train.lr" in str(err.value)
+
+
+def test_resume_of_a_finished_run_is_an_error(corpus, tmp_path):
+    config = micro_train(corpus, steps=3)
+    train(MICRO, config, tmp_path, plots=False)
+    with pytest.raises(ValueError, match="nothing left"):
+        train(MICRO, config, tmp_path, resume=tmp_path, plots=False)
