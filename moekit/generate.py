@@ -72,6 +72,7 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
     eos_id: int | None = None,
+    padding_mask: Tensor | None = None,
 ) -> Tensor:
     """Continue each prompt row by up to max_new_tokens sampled tokens.
 
@@ -84,6 +85,9 @@ def generate(
             draws from torch's global generator.
         eos_id: a row that samples it keeps emitting it; generation stops early once
             every row has.
+        padding_mask: bool [B, S], True at padding, for prompts of different lengths
+            padded on the left (each row's last prompt token must be real). RoPE scores
+            depend on relative positions only, so a row continues as it would alone.
 
     Returns:
         [B, S + N] ids, the prompt followed by N <= max_new_tokens new tokens.
@@ -98,6 +102,8 @@ def generate(
             f"prompt length {S} + max_new_tokens {max_new_tokens} must be <= max_seq_len "
             f"({model.config.max_seq_len}), got {total}"
         )
+    if padding_mask is not None and bool(padding_mask[:, -1].any()):
+        raise ValueError("padding_mask: pad prompts on the left; the last column must be real")
     generator = None
     if seed is not None:
         generator = torch.Generator(device=prompt_ids.device)
@@ -106,7 +112,7 @@ def generate(
     model.eval()
     try:
         cache = model.new_cache(B, total)
-        logits_BV = model(prompt_ids, cache=cache).logits[:, -1]
+        logits_BV = model(prompt_ids, padding_mask=padding_mask, cache=cache).logits[:, -1]
         done_B = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
         new: list[Tensor] = []
         for step in range(max_new_tokens):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -124,3 +125,26 @@ def test_bad_options(model, kwargs, match) -> None:
     args = {"max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=match):
         generate(model, torch.zeros(1, 4, dtype=torch.long), **args)
+
+
+def test_left_padded_prompts_continue_as_alone(model) -> None:
+    short, long = torch.randint(0, V, (1, 3)), torch.randint(0, V, (1, 6))
+    prompts = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[0, :3] = True
+    out = generate(model, prompts, 5, temperature=0, padding_mask=pad)
+    assert torch.equal(out[0, 3:], generate(model, short, 5, temperature=0)[0])
+    assert torch.equal(out[1], generate(model, long, 5, temperature=0)[0])
+    with pytest.raises(ValueError, match="left"):
+        generate(model, prompts, 5, padding_mask=pad.flip(1))
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_and_seeds_reproduce(model) -> None:
+    prompt = torch.randint(0, V, (2, 5))
+    cpu = copy.deepcopy(model).float()
+    gpu = Transformer(cpu.config).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    assert_close(gpu(prompt.cuda()).logits.cpu(), cpu(prompt).logits, atol=1e-4, rtol=1e-4)
+    a = generate(gpu, prompt.cuda(), 6, seed=3)
+    assert torch.equal(a, generate(gpu, prompt.cuda(), 6, seed=3))

@@ -42,6 +42,7 @@ def _cfg(**changes) -> ModelConfig:
         ({"activation": "relu"}, ValueError, ["activation", "relu"]),
         ({"moe_every": 0}, ValueError, ["moe_every", "0"]),
         ({"first_k_dense": -2}, ValueError, ["first_k_dense", "-2"]),
+        ({"first_k_dense": 4}, ValueError, ["first_k_dense", "4"]),
         ({"dense_layers": (5,)}, ValueError, ["dense_layers", "5"]),
         ({"dense_layers": [0]}, TypeError, ["dense_layers", "[0]"]),
         ({"moe": None}, ValueError, ["dense_d_ff", "None"]),

@@ -118,6 +118,11 @@ class ModelConfig:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         _int("first_k_dense", self.first_k_dense, minimum=0)
+        if self.first_k_dense > self.num_layers:
+            raise ValueError(
+                f"first_k_dense must be <= num_layers ({self.num_layers}), "
+                f"got {self.first_k_dense!r}"
+            )
         _int("moe_every", self.moe_every)
         if not isinstance(self.dense_layers, tuple):
             raise TypeError(f"dense_layers must be a tuple of ints, got {self.dense_layers!r}")
