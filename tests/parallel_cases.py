@@ -142,3 +142,77 @@ def dead_rank_worker(rank: int, world_size: int, die_rank: int) -> dict:
     except Exception as err:  # what a surviving rank sees
         return {"error": f"{type(err).__name__}: {err}", "seconds": time.monotonic() - start}
     return {"error": None, "seconds": time.monotonic() - start}
+
+
+def tiny_train_configs():
+    """A two-layer tiny model (sigmoid-bias router, so the bias update is exercised too) and
+    20 short steps."""
+    from moekit.model import get_preset
+    from moekit.train import TrainConfig
+
+    base = get_preset("tiny")
+    moe = base.moe.replace(router="sigmoid_bias", bias_update_rate=1e-2)
+    model_config = base.replace(num_layers=2, max_seq_len=32, moe=moe)
+    train_config = TrainConfig(
+        steps=20,
+        batch_size=4,
+        seq_len=32,
+        warmup_steps=3,
+        eval_every=20,
+        eval_batches=1,
+        checkpoint_every=0,
+        progress=False,
+        device="cpu",
+    )
+    return model_config, train_config
+
+
+def read_losses(run_dir) -> list[float]:
+    import json
+    from pathlib import Path
+
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    return [r["loss"] for r in records if r.get("kind") == "train"]
+
+
+def train_worker(rank: int, world_size: int, run_dir: str, cache_dir: str, ep: int) -> dict:
+    """20 steps of the tiny model with expert parallel `ep` (and data parallel beside it)."""
+    from moekit.parallel.context import ParallelContext
+    from moekit.train import train
+
+    model_config, train_config = tiny_train_configs()
+    ctx = ParallelContext(expert_parallel=ep)
+    result = train(
+        model_config, train_config, run_dir, parallel=ctx, cache_dir=cache_dir, plots=False
+    )
+    return {"val_loss": result.val_loss, "losses": read_losses(run_dir) if rank == 0 else None}
+
+
+def reshard_worker(rank: int, world_size: int, src: str, dst: str) -> None:
+    """Load checkpoint `src` at expert parallel `world_size`, write it back out as `dst`.
+
+    Uses the train loop's own pieces: checkpoint files, optimizer capture/restore, and
+    the parallel context's gather/slice of model and optimizer state.
+    """
+    from moekit.model import Transformer
+    from moekit.parallel.context import ParallelContext
+    from moekit.train import checkpoint as ckpt_io
+    from moekit.train import state as state_io
+    from moekit.train.optim import build_optimizer
+
+    model_config, train_config = tiny_train_configs()
+    ctx = ParallelContext(expert_parallel=world_size)
+    model = Transformer(model_config)
+    ctx.prepare(model)
+    optimizer = build_optimizer(model, train_config)
+    saved = ckpt_io.load_checkpoint(src)
+    ctx.load_state_dict(model, saved.model_state)
+    tensors = ctx.shard_optimizer_state(model, saved.state_tensors)
+    state_io.restore(model, optimizer, tensors, saved.state)
+    full = ctx.full_state_dict(model)
+    tensors, scalars = state_io.capture(model, optimizer)
+    tensors = ctx.full_optimizer_state(model, tensors)
+    if ctx.is_main:
+        ckpt_io.save_checkpoint(dst, saved.step, full, saved.config, tensors, scalars, keep=1)
+    ctx.barrier()

@@ -130,8 +130,11 @@ def spawn_results(
             if payload is not None:
                 out[rank].value = torch.load(io.BytesIO(payload), weights_only=False)
             pending.discard(rank)
+        # Every rank has reported: leaving the group is all that is left. After a peer
+        # died that can block until the collective timeout, so it gets a short grace only.
+        grace = time.monotonic() + 5.0
         for p in procs:
-            p.join(timeout=max(0.1, deadline - time.monotonic()))
+            p.join(timeout=max(0.1, min(deadline, grace) - time.monotonic()))
     finally:
         for p in procs:
             if p.is_alive():
