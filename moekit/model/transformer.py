@@ -110,6 +110,11 @@ class Transformer(nn.Module):
         """
         B, S = self._check_ids(ids_BS)
         start_pos = 0 if cache is None else cache.pos
+        if start_pos + S > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length must be <= max_seq_len ({self.config.max_seq_len}), "
+                f"got {start_pos + S}"
+            )
         if padding_mask is not None:
             self._check_padding(padding_mask, B, S)
         if cache is not None:
@@ -123,11 +128,6 @@ class Transformer(nn.Module):
             key_padding = cache.key_padding(padding_mask, S)
         else:
             key_padding = padding_mask
-        if start_pos + S > self.config.max_seq_len:
-            raise ValueError(
-                f"sequence length must be <= max_seq_len ({self.config.max_seq_len}), "
-                f"got {start_pos + S}"
-            )
         x_BSD = self.embed(ids_BS)
         outs: list[MoEOutput] = []
         for i, layer in enumerate(self.layers):
