@@ -61,7 +61,13 @@ def inverse(order_A: Tensor) -> Tensor:
 
 def capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
     """Tokens per expert: ceil(cf * T * K / E), the GShard/Switch definition."""
-    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+    exact = capacity_factor * num_tokens * top_k / num_experts
+    # Decimal factors are inexact in binary: 0.07 * 25 * 4 is 7.000000000000001, whose
+    # ceil would be 8. A product within rounding error of an integer is that integer.
+    nearest = round(exact)
+    if abs(exact - nearest) <= 1e-9 * max(1.0, exact):
+        return nearest
+    return math.ceil(exact)
 
 
 def capacity_keep(

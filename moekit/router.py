@@ -11,7 +11,6 @@ margins and make ties common.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
+from moekit.dispatch import capacity
 
 
 @dataclass
@@ -180,7 +180,7 @@ class ExpertChoice(Router):
     def capacity(self, num_tokens: int) -> int:
         cfg = self.config
         factor = 1.0 if cfg.capacity_factor is None else cfg.capacity_factor
-        return min(num_tokens, math.ceil(factor * num_tokens * cfg.top_k / cfg.num_experts))
+        return min(num_tokens, capacity(num_tokens, cfg.top_k, cfg.num_experts, factor))
 
     def forward(self, x_TD: Tensor) -> Routing:
         logits_TE = self.logits(x_TD)
