@@ -12,7 +12,7 @@ import torch
 from torch.testing import assert_close
 
 from moekit import MoE, MoEConfig
-from moekit.dispatch import capacity_keep, inverse, permute, sort_by_expert, unpermute
+from moekit.dispatch import capacity, capacity_keep, inverse, permute, sort_by_expert, unpermute
 
 D = 24
 BASE = dict(d_model=D, d_ff=40, num_experts=5, top_k=3)
@@ -130,6 +130,21 @@ def test_small_capacity_caps_each_expert(router, policy, impl, monkeypatch):
     dropped = (demand - demand.clamp(max=cap)).sum() / (T * K)
     assert dropped > 0
     assert_close(out.dropped_fraction, dropped)
+
+
+@pytest.mark.parametrize(
+    ("T", "K", "E", "cf", "C"),
+    [
+        (17, 3, 5, 0.5, 6),  # 5.1 -> 6
+        (10, 2, 4, 1.0, 5),
+        (25, 4, 1, 0.07, 7),  # 0.07 * 100 is 7.000000000000001 in binary: still 7
+        (50, 8, 2, 0.07, 14),
+        (3, 1, 8, 1.0, 1),
+        (0, 2, 4, 1.25, 0),
+    ],
+)
+def test_capacity_is_ceil_of_cf_t_k_over_e(T, K, E, cf, C):
+    assert capacity(T, K, E, cf) == C
 
 
 def _hand_routing():
