@@ -60,6 +60,8 @@ def roundtrip_mismatch(family: Family, config: ModelConfig) -> list[str]:
         config = config.replace(head_dim=None)
     if config.num_kv_heads == config.num_heads:
         config = config.replace(num_kv_heads=None)
+    if config.moe.shared_d_ff == config.moe.d_ff:
+        config = config.replace(moe=config.moe.replace(shared_d_ff=None))
     diffs = []
     for f in fields(ModelConfig):
         mine, theirs = getattr(config, f.name), getattr(back, f.name)

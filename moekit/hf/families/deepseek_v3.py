@@ -53,7 +53,7 @@ def to_model_config(hf: dict) -> ModelConfig:
         topk_groups=int(hf.get("topk_group") or 1),
         routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
         num_shared_experts=int(hf.get("n_shared_experts") or 0),
-        shared_d_ff=moe_ff,
+        shared_d_ff=None,  # each shared expert is moe_intermediate_size wide, as routed ones
         aux_loss_coef=0.0,
         z_loss_coef=0.0,
     )

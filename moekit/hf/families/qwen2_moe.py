@@ -20,15 +20,17 @@ NAME = "qwen2_moe"
 def to_model_config(hf: dict) -> ModelConfig:
     refuse_sliding_window(hf, NAME)
     fields = common_fields(hf, NAME, default_theta=10000.0)
+    moe_ff = int(require(hf, NAME, "moe_intermediate_size"))
+    shared_ff = int(require(hf, NAME, "shared_expert_intermediate_size"))
     moe = MoEConfig(
         d_model=fields["d_model"],
-        d_ff=int(require(hf, NAME, "moe_intermediate_size")),
+        d_ff=moe_ff,
         num_experts=int(require(hf, NAME, "num_experts")),
         top_k=int(require(hf, NAME, "num_experts_per_tok")),
         router="softmax_topk",
         norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
         num_shared_experts=1,
-        shared_d_ff=int(require(hf, NAME, "shared_expert_intermediate_size")),
+        shared_d_ff=None if shared_ff == moe_ff else shared_ff,
         shared_expert_gate=True,
         aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
         z_loss_coef=0.0,
