@@ -178,3 +178,43 @@ def test_loader_never_imports_transformers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "False"]
+
+
+def test_deepseek_mtp_layers_are_skipped_only_when_declared(tmp_path):
+    moe = MoEConfig(
+        d_model=24,
+        d_ff=12,
+        num_experts=8,
+        top_k=3,
+        router="sigmoid_bias",
+        num_groups=4,
+        topk_groups=2,
+        routed_scaling_factor=2.5,
+        num_shared_experts=1,
+        aux_loss_coef=0.0,  # what a DeepSeek-V3 config reads back as (loss-free balancing)
+        z_loss_coef=0.0,
+    )
+    config = ModelConfig(
+        vocab_size=53,
+        d_model=24,
+        num_layers=2,
+        num_heads=4,
+        moe=moe,
+        max_seq_len=64,
+        first_k_dense=1,
+        dense_d_ff=40,
+        attention="mla",
+        q_lora_rank=16,
+        kv_lora_rank=12,
+        qk_nope_head_dim=6,
+        qk_rope_head_dim=4,
+        v_head_dim=5,
+        rope_interleave=True,
+    )
+    directory = tmp_path / "ds"
+    save_pretrained(Transformer(config), directory)
+    _rewrite(directory, lambda t: t.update({"model.layers.2.eh_proj.weight": torch.zeros(24, 48)}))
+    with pytest.raises(CheckpointError, match=r"unknown tensors[\s\S]*model.layers.2.eh_proj"):
+        moekit.from_pretrained(directory)
+    _edit_config(directory, num_nextn_predict_layers=1)
+    assert moekit.from_pretrained(directory).config == config
