@@ -40,6 +40,8 @@ def analyze_model(
     """
     if not 0 <= dead_threshold <= 1:
         raise ValueError(f"dead_threshold must be in [0, 1], got {dead_threshold!r}")
+    if not batches:
+        raise ValueError("no batches of text to analyse")
     counts = collect_routing(model, batches, domains, progress=progress)
     summaries = [c.summary(i, dead_threshold) for i, c in enumerate(counts)]
     figures = {}
