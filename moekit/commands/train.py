@@ -45,6 +45,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="continue exactly from a checkpoint (default: the run directory's newest)",
     )
     add_config_flags(p, TrainConfig)
+    from moekit.parallel.flags import add_parallel_arguments
+
+    add_parallel_arguments(p)
 
 
 def build_configs(args: argparse.Namespace):
@@ -60,28 +63,52 @@ def build_configs(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from moekit.parallel.flags import context_from_args
+
+    parallel = context_from_args(args)  # None unless started by torchrun
+    try:
+        return _train(args, parallel)
+    finally:
+        if parallel is not None:
+            parallel.close()
+
+
+def _train(args: argparse.Namespace, parallel) -> int:
     from moekit.model import count_parameters
     from moekit.train.loop import train
 
     model_config, train_config = build_configs(args)
     run_dir = Path(args.run_dir or f"runs/{args.preset}")
+    # Under torchrun every rank runs this; one of them reports.
+    say = print if parallel is None or parallel.is_main else (lambda *a, **k: None)
+    if parallel is not None:
+        # Rank 0 tokenizes into the shared cache while the others wait, then all reuse it.
+        from moekit.data.tokenizer import load_tokenizer
+        from moekit.data.tokens import prepare_tokens
+
+        if parallel.is_main:
+            tokenizer = load_tokenizer(train_config.tokenizer)
+            prepare_tokens(
+                train_config.data, tokenizer, run_dir / "cache", train_config.val_fraction
+            )
+        parallel.barrier()
     resume = None
     if args.resume is not None:
         resume = run_dir if args.resume == "latest" else Path(args.resume)
     total, active = count_parameters(model_config)
-    print(
+    say(
         f"training {args.preset}{' (dense twin)' if args.dense_twin else ''}: "
         f"{total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per token; "
         f"{train_config.steps} steps of {train_config.tokens_per_step} tokens -> {run_dir}"
     )
-    result = train(model_config, train_config, run_dir, resume=resume)
-    print(
+    result = train(model_config, train_config, run_dir, resume=resume, parallel=parallel)
+    say(
         f"done: train loss {result.train_loss:.4f}, validation loss {result.val_loss:.4f}, "
         f"{result.tokens_per_s:.0f} tokens/s"
     )
     for name, loss in sorted(result.val_losses_by_domain.items()):
-        print(f"  validation loss on {name}: {loss:.4f}")
-    print(f"metrics: {run_dir / 'metrics.jsonl'}  checkpoints: {run_dir / 'checkpoints'}")
+        say(f"  validation loss on {name}: {loss:.4f}")
+    say(f"metrics: {run_dir / 'metrics.jsonl'}  checkpoints: {run_dir / 'checkpoints'}")
     for path in result.plots:
-        print(f"plot: {path}")
+        say(f"plot: {path}")
     return 0
