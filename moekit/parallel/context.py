@@ -37,8 +37,9 @@ class ParallelContext:
     """What a training loop on several processes needs; it never calls torch.distributed.
 
     Args:
-        expert_parallel: N, ranks per expert-parallel group; None = the whole world.
-            Must divide the world size.
+        expert_parallel: N, ranks per expert-parallel group; None = the whole world,
+            1 = plain data parallelism with every expert on every rank. Must divide
+            the world size.
         backend: "gloo", "nccl" or None (nccl with CUDA, else gloo).
         init_timeout_s: how long to wait for every rank to join.
         timeout_s: how long a collective may block; a dead peer fails the step by then.
@@ -96,7 +97,7 @@ class ParallelContext:
         with torch.no_grad():
             for t in list(model.parameters()) + list(model.buffers()):
                 dist.broadcast(t.data, src=0)
-        if any(isinstance(m, MoE) for m in model.modules()):
+        if self.expert_parallel > 1 and any(isinstance(m, MoE) for m in model.modules()):
             apply_expert_parallel(model, self.ep_group)
         expert_names = expert_parameter_names(model)
         for name, p in model.named_parameters():
