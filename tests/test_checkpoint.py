@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from train_common import MICRO, micro_train, write_corpus
+from train_common import MICRO, micro_train, one_thread, write_corpus  # noqa: F401
 
 from moekit.model import Transformer
 from moekit.train import CheckpointError, load_checkpoint, load_model, train
@@ -125,8 +125,9 @@ _save({run_dir!r}, 2, model, optimizer, hook=hang)
 
 def test_kill_during_save_keeps_the_last_good_checkpoint(tmp_path):
     script = _KILLED_SAVE.format(tests=os.path.dirname(__file__), run_dir=str(tmp_path))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE, text=True, env=env
     )
     try:
         assert proc.stdout.readline().strip() == "writing"  # blocks until mid-save

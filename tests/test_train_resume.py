@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_common import MICRO, micro_train, write_corpus
+from train_common import MICRO, micro_train, one_thread, write_corpus  # noqa: F401
 
 from moekit.data.batches import TrainBatches
 from moekit.train import CheckpointError, load_checkpoint, train

@@ -5,6 +5,9 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
+import pytest
+import torch
+
 from moekit.config import MoEConfig
 from moekit.model import ModelConfig
 from moekit.train import TrainConfig
@@ -64,3 +67,13 @@ def micro_train(data: Path, **changes) -> TrainConfig:
     }
     base.update(changes)
     return TrainConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run on one intra-op thread: the micro models' ops are too small to gain from more,
+    and on a shared machine two spinning OpenMP threads make each step many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,115 @@
+"""The train, sample and compare commands, in-process, on a micro model for a few steps."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from train_common import MICRO_SETS, one_thread, write_corpus  # noqa: F401
+
+from moekit.cli import main
+from moekit.train import load_model
+from moekit.train.metrics import read_metrics
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def _micro_flags(corpus, *extra):
+    sets = [a for s in MICRO_SETS for a in ("--set", s)]
+    flags = ["--steps", "4", "--batch-size", "2", "--seq-len", "16", "--eval-every", "2"]
+    return [*sets, *flags, "--data", str(corpus), "--progress", "false", *extra]
+
+
+def test_train_then_sample(corpus, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", *_micro_flags(corpus, "--run-dir", str(run_dir))]) == 0
+    out = capsys.readouterr().out
+    assert "validation loss" in out and "plot:" in out
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if r["kind"] == "val"] == [2, 4]
+    assert len(records[0]["tokens_per_expert"]) == 2  # one list per MoE layer
+    assert len(records[0]["tokens_per_expert"][0]) == 5
+    for name in ("loss.png", "expert_load.png"):
+        assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((run_dir / "checkpoints" / "step_00000004" / "config.json").read_text())
+    assert config["model"]["moe"]["num_experts"] == 5 and config["train"]["steps"] == 4
+    assert load_model(run_dir).config.d_model == 24
+
+    args = ["sample", str(run_dir), "--prompt", "def ", "--max-new-tokens", "8"]
+    assert main([*args, "--num-samples", "2", "--top-k", "5", "--seed", "3"]) == 0
+    first = capsys.readouterr().out
+    assert first.count("def ") == 2 and "--- sample 1 ---" in first
+    assert main([*args, "--num-samples", "2", "--top-k", "5", "--seed", "3"]) == 0
+    assert capsys.readouterr().out == first  # seeded: reproducible
+
+
+def test_train_resume_flag_continues_the_run(corpus, tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    assert (
+        main(["train", *_micro_flags(corpus, "--run-dir", run_dir, "--checkpoint-every", "2")]) == 0
+    )
+    capsys.readouterr()
+    rc = main(["train", *_micro_flags(corpus, "--run-dir", run_dir, "--resume")])
+    assert rc == 2
+    assert "nothing left of steps=4" in capsys.readouterr().err
+    rc = main(["train", *_micro_flags(corpus, "--run-dir", run_dir, "--lr", "0.1", "--resume")])
+    assert rc == 2
+    assert "train.lr: 0.003 (checkpoint) != 0.1 (now)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "huge"], "unknown preset 'huge'; known presets"),
+        (["--set", "moe.topk=2"], "unknown override key 'moe.topk'; valid keys"),
+        (["--steps", "0"], "steps must be >= 1, got 0"),
+        (["--steps", "-3"], "steps must be >= 1, got -3"),
+        (["--data", "{missing}"], "data path not found"),
+        (["--data", "{empty}"], "contains no text"),
+        (["--seq-len", "64"], "seq_len \\(64\\) must be <= the model's max_seq_len \\(32\\)"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(args, message, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    args = [a.format(missing=tmp_path / "nope.txt", empty=tmp_path / "empty.txt") for a in args]
+    base = [a for s in ["d_model=24", "max_seq_len=32"] for a in ("--set", s)]
+    common = ["--seq-len", "16", "--run-dir", str(tmp_path / "run"), "--progress", "false"]
+    rc = main(["train", *base, *common, *args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("moekit train: error:") and err.count("\n") == 1
+    assert re.search(message, err), err
+
+
+def test_corpus_shorter_than_the_context_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "short.txt").write_text("x = 1\n" * 4)
+    flags = [a for s in MICRO_SETS for a in ("--set", s)]
+    rc = main(["train", *flags, "--data", str(tmp_path / "short.txt"), "--seq-len", "16",
+               "--run-dir", str(tmp_path / "run"), "--progress", "false"])  # fmt: skip
+    assert rc == 2
+    assert "shorter than the context" in capsys.readouterr().err
+
+
+def test_compare_trains_both_and_reports(corpus, tmp_path, capsys):
+    out_dir = tmp_path / "cmp"
+    assert main(["compare", *_micro_flags(corpus, "--out-dir", str(out_dir))]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["model", "val", "loss"]
+    assert lines[1].split()[0] == "moe" and lines[2].split()[0] == "dense"
+    summary = json.loads((out_dir / "compare.json").read_text())
+    moe, dense = summary["rows"]
+    # Equal FFN FLOPs per token; the MoE pays only for its router (2 * D * E per layer).
+    router_flops = 3 * 2 * 24 * 5 * 2 * (2 * 16) * 4
+    assert moe["train_flops"] - dense["train_flops"] == pytest.approx(router_flops)
+    assert moe["active_params"] < moe["total_params"]
+    assert dense["active_params"] == dense["total_params"]
+    assert (out_dir / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(summary["curves"]["moe"][0]) == 2  # validation at steps 2 and 4
+    # Same tokens, same seed: the two runs read one token cache.
+    assert len(list((out_dir / "cache").iterdir())) == 1

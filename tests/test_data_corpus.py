@@ -1,0 +1,85 @@
+"""The embedded corpus and user sources: real text, two labelled domains, stable splits."""
+
+from __future__ import annotations
+
+import pytest
+
+from moekit.data import sources
+from moekit.data.corpus import embedded_corpus, stable_fraction
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return embedded_corpus(code_bytes=300_000)
+
+
+def test_embedded_corpus_has_code_and_prose(corpus):
+    by_domain = {}
+    for doc in corpus:
+        by_domain.setdefault(doc.domain, []).append(doc)
+    assert set(by_domain) == {"code", "prose"}
+    code_bytes = sum(len(d.text.encode()) for d in by_domain["code"])
+    assert 300_000 <= code_bytes < 300_000 + 128 * 1024
+    assert all(d.name.startswith("code/") and d.name.endswith(".py") for d in by_domain["code"])
+    assert any("def " in d.text for d in by_domain["code"])
+    # Prose is the language reference: English sentences, not source code.
+    prose = " ".join(d.text for d in by_domain["prose"])
+    assert prose.count(" the ") > 1000
+    assert "prose/if" in {d.name for d in by_domain["prose"]}
+    assert len({d.name for d in corpus}) == len(corpus)
+
+
+def test_embedded_corpus_is_deterministic(corpus):
+    again = embedded_corpus(code_bytes=300_000)
+    assert [(d.name, d.text) for d in again] == [(d.name, d.text) for d in corpus]
+
+
+def test_stable_fraction_is_a_fixed_hash():
+    # sha1-based, so it never changes between processes (Python's hash() is salted).
+    assert stable_fraction("prose/if") == pytest.approx(0.642331198, abs=1e-9)
+    values = [stable_fraction(f"doc{i}") for i in range(2000)]
+    assert all(0 <= v < 1 for v in values)
+    assert 0.45 < sum(v < 0.5 for v in values) / len(values) < 0.55
+
+
+def test_missing_stdlib_gives_a_clear_error(tmp_path, monkeypatch):
+    from moekit.data import corpus as corpus_mod
+
+    monkeypatch.setattr(corpus_mod, "stdlib_root", lambda: tmp_path)
+    with pytest.raises(FileNotFoundError, match="standard library sources.*--data"):
+        embedded_corpus()
+
+
+def test_file_and_directory_sources(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha\n" * 3)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("beta\n")
+    (tmp_path / ".hidden").write_text("never read")
+    docs = list(sources.iter_documents(str(tmp_path)))
+    assert [(d.name, d.domain, d.text) for d in docs] == [
+        ("a.txt#0", "text", "alpha\n" * 3),
+        ("sub/b.md#0", "text", "beta\n"),
+    ]
+    single = list(sources.iter_documents(str(tmp_path / "a.txt")))
+    assert [d.name for d in single] == ["a.txt#0"]
+
+
+def test_large_files_are_read_in_blocks_cut_at_line_ends(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "BLOCK_CHARS", 10)
+    text = "".join(f"line {i}\n" for i in range(20))
+    (tmp_path / "big.txt").write_text(text)
+    docs = list(sources.iter_documents(str(tmp_path / "big.txt")))
+    assert len(docs) > 5
+    assert "".join(d.text for d in docs) == text
+    assert all(d.text.endswith("\n") for d in docs)
+
+
+def test_bad_sources_raise_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data path not found"):
+        list(sources.iter_documents(str(tmp_path / "missing.txt")))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="contains no text"):
+        list(sources.iter_documents(str(tmp_path / "empty.txt")))
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ValueError, match="contains no files"):
+        list(sources.iter_documents(str(tmp_path / "d")))

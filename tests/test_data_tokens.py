@@ -1,0 +1,122 @@
+"""Token files and batches: exact tokens on disk, stable splits, deterministic windows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit.data import ByteTokenizer, TrainBatches, prepare_tokens, val_batches
+from moekit.data.batches import step_seed
+from moekit.data.corpus import stable_fraction
+from moekit.data.tokenizer import HFTokenizer, load_tokenizer, token_dtype
+
+TOK = ByteTokenizer()
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    root = tmp_path / "text"
+    root.mkdir()
+    for i in range(12):
+        (root / f"doc{i:02d}.txt").write_text(f"document {i}: " + "héllo wörld " * (5 + i))
+    return root
+
+
+def _expected(root, split, val_fraction):
+    parts = []
+    for path in sorted(root.iterdir()):
+        is_val = stable_fraction(f"{path.name}#0") < val_fraction
+        if is_val == (split == "val"):
+            parts.append(path.read_text())
+    return "".join(parts)
+
+
+def test_token_files_hold_exactly_the_documents_of_each_split(corpus, tmp_path):
+    splits = prepare_tokens(str(corpus), TOK, tmp_path / "cache", 0.3)
+    for split in ("train", "val"):
+        s = splits[split]
+        assert s.dtype == torch.uint8 and s.num_tokens > 0
+        assert TOK.decode(s.tokens().tolist()) == _expected(corpus, split, 0.3)
+        assert s.domains == (("text", 0, s.num_tokens),)
+
+
+def test_cache_is_reused_and_invalidated_by_changes(corpus, tmp_path):
+    cache = tmp_path / "cache"
+    first = prepare_tokens(str(corpus), TOK, cache, 0.3)["train"]
+    mtime = first.path.stat().st_mtime_ns
+    again = prepare_tokens(str(corpus), TOK, cache, 0.3)["train"]
+    assert again.path == first.path and again.path.stat().st_mtime_ns == mtime
+    (corpus / "doc00.txt").write_text("changed text, changed size")
+    changed = prepare_tokens(str(corpus), TOK, cache, 0.3)["train"]
+    assert changed.path != first.path
+
+
+def test_single_small_file_is_split_by_position(tmp_path):
+    text = "".join(f"line {i}\n" for i in range(100))
+    (tmp_path / "one.txt").write_text(text)
+    splits = prepare_tokens(str(tmp_path / "one.txt"), TOK, tmp_path / "cache", 0.1)
+    train, val = (TOK.decode(splits[s].tokens().tolist()) for s in ("train", "val"))
+    assert train + val == text
+    assert len(val) == round(len(text) * 0.1)
+
+
+def test_hf_tokenizer_writes_uint16_tokens(corpus, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    model = tokenizers.models.WordLevel(
+        {f"w{i}": i for i in range(300)} | {"[UNK]": 300}, unk_token="[UNK]"
+    )
+    tok = tokenizers.Tokenizer(model)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "a.txt").write_text("w1 w299 w5 nope " * 50)
+    hf = load_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert isinstance(hf, HFTokenizer) and hf.vocab_size == 301
+    splits = prepare_tokens(str(tmp_path / "t"), hf, tmp_path / "cache", 0.2)
+    assert splits["train"].dtype == torch.uint16
+    ids = torch.cat([splits["train"].tokens(), splits["val"].tokens()]).long()
+    assert ids[:4].tolist() == [1, 299, 5, 300]
+    assert token_dtype(256) == torch.uint8 and token_dtype(70_000) == torch.uint32
+    with pytest.raises(FileNotFoundError, match="tokenizer file not found"):
+        load_tokenizer(str(tmp_path / "missing.json"))
+
+
+def test_train_batches_are_a_function_of_seed_and_step(corpus, tmp_path):
+    split = prepare_tokens(str(corpus), TOK, tmp_path / "cache", 0.3)["train"]
+    tokens = split.tokens().long()
+    a = TrainBatches(split, seq_len=9, batch_size=5, seed=3)
+    b = TrainBatches(split, seq_len=9, batch_size=5, seed=3)
+    x, y = a(7)
+    assert x.shape == (5, 9) and x.dtype == torch.long
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    for row_x, row_y in zip(x, y, strict=True):  # each row is a real window of the file
+        starts = [o for o in range(tokens.numel() - 9) if torch.equal(tokens[o : o + 9], row_x)]
+        assert any(tokens[o + 9] == row_y[-1] for o in starts)
+    assert torch.equal(b(7)[0], x)  # a fresh sampler at the same step: resume needs no state
+    assert not torch.equal(a(8)[0], x)
+    assert not torch.equal(TrainBatches(split, 9, 5, seed=4)(7)[0], x)
+    assert step_seed(0, 1) != step_seed(1, 0)
+
+
+def test_validation_windows_are_fixed_and_respect_domains(tmp_path):
+    from moekit.data.tokens import TokenSplit
+
+    data = bytes(range(60)) + bytes(range(100, 140))
+    path = tmp_path / "v.bin"
+    path.write_bytes(data)
+    split = TokenSplit(path, torch.uint8, 100, (("code", 0, 60), ("prose", 60, 100)))
+    prose = val_batches(split, seq_len=7, batch_size=4, num_batches=2, domain="prose")
+    rows = torch.cat([torch.cat([x, y[:, -1:]], dim=1) for x, y in prose])
+    assert rows.shape == (8, 8)
+    assert bool((rows >= 100).all())  # never reaches into the code range
+    assert val_batches(split, 7, 4, 2, domain="prose")[0][0].equal(prose[0][0])
+    assert val_batches(split, 7, 4, 2, domain="none") == []
+    everything = val_batches(split, 7, 4, 2)
+    assert len(everything) == 2
+
+
+def test_corpus_shorter_than_the_context_is_an_error(tmp_path):
+    (tmp_path / "short.txt").write_text("tiny text\n" * 3)
+    splits = prepare_tokens(str(tmp_path / "short.txt"), TOK, tmp_path / "cache", 0.1)
+    with pytest.raises(ValueError, match=r"train split has 27 tokens.*seq_len \+ 1 = 65"):
+        TrainBatches(splits["train"], seq_len=64, batch_size=2, seed=0)
