@@ -86,16 +86,18 @@ def plot_load(summaries: list[LayerSummary], path: str | Path, title: str = "") 
     im = ax.imshow(
         rel, cmap="coolwarm", norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=top), aspect="auto"
     )
-    _annotate(
-        ax,
-        rel,
-        ".2f",
-        float("inf"),
-        skip={(i, e) for i, s in enumerate(summaries) for e in s.dead_experts},
-    )
-    for i, s in enumerate(summaries):
-        for e in s.dead_experts:
-            ax.text(e, i, "dead", ha="center", va="center", fontsize=7, weight="bold")
+    dead = {(i, e) for i, s in enumerate(summaries) for e in s.dead_experts}
+    if L <= _ANNOTATE_MAX and E <= _ANNOTATE_MAX:
+        for i in range(L):
+            for e in range(E):
+                v = rel[i][e]
+                # coolwarm is dark at both ends: white text there, black near the centre.
+                colour = "white" if v < 0.35 or v > 1 + 0.7 * (top - 1) else "black"
+                text = "dead" if (i, e) in dead else f"{v:.2f}"
+                weight = "bold" if (i, e) in dead else "normal"
+                ax.text(
+                    e, i, text, ha="center", va="center", fontsize=7, color=colour, weight=weight
+                )
     _expert_ticks(ax, E)
     ax.set_yticks(range(L))
     ax.set_yticklabels([f"MoE {s.layer}" for s in summaries])
