@@ -28,7 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out",
         default=None,
-        help="directory for the figures and routing.json (default: CHECKPOINT/analysis)",
+        help="directory for the figures and routing.json (default: RUN_DIR/analysis for a "
+        "training run's checkpoint, else CHECKPOINT/analysis)",
     )
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: training)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
@@ -40,7 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="an expert is dead below this fraction of its fair share (1/E) of assignments",
     )
     p.add_argument(
-        "--cache-dir", default=None, help="token cache (default: ~/.cache/moekit/tokens)"
+        "--cache-dir",
+        default=None,
+        help="token cache (default: the training run's cache, else OUT/cache)",
     )
     p.add_argument(
         "--tokenizer",
