@@ -9,6 +9,7 @@ full MoE layer and global batch on every process from a seed; a rank takes batch
 
 from __future__ import annotations
 
+import atexit
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,23 @@ import torch
 import torch.distributed as dist
 
 from moekit import MoE, MoEConfig
+from moekit.parallel.pool import WorkerPool
+
+_POOLS: dict[int, WorkerPool] = {}
+
+
+def pool(world_size: int) -> WorkerPool:
+    """A standing gloo world of this size, shared by the tests (started once per session)."""
+    found = _POOLS.get(world_size)
+    if found is None or not found.alive:
+        found = _POOLS[world_size] = WorkerPool(world_size, collective_timeout_s=60)
+    return found
+
+
+@atexit.register
+def _close_pools() -> None:
+    for p in _POOLS.values():
+        p.close()
 
 
 @dataclass(frozen=True)

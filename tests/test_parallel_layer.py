@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parallel_cases import LayerCase, layer_worker, single_process_reference
-
-from moekit.parallel.spawn import spawn
+from parallel_cases import LayerCase, layer_worker, pool, single_process_reference
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(150)]
 
@@ -88,7 +86,7 @@ def _check(case: LayerCase, ranks: list[dict], world_size: int) -> None:
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_expert_parallel_equals_single_process(world_size: int) -> None:
-    ranks = spawn(layer_worker, world_size, CASES, timeout_s=120)
+    ranks = pool(world_size).run(layer_worker, CASES, timeout_s=120)
     for i, case in enumerate(CASES):
         per_rank = [ranks[r][i] for r in range(world_size)]
         _check(case, per_rank, world_size)

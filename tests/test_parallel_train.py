@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parallel_cases import read_losses, reshard_worker, tiny_train_configs, train_worker
+from parallel_cases import pool, read_losses, reshard_worker, tiny_train_configs, train_worker
 
-from moekit.parallel.spawn import spawn
 from moekit.train import checkpoint as ckpt_io
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
@@ -27,7 +26,7 @@ def runs(tmp_path_factory):
     single = train(
         model_config, train_config, root / "single", cache_dir=root / "cache", plots=False
     )
-    ranks = spawn(train_worker, 2, str(root / "ep2"), str(root / "cache"), 2, timeout_s=200)
+    ranks = pool(2).run(train_worker, str(root / "ep2"), str(root / "cache"), 2, timeout_s=200)
     return root, single, ranks
 
 
@@ -80,9 +79,9 @@ def test_checkpoint_reshards_2_to_1_to_4_to_2(runs, tmp_path) -> None:
 
     # 1 -> 4 -> 2: each world slices on load and gathers on save.
     src = ckpt_io.resolve(tmp_path / "one")
-    spawn(reshard_worker, 4, str(src), str(tmp_path / "four"), timeout_s=120)
+    pool(4).run(reshard_worker, str(src), str(tmp_path / "four"), timeout_s=120)
     from_4 = ckpt_io.load_checkpoint(ckpt_io.resolve(tmp_path / "four"))
     _assert_bitwise(from_4, from_2)
     src = ckpt_io.resolve(tmp_path / "four")
-    spawn(reshard_worker, 2, str(src), str(tmp_path / "two"), timeout_s=120)
+    pool(2).run(reshard_worker, str(src), str(tmp_path / "two"), timeout_s=120)
     _assert_bitwise(ckpt_io.load_checkpoint(ckpt_io.resolve(tmp_path / "two")), from_2)

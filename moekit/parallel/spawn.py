@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moekit.parallel.pool import _dumps
+
 
 @dataclass
 class RankResult:
@@ -34,14 +36,6 @@ class RankResult:
     error: str | None = None
     exitcode: int | None = None
     reported: bool = False
-
-
-def _dumps(value: Any) -> bytes:
-    # Through torch.save: tensors travel by value, no shared-memory handles that die
-    # with the child.
-    buf = io.BytesIO()
-    torch.save(value, buf)
-    return buf.getvalue()
 
 
 def _worker(fn, rank, world_size, port, results, args, backend, timeout_s, threads):
