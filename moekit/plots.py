@@ -35,11 +35,16 @@ def plot_losses(records: list[dict], path: str | Path) -> Path:
         ax.plot(steps, _ema(losses, 0.9), color="tab:blue", label="train (EMA 0.9)")
     val = [r for r in records if r.get("kind") == "val"]
     keys = sorted({k for r in val for k in r if k.startswith("val_loss")})
+    domain_colors = iter(["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"] * 9)
     for key in keys:
         pts = [(r["step"], r[key]) for r in val if key in r]
         label = "validation" if key == "val_loss" else f"validation: {key[len('val_loss_') :]}"
-        style = "-o" if key == "val_loss" else "--."
-        ax.plot(*zip(*pts, strict=True), style, ms=3, label=label)
+        style = (
+            {"color": "black", "ls": "-"}
+            if key == "val_loss"
+            else {"ls": "--", "color": next(domain_colors)}
+        )
+        ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=label, **style)
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="Loss")
     ax.grid(alpha=0.3)
     ax.legend()

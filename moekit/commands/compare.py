@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from moekit.commands.train import add_model_arguments
+    from moekit.commands.train import add_model_arguments, add_threads_argument
     from moekit.train.config import TrainConfig
     from moekit.train.overrides import add_config_flags
 
@@ -22,13 +22,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out-dir", default=None, help="output directory (default: runs/compare-<preset>)"
     )
+    add_threads_argument(p)
     add_config_flags(p, TrainConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    from moekit.commands.train import build_configs
+    from moekit.commands.train import apply_threads, build_configs
     from moekit.train.compare import compare, format_table
 
+    apply_threads(args)
     model_config, train_config = build_configs(args)
     out_dir = Path(args.out_dir or f"runs/compare-{args.preset}")
     rows, plot = compare(model_config, train_config, out_dir)

@@ -26,6 +26,29 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_threads_argument(p: argparse.ArgumentParser, default: int | None = None) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=default,
+        help="torch intra-op threads (default: "
+        + ("torch's choice" if default is None else str(default))
+        + "); 1 is fastest for small models on a busy machine",
+    )
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's intra-op thread count from --threads (when given)."""
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from moekit.train.config import TrainConfig
     from moekit.train.overrides import add_config_flags
@@ -44,6 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="CHECKPOINT",
         help="continue exactly from a checkpoint (default: the run directory's newest)",
     )
+    add_threads_argument(p)
     add_config_flags(p, TrainConfig)
     from moekit.parallel.flags import add_parallel_arguments
 
@@ -77,6 +101,7 @@ def _train(args: argparse.Namespace, parallel) -> int:
     from moekit.model import count_parameters
     from moekit.train.loop import train
 
+    apply_threads(args)
     model_config, train_config = build_configs(args)
     run_dir = Path(args.run_dir or f"runs/{args.preset}")
     # Under torchrun every rank runs this; one of them reports.

@@ -64,8 +64,8 @@ class TrainConfig:
     """Share of documents held out for validation (by a stable hash of their names)."""
     eval_every: int = 50
     """Validation loss every this many steps (and at the end)."""
-    eval_batches: int = 4
-    """Batches of fixed validation windows per evaluation."""
+    eval_batches: int = 8
+    """Batches of fixed validation windows per evaluation (and per domain)."""
     checkpoint_every: int = 100
     """Save a checkpoint every this many steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 2
