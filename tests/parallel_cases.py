@@ -234,3 +234,27 @@ def reshard_worker(rank: int, world_size: int, src: str, dst: str) -> None:
     if ctx.is_main:
         ckpt_io.save_checkpoint(dst, saved.step, full, saved.config, tensors, scalars, keep=1)
     ctx.barrier()
+
+
+def errors_worker(rank: int, world_size: int) -> dict:
+    """The messages of the misuses apply_expert_parallel and ParallelContext refuse."""
+    from torch import nn
+
+    from moekit.parallel import apply_expert_parallel
+    from moekit.parallel.context import ParallelContext
+
+    def message(fn) -> str:
+        try:
+            fn()
+        except (ValueError, TypeError) as err:
+            return f"{type(err).__name__}: {err}"
+        return "no error"
+
+    odd = MoEConfig(d_model=8, d_ff=8, num_experts=world_size + 1, top_k=1)
+    twice = apply_expert_parallel(MoE(odd.replace(num_experts=world_size)))
+    return {
+        "indivisible": message(lambda: apply_expert_parallel(MoE(odd))),
+        "twice": message(lambda: apply_expert_parallel(twice)),
+        "no_moe": message(lambda: apply_expert_parallel(nn.Linear(2, 2))),
+        "bad_ep": message(lambda: ParallelContext(expert_parallel=world_size + 1)),
+    }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parallel_cases import LayerCase, layer_worker, pool, single_process_reference
+from parallel_cases import LayerCase, errors_worker, layer_worker, pool, single_process_reference
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(150)]
 
@@ -106,3 +106,12 @@ def test_cases_exercise_the_edge_cases() -> None:
             assert others == 0 and out.tokens_per_expert[case.hot_expert] > 0, case.name
         if case.empty_last_rank:
             assert mask[-1:].all(), case.name
+
+
+def test_misuse_is_refused_with_the_value() -> None:
+    messages = pool(2).run(errors_worker, timeout_s=60)[0]
+    assert "ValueError" in messages["indivisible"] and "(3)" in messages["indivisible"]
+    assert "group size 2" in messages["indivisible"]
+    assert "already expert-parallel" in messages["twice"]
+    assert "no MoE layer" in messages["no_moe"] and "Linear" in messages["no_moe"]
+    assert "ValueError" in messages["bad_ep"] and "got 3" in messages["bad_ep"]

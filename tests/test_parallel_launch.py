@@ -1,0 +1,73 @@
+"""Launching: environment parsing, CLI flags, the hard time limit, and torchrun end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moekit import cli
+from moekit.parallel.pool import WorkerPool
+from moekit.parallel.process_group import read_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_read_env_defaults_to_loopback_and_validates() -> None:
+    assert read_env({}) is None
+    env = read_env({"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "1234"})
+    assert (env.rank, env.world_size, env.local_rank) == (1, 2, 1)
+    assert env.master_addr == "127.0.0.1" and not env.agent_store
+    with pytest.raises(ValueError, match="RANK must be in \\[0, 2\\), got 2"):
+        read_env({"RANK": "2", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="WORLD_SIZE must be an int, got 'two'"):
+        read_env({"RANK": "0", "WORLD_SIZE": "two"})
+
+
+def test_expert_parallel_without_torchrun_is_a_clear_error(capsys, monkeypatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert cli.main(["train", "--expert-parallel", "2", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--expert-parallel 2 needs 2 processes" in err and "torchrun" in err
+
+
+def sleeper(rank: int, world_size: int, seconds: float) -> None:
+    time.sleep(seconds)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(60)
+def test_a_hanging_task_is_killed_at_its_time_limit() -> None:
+    pool = WorkerPool(1)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="sleeper on 1 processes did not finish within 2 s"):
+        pool.run(sleeper, 600.0, timeout_s=2)
+    assert not pool.alive
+    assert time.monotonic() - start < 40  # start-up (one torch import) plus the 2 s limit
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_torchrun_trains_with_expert_parallel(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    cmd = [
+        *(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"),
+        "--standalone",
+        *("-m", "moekit", "train", "--expert-parallel", "2", "--dist-timeout", "60"),
+        *("--preset", "tiny", "--set", "num_layers=1", "--steps", "2", "--batch-size", "2"),
+        *("--seq-len", "16", "--eval-batches", "1", "--progress", "false"),
+        *("--run-dir", str(run_dir)),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("done: train loss") == 1  # one rank reports
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
+    saved = sorted((run_dir / "checkpoints").iterdir())
+    assert saved and (saved[-1] / "model.safetensors").is_file()
