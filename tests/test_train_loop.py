@@ -1,0 +1,70 @@
+"""The training loop against hand-computed references: first loss, bias update, accumulation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from train_common import MICRO, micro_train, one_thread, write_corpus  # noqa: F401
+
+from moekit.data import ByteTokenizer, TrainBatches, prepare_tokens
+from moekit.model import Transformer
+from moekit.train import load_checkpoint, train
+from moekit.train.checkpoint import list_checkpoints
+from moekit.train.metrics import read_metrics
+from moekit.train.optim import lr_at
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def test_first_logged_loss_is_the_initial_model_on_the_step_0_batch(corpus, tmp_path):
+    config = micro_train(corpus, steps=2, grad_accum=1, checkpoint_every=0)
+    train(MICRO, config, tmp_path, plots=False)
+    records = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
+
+    torch.manual_seed(config.seed)
+    model = Transformer(MICRO)
+    split = prepare_tokens(str(corpus), ByteTokenizer(), tmp_path / "cache", config.val_fraction)
+    x, y = TrainBatches(split["train"], config.seq_len, config.batch_size, config.seed)(0)
+    out = model(x)
+    ce = F.cross_entropy(out.logits.reshape(-1, 256), y.reshape(-1))
+    assert records[0]["loss"] == pytest.approx(ce.item(), rel=1e-6)
+    assert records[0]["aux_loss"] == pytest.approx(out.aux_loss.item(), rel=1e-6)
+    assert [r["lr"] for r in records] == pytest.approx([lr_at(s, config) for s in range(2)])
+    loads = [o.tokens_per_expert.tolist() for o in out.moe]
+    assert records[0]["tokens_per_expert"] == loads
+    assert records[0]["imbalance"] == pytest.approx(max(max(t) / (sum(t) / 5) for t in loads))
+
+
+def test_bias_update_uses_the_load_summed_over_micro_batches(corpus, tmp_path):
+    cfg = MICRO.replace(moe=MICRO.moe.replace(router="sigmoid_bias", bias_update_rate=0.25))
+    config = micro_train(corpus, steps=1, grad_accum=2)
+    train(cfg, config, tmp_path, plots=False)
+    (record,) = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
+    state = load_checkpoint(list_checkpoints(tmp_path)[-1]).model_state
+    for layer, load in enumerate(record["tokens_per_expert"]):
+        load = torch.tensor(load)
+        assert load.sum() == config.batch_size * config.seq_len * cfg.moe.top_k
+        expected = 0.25 * torch.sign(load.mean() - load)
+        bias = state[f"layers.{layer}.ffn.router.expert_bias"]
+        torch.testing.assert_close(bias, expected, rtol=0, atol=0)
+
+
+def test_gradient_accumulation_matches_one_big_batch(corpus, tmp_path):
+    # Without balancing losses (computed per micro-batch, so not additive) the mean of the
+    # micro-batch losses is the full-batch loss: the updates agree to rounding.
+    cfg = MICRO.replace(moe=MICRO.moe.replace(aux_loss_coef=0.0, z_loss_coef=0.0))
+    states = []
+    for accum in (1, 4):
+        run_dir = tmp_path / f"accum{accum}"
+        train(cfg, micro_train(corpus, steps=2, grad_accum=accum), run_dir, plots=False)
+        states.append(load_checkpoint(list_checkpoints(run_dir)[-1]).model_state)
+    for name, t in states[0].items():
+        torch.testing.assert_close(states[1][name], t, rtol=1e-4, atol=1e-6, msg=name)
+    torch.manual_seed(0)
+    init = Transformer(cfg).state_dict()
+    moved = [n for n, t in states[0].items() if (t - init[n]).abs().max() > 1e-4]
+    assert len(moved) > len(init) // 2  # two steps really moved the weights
