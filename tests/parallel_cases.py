@@ -258,3 +258,26 @@ def errors_worker(rank: int, world_size: int) -> dict:
         "no_moe": message(lambda: apply_expert_parallel(nn.Linear(2, 2))),
         "bad_ep": message(lambda: ParallelContext(expert_parallel=world_size + 1)),
     }
+
+
+def hung_rank_worker(rank: int, world_size: int, timeout_s: float) -> dict:
+    """Rank 1 stalls (alive, silent) past the group's collective timeout mid-step."""
+    import datetime
+
+    from moekit.parallel import apply_expert_parallel
+
+    group = dist.new_group(list(range(world_size)), timeout=datetime.timedelta(seconds=timeout_s))
+    cfg = MoEConfig(d_model=8, d_ff=12, num_experts=2 * world_size, top_k=2)
+    torch.manual_seed(0)
+    moe = apply_expert_parallel(MoE(cfg), group)
+    x = torch.randn(6, cfg.d_model)
+    moe(x)  # one healthy step
+    if rank == 1:
+        time.sleep(timeout_s + 2.0)
+        return {"error": None, "seconds": 0.0}
+    start = time.monotonic()
+    try:
+        moe(x)
+    except Exception as err:  # what the waiting rank sees
+        return {"error": f"{type(err).__name__}: {err}", "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}

@@ -1,9 +1,9 @@
-"""A rank that dies mid-step turns into an error on the others within the timeout, not a hang."""
+"""A rank that dies or stalls mid-step turns into an error on the others in bounded time."""
 
 from __future__ import annotations
 
 import pytest
-from parallel_cases import dead_rank_worker
+from parallel_cases import dead_rank_worker, hung_rank_worker, pool
 
 from moekit.parallel.spawn import spawn_results
 
@@ -22,3 +22,10 @@ def test_dead_rank_fails_the_others_in_bounded_time() -> None:
         assert r.reported and r.error is None, r.error
         assert r.value["error"] is not None, f"rank {r.rank} ran on without its peer"
         assert r.value["seconds"] < COLLECTIVE_TIMEOUT_S + 5, r.value
+
+
+def test_stalled_rank_times_out_the_others() -> None:
+    timeout_s = 3.0
+    waiting, _ = pool(2).run(hung_rank_worker, timeout_s, timeout_s=60)
+    assert waiting["error"] is not None, "the step finished without its peer"
+    assert timeout_s - 0.5 < waiting["seconds"] < timeout_s + 5, waiting
