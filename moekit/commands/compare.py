@@ -38,9 +38,10 @@ def run(args: argparse.Namespace) -> int:
     moe, dense = rows
     verdict = "lower" if moe.val_loss < dense.val_loss else "higher (or equal)"
     print(
-        f"MoE validation loss is {verdict} than the dense twin's at equal training FLOPs "
-        f"({moe.val_loss:.4f} vs {dense.val_loss:.4f}); MoE throughput is "
-        f"{moe.tokens_per_s / dense.tokens_per_s:.2f}x the dense twin's"
+        f"MoE validation loss is {verdict} than the dense twin's at (nearly) equal training "
+        f"FLOPs: {moe.val_loss:.4f} vs {dense.val_loss:.4f}. MoE tokens/s is "
+        f"{moe.tokens_per_s / dense.tokens_per_s:.2f}x the dense twin's (runs one after the "
+        "other; benchmarks/bench_train.py interleaves them for a fairer ratio)"
     )
     print(f"plot: {plot}\ntable: {out_dir / 'compare.json'}")
     return 0
