@@ -83,3 +83,18 @@ def test_bad_sources_raise_clear_errors(tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(ValueError, match="contains no files"):
         list(sources.iter_documents(str(tmp_path / "d")))
+
+
+def test_hf_dataset_without_the_datasets_package_says_how_to_install(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError("No module named 'datasets'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(ImportError, match="hf:someone/corpus needs the `datasets` package"):
+        list(sources.iter_documents("hf:someone/corpus"))
