@@ -4,12 +4,14 @@ Shapes: N rows (tokens grouped by expert), D model dim, F expert hidden dim, E e
 Stacked layout: w_gate_EDF, w_up_EDF [E, D, F] and w_down_EFD [E, F, D], so x @ w needs
 no transpose and one expert's slice is contiguous.
 
-Two ways to run rows already grouped by expert:
+Three ways to run the experts:
 - `forward_expert(e, x)`: one expert, the readable truth the reference path loops over;
 - `forward_grouped(x, counts)`: all experts at once. On CUDA with fp32/bf16/fp16 it uses
-  torch's grouped GEMM; elsewhere (CPU, float64) a loop of plain matmuls over
-  `unbind`-ed weight slices, which on CPU measures as fast as grouped_mm and, unlike
-  indexing `w[e]`, gives the weight gradient in one stack instead of E full-size zeros.
+  torch's grouped GEMM; elsewhere (CPU, float64) a loop of plain matmuls inside one
+  autograd Function (moekit.fused_experts), which on CPU measures as fast as grouped_mm's
+  forward and keeps less for backward than autograd would;
+- `forward_combined(x, rows, weights, counts)`: the same loop with the gather from token
+  rows and the weighted combine back into them folded in, the local fast path off CUDA.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
+from moekit.fused_experts import fused_experts
 
 
 def _act(activation: str, gate: Tensor | None, up: Tensor) -> Tensor:
@@ -70,20 +73,29 @@ class ExpertBank(nn.Module):
             up = F.grouped_mm(x_ND, self.w_up_EDF.to(x_ND.dtype), offs=offs)
             h = _act(self.activation, gate, up)
             return F.grouped_mm(h, self.w_down_EFD.to(x_ND.dtype), offs=offs)
-        counts = counts_E.tolist()
-        xs = x_ND.split(counts)
-        gates = self.w_gate_EDF.unbind(0) if self.w_gate_EDF is not None else [None] * len(xs)
-        outs = []
-        for x, wg, wu, wd, n in zip(
-            xs, gates, self.w_up_EDF.unbind(0), self.w_down_EFD.unbind(0), counts, strict=True
-        ):
-            if n == 0:
-                continue
-            gate = x @ wg if wg is not None else None
-            outs.append(_act(self.activation, gate, x @ wu) @ wd)
-        if not outs:
-            # No rows at all: tie the empty output to the weights so their gradients
-            # are zeros rather than None (zero-token batches must not break optimizers).
-            anchor = sum(w.sum() for w in self.parameters()) * 0
-            return x_ND.new_zeros(0, x_ND.shape[1]) + anchor
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+        w_gate = self.w_gate_EDF
+        return fused_experts(x_ND, w_gate, self.w_up_EDF, self.w_down_EFD, counts_E.tolist())
+
+    def uses_grouped_mm(self, x: Tensor) -> bool:
+        """True where forward_grouped runs torch's grouped GEMM (CUDA, fp32/bf16/fp16)."""
+        return _grouped_mm_supported(x)
+
+    def forward_combined(
+        self, x_TD: Tensor, rows_A: Tensor, weight_A: Tensor, counts_E: Tensor
+    ) -> Tensor:
+        """sum_a weight_A[a] * expert(x_TD[rows_A[a]]) into token rows [T, D], in one pass.
+
+        rows_A, weight_A [A] are grouped by expert, counts_E[e] assignments for expert e.
+        Gather, experts and weighted combine share one backward (moekit.fused_experts),
+        which keeps only the gate and up projections: the fast path wherever grouped_mm
+        does not run.
+        """
+        return fused_experts(
+            x_TD,
+            self.w_gate_EDF,
+            self.w_up_EDF,
+            self.w_down_EFD,
+            counts_E.tolist(),
+            rows_A=rows_A,
+            weight_A=weight_A.to(x_TD.dtype),
+        )

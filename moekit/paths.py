@@ -3,8 +3,9 @@
 Shapes: T tokens, D model dim, E experts, A assignments.
 
 `ReferencePath` is the readable truth: for each expert, gather its tokens, run it, add
-the weighted result. `GroupedPath` is the fast path: one stable sort by expert, one
-gather, all experts as grouped GEMMs, one weighted scatter-add. Both are tested equal,
+the weighted result. `GroupedPath` is the fast path: one stable sort by expert, then on CUDA
+one gather, all experts as grouped GEMMs and one weighted scatter-add; elsewhere one
+fused loop over experts that gathers, computes and scatters expert by expert. Both are tested equal,
 forward and backward. Expert parallelism (moekit.parallel) swaps in a path of its own.
 
 A path also says how to sum statistics over the processes that share its experts
@@ -44,13 +45,19 @@ class ReferencePath:
 
 
 class GroupedPath(ReferencePath):
-    """Sort by expert, grouped GEMM, scatter back."""
+    """Sort by expert, run every expert on its rows, scatter back weighted."""
 
     def __call__(self, x_TD: Tensor, routing: Routing, experts: ExpertBank) -> Tensor:
         perm = sort_by_expert(routing.expert_A, experts.num_experts)
-        x_AD = permute(x_TD, routing.token_A, perm)
-        y_AD = experts.forward_grouped(x_AD, perm.counts_E)
-        return unpermute(y_AD, routing.token_A, routing.weight_A, perm, x_TD.shape[0])
+        if experts.uses_grouped_mm(x_TD):
+            x_AD = permute(x_TD, routing.token_A, perm)
+            y_AD = experts.forward_grouped(x_AD, perm.counts_E)
+            return unpermute(y_AD, routing.token_A, routing.weight_A, perm, x_TD.shape[0])
+        # Off CUDA the gather and the weighted scatter live inside the expert loop: no
+        # [A, D] copy of the inputs or outputs is ever kept for backward.
+        rows_A = routing.token_A.index_select(0, perm.order_A)
+        weight_A = routing.weight_A.index_select(0, perm.order_A)
+        return experts.forward_combined(x_TD, rows_A, weight_A, perm.counts_E)
 
 
 PATHS = {"reference": ReferencePath, "grouped": GroupedPath}

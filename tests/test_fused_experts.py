@@ -1,0 +1,117 @@
+"""The fused expert loop (moekit.fused_experts) equals the per-expert definition.
+
+Shapes: T tokens, D model dim, F expert hidden, E experts, A assignments.
+Odd sizes, float64, forward and every gradient, against ExpertBank.forward_expert
+composed with plain autograd gather and index_add (the reference path's arithmetic).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from moekit import MoEConfig
+from moekit.experts import ExpertBank
+from moekit.fused_experts import fused_experts
+
+D, F, E, T = 24, 40, 5, 13
+
+
+def _bank(activation: str) -> ExpertBank:
+    cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=3, activation=activation)
+    return ExpertBank(cfg).double()
+
+
+def _assignments(counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows grouped by expert (repeats allowed across experts) and combine weights."""
+    rows = torch.cat([torch.randperm(T)[:n] for n in counts])
+    return rows, torch.rand(len(rows), dtype=torch.float64) + 0.1
+
+
+def _reference(bank, x, rows, weight, counts):
+    out = x.new_zeros(T, D)
+    for e, (r, w) in enumerate(zip(rows.split(counts), weight.split(counts), strict=True)):
+        if len(r):
+            out = out.index_add(0, r, bank.forward_expert(e, x[r]) * w[:, None])
+    return out
+
+
+def _grads(y, g, inputs):
+    if not y.requires_grad:  # the reference with no assignments at all
+        return [torch.zeros_like(i) for i in inputs]
+    grads = torch.autograd.grad((y * g).sum(), inputs, allow_unused=True)
+    return [torch.zeros_like(i) if gr is None else gr for i, gr in zip(inputs, grads, strict=True)]
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("counts", [[3, 0, 5, 2, 7], [0, 0, 0, 0, 0], [T, 1, 0, 0, 4]])
+def test_combined_equals_reference(activation, counts):
+    bank = _bank(activation)
+    rows, weight = _assignments(counts)
+    weight.requires_grad_(True)
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(T, D, dtype=torch.float64)
+    inputs = [x, weight, *bank.parameters()]
+    y_ref = _reference(bank, x, rows, weight, counts)
+    y = bank.forward_combined(x, rows, weight, torch.tensor(counts))
+    assert_close(y, y_ref)
+    for got, want in zip(_grads(y, g, inputs), _grads(y_ref, g, inputs), strict=True):
+        assert_close(got, want)
+    if sum(counts):
+        assert y_ref.abs().amax() > 1e-3
+    else:
+        # No assignments: gradients are zeros, not None, so optimizers see every weight.
+        assert all(p.grad is None for p in bank.parameters())
+        bank.forward_combined(x, rows, weight, torch.tensor(counts)).sum().backward()
+        assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in bank.parameters())
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_grouped_rows_equal_reference(activation):
+    bank = _bank(activation)
+    counts = [4, 0, 1, 6, 2]
+    x = torch.randn(sum(counts), D, dtype=torch.float64, requires_grad=True)
+    g = torch.randn_like(x)
+    y = bank.forward_grouped(x, torch.tensor(counts))
+    y_ref = torch.cat([bank.forward_expert(e, c) for e, c in enumerate(x.split(counts))])
+    assert_close(y, y_ref)
+    inputs = [x, *bank.parameters()]
+    for got, want in zip(_grads(y, g, inputs), _grads(y_ref, g, inputs), strict=True):
+        assert_close(got, want)
+
+
+def test_partial_requires_grad_and_no_grad_agree():
+    bank = _bank("swiglu")
+    counts = [2, 3, 0, 4, 1]
+    rows, weight = _assignments(counts)
+    x = torch.randn(T, D, dtype=torch.float64)
+    # Only the down projection trains: x and the combine weights are constants.
+    for p in bank.parameters():
+        p.requires_grad_(p is bank.w_down_EFD)
+    y = bank.forward_combined(x, rows, weight, torch.tensor(counts))
+    (grad,) = torch.autograd.grad(y.square().sum(), [bank.w_down_EFD])
+    y_ref = _reference(bank, x, rows, weight, counts)
+    (grad_ref,) = torch.autograd.grad(y_ref.square().sum(), [bank.w_down_EFD])
+    assert_close(grad, grad_ref)
+    with torch.no_grad():
+        assert_close(bank.forward_combined(x, rows, weight, torch.tensor(counts)), y_ref)
+
+
+def test_float32_matches_float64_reference():
+    # The fp32 benchmark dtype: the fused arithmetic must stay within fp32 rounding.
+    bank = _bank("swiglu")
+    counts = [3, 1, 4, 1, 5]
+    rows, weight = _assignments(counts)
+    x = torch.randn(T, D, dtype=torch.float64)
+    y_ref = _reference(bank, x, rows, weight, counts)
+    y = bank.float().forward_combined(x.float(), rows, weight.float(), torch.tensor(counts))
+    assert_close(y, y_ref.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_weights_without_rows_rejected():
+    bank = _bank("swiglu")
+    x = torch.randn(4, D, dtype=torch.float64)
+    w = torch.ones(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="weight_A needs rows_A"):
+        fused_experts(x, bank.w_gate_EDF, bank.w_up_EDF, bank.w_down_EFD, [4, 0, 0, 0, 0], None, w)
