@@ -30,15 +30,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW over `model`'s parameters with the config's betas and decay.
 
-    foreach=False keeps the update a per-parameter loop whose arithmetic does not depend
-    on how parameters are grouped, so a resumed run repeats an uninterrupted one bitwise.
+    torch picks the implementation (a per-parameter loop on CPU, foreach kernels on CUDA);
+    either is deterministic for a fixed parameter order, which resuming relies on.
     """
     return torch.optim.AdamW(
         param_groups(model, config.weight_decay),
         lr=lr_at(0, config),
         betas=(config.beta1, config.beta2),
         eps=1e-8,
-        foreach=False,
     )
 
 
