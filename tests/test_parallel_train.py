@@ -1,7 +1,8 @@
 """Training under expert parallelism equals one process; its checkpoints load at any size.
 
-The tiny model trains 20 steps on one process and on 2 gloo processes (expert parallel 2,
-data parallel beside it) on the same global batches; the losses must agree to 1e-5.
+The tiny model trains 20 steps on one process, on 2 gloo processes (expert parallel 2, data
+parallel beside it), on 4 (two expert-parallel groups of 2) and on 2 with data parallelism
+only, on the same global batches; the losses must agree to 1e-5.
 The 2-process run's final checkpoint then travels 2 -> 1 -> 4 -> 2 processes and every
 weight and AdamW moment must come back bitwise equal.
 """
@@ -38,8 +39,21 @@ def test_expert_parallel_training_matches_one_process(runs) -> None:
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=0, atol=1e-5)
     for r in ranks:
         assert r["val_loss"] == pytest.approx(single.val_loss, abs=1e-5)
-    # Training moved: equal losses are not equal because nothing happened.
+    # The loss fell: the agreement is not that of two runs that both stood still.
     assert expected[-1] < expected[0] - 0.5
+
+
+@pytest.mark.parametrize(("world_size", "ep"), [(4, 2), (2, 1)], ids=["ep2xdp2", "dp2"])
+def test_other_layouts_match_one_process(runs, world_size: int, ep: int) -> None:
+    # ep2xdp2: two expert-parallel groups of 2, each expert on two ranks whose gradients
+    # meet in the expert data-parallel all-reduce. dp2: every expert on every rank.
+    # Either way the balancing losses are the global batch's.
+    root, single, _ = runs
+    out = root / f"w{world_size}_ep{ep}"
+    ranks = pool(world_size).run(train_worker, str(out), str(root / "cache"), ep, timeout_s=200)
+    expected = torch.tensor(read_losses(root / "single"))
+    torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), expected, rtol=0, atol=1e-5)
+    assert all(r["val_loss"] == pytest.approx(single.val_loss, abs=1e-5) for r in ranks)
 
 
 def _assert_bitwise(a: ckpt_io.Checkpoint, b: ckpt_io.Checkpoint) -> None:

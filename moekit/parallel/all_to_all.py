@@ -35,9 +35,18 @@ class AllToAllPath:
     Args:
         group: the expert-parallel process group (W ranks).
         num_experts: E, the global number of experts; W must divide it.
+        stats_group: where the balancing statistics are summed; None = group. A wider
+            group (the whole data-parallel world) makes the losses those of the global
+            batch: the Switch loss is a product of batch means, so per-group statistics
+            would give a different loss for each way of splitting the batch.
     """
 
-    def __init__(self, group: dist.ProcessGroup, num_experts: int) -> None:
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        num_experts: int,
+        stats_group: dist.ProcessGroup | None = None,
+    ) -> None:
         world = dist.get_world_size(group)
         if num_experts % world:
             raise ValueError(
@@ -45,6 +54,7 @@ class AllToAllPath:
                 f"group size, got group size {world}"
             )
         self.group = group
+        self.stats_group = stats_group if stats_group is not None else group
         self.world_size = world
         self.rank = dist.get_rank(group)
         self.num_experts = num_experts
@@ -74,5 +84,23 @@ class AllToAllPath:
         return unpermute(y_AD, routing.token_A, routing.weight_A, perm, x_TD.shape[0])
 
     def group_sum(self, t: Tensor) -> Tensor:
-        """Sum over the expert-parallel group; gradients are summed back to every rank."""
-        return all_reduce_sum(t, self.group)
+        """Sum over the statistics group; gradients are summed back to every rank."""
+        return all_reduce_sum(t, self.stats_group)
+
+
+class GroupStatsPath:
+    """A local path (every expert on this rank) whose balancing statistics span a group.
+
+    For data parallelism without expert parallelism: the experts run locally, the
+    losses see the whole global batch.
+    """
+
+    def __init__(self, local_path, stats_group: dist.ProcessGroup) -> None:
+        self.local_path = local_path
+        self.stats_group = stats_group
+
+    def __call__(self, x_TD: Tensor, routing: Routing, experts: ExpertBank) -> Tensor:
+        return self.local_path(x_TD, routing, experts)
+
+    def group_sum(self, t: Tensor) -> Tensor:
+        return all_reduce_sum(t, self.stats_group)

@@ -17,6 +17,11 @@ G = sum_r L_r. The single-process objective on the global batch is the mean, G /
   expert data-parallel group adds the other groups, and dividing by W gives d(G/W).
 So expert gradients are summed over the expert data-parallel group and divided by W
 (not by the size of any one group) by a hook on each expert weight.
+
+Balancing statistics (Switch loss, z-loss, tokens per expert and hence the bias update)
+are summed over the whole world, not only the expert-parallel group: the Switch loss is a
+product of batch means, so statistics of part of the batch would change the loss with
+the layout. With them global, every layout trains like one process on the global batch.
 """
 
 from __future__ import annotations
@@ -29,7 +34,11 @@ from torch import Tensor, nn
 
 from moekit.layer import MoE
 from moekit.parallel import state
-from moekit.parallel.expert_parallel import apply_expert_parallel, expert_parameter_names
+from moekit.parallel.expert_parallel import (
+    apply_expert_parallel,
+    expert_parameter_names,
+    share_balancing_stats,
+)
 from moekit.parallel.process_group import close_distributed, init_distributed
 
 
@@ -81,6 +90,10 @@ class ParallelContext:
             group = dist.new_group([offset + k * N for k in range(replicas)])
             if self.rank % N == offset:
                 self.expert_dp_group = group
+        # Balancing statistics over the whole world, so the losses are the global batch's
+        # whatever the layout; a group of its own keeps these collectives, issued inside
+        # backward, apart from DDP's on the default group.
+        self.stats_group = dist.new_group(list(range(self.world_size)))
         self._model: nn.Module | None = None
 
     @property
@@ -99,6 +112,8 @@ class ParallelContext:
                 dist.broadcast(t.data, src=0)
         if self.expert_parallel > 1 and any(isinstance(m, MoE) for m in model.modules()):
             apply_expert_parallel(model, self.ep_group)
+        if self.world_size > self.expert_parallel:
+            share_balancing_stats(model, self.stats_group)
         expert_names = expert_parameter_names(model)
         for name, p in model.named_parameters():
             if name in expert_names and p.requires_grad:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from moekit.config import MoEConfig
 from moekit.experts import ExpertBank
 from moekit.layer import MoE
-from moekit.parallel.all_to_all import AllToAllPath
+from moekit.parallel.all_to_all import AllToAllPath, GroupStatsPath
 
 
 class ShardedExpertBank(ExpertBank):
@@ -40,10 +40,10 @@ class ShardedExpertBank(ExpertBank):
         return full_E[self.expert_offset : self.expert_offset + self.num_experts]
 
 
-def _shard_layer(moe: MoE, group: dist.ProcessGroup) -> None:
+def _shard_layer(moe: MoE, group: dist.ProcessGroup, stats_group: dist.ProcessGroup | None) -> None:
     cfg = moe.config
     world = dist.get_world_size(group)
-    path = AllToAllPath(group, cfg.num_experts)  # validates divisibility
+    path = AllToAllPath(group, cfg.num_experts, stats_group)  # validates divisibility
     full = moe.experts
     bank = ShardedExpertBank(cfg, path.rank, world)
     for name, param in full.named_parameters():
@@ -53,7 +53,12 @@ def _shard_layer(moe: MoE, group: dist.ProcessGroup) -> None:
     moe.path = path
 
 
-def apply_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
+def apply_expert_parallel(
+    module: nn.Module,
+    group: dist.ProcessGroup | None = None,
+    *,
+    stats_group: dist.ProcessGroup | None = None,
+) -> nn.Module:
     """Shard the experts of every MoE layer in `module` (a model or one MoE) over `group`.
 
     Each rank keeps experts [rank*E/W, (rank+1)*E/W) and reaches the others by all-to-all.
@@ -68,6 +73,9 @@ def apply_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = N
     Args:
         module: an nn.Module containing MoE layers, modified in place.
         group: process group; None = the default (world) group.
+        stats_group: where balancing statistics are summed; None = group. With data
+            parallelism beside expert parallelism, pass the whole world so the losses are
+            those of the global batch.
 
     Returns:
         module itself.
@@ -92,7 +100,21 @@ def apply_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = N
                 f"expert-parallel group size, got group size {world}"
             )
     for moe in layers:
-        _shard_layer(moe, group)
+        _shard_layer(moe, group, stats_group)
+    return module
+
+
+def share_balancing_stats(module: nn.Module, group: dist.ProcessGroup) -> nn.Module:
+    """Sum the balancing statistics of every (local) MoE layer over `group`.
+
+    For plain data parallelism: each rank keeps all experts, while the balancing losses,
+    the tokens per expert and so the bias update all see the global batch.
+    """
+    for moe in (m for m in module.modules() if isinstance(m, MoE)):
+        if isinstance(moe.path, AllToAllPath):
+            moe.path.stats_group = group
+        else:
+            moe.path = GroupStatsPath(moe.path, group)
     return module
 
 
