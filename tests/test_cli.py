@@ -60,6 +60,9 @@ def test_train_resume_flag_continues_the_run(corpus, tmp_path, capsys):
     rc = main(["train", *_micro_flags(corpus, "--run-dir", run_dir, "--lr", "0.1", "--resume")])
     assert rc == 2
     assert "train.lr: 0.003 (checkpoint) != 0.1 (now)" in capsys.readouterr().err
+    rc = main(["train", *_micro_flags(corpus, "--run-dir", run_dir)])
+    assert rc == 2
+    assert "already holds checkpoints; pass --resume" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

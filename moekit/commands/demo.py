@@ -52,6 +52,12 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     run_dir = Path(args.run_dir)
+    if (run_dir / "checkpoints").is_dir():
+        import shutil
+
+        # The demo always starts over; `moekit train` refuses to mix two runs instead.
+        print(f"removing the previous demo run in {run_dir}")
+        shutil.rmtree(run_dir / "checkpoints")
     total, active = count_parameters(model_config)
     moe = model_config.moe
     print(

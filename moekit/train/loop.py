@@ -127,6 +127,14 @@ def train(
     if resume is not None:
         saved = ckpt_io.load_checkpoint(ckpt_io.resolve(resume))
         _check_resumable(saved.config, model_config, config)
+    elif ckpt_io.list_checkpoints(run_dir):
+        # A fresh run here would interleave its checkpoints and metrics with the old run's.
+        raise ValueError(
+            f"run directory {run_dir} already holds checkpoints; pass --resume to continue "
+            "that run, or choose another --run-dir"
+        )
+    elif is_main:
+        metrics_io.truncate_after(run_dir, 0)  # records of a run that never checkpointed
     torch.manual_seed(config.seed)
     base = Transformer(model_config).to(device)
     model = parallel.prepare(base) if parallel is not None else base
