@@ -52,6 +52,7 @@ def test_a_hanging_task_is_killed_at_its_time_limit() -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_torchrun_trains_with_expert_parallel(tmp_path) -> None:
     run_dir = tmp_path / "run"

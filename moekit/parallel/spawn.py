@@ -134,7 +134,7 @@ def spawn_results(
             if p.is_alive():
                 p.kill()
                 p.join()
-        store = None
+        del store  # served the rendezvous until every rank was done
     for r, p in enumerate(procs):
         out[r].exitcode = p.exitcode
     return out
