@@ -11,8 +11,9 @@ One MoE call, on every rank of the expert-parallel group:
 3. regroup the received rows (ordered by source rank, then local expert) by local
    expert, stably, so each expert sees its rows in global token order: rank 0's tokens,
    then rank 1's, ... exactly the order of one process fed the concatenated batch;
-4. run the local experts as grouped GEMMs, undo the regrouping, send the rows back by
-   the reverse all-to-all, and combine with the router weights on the source rank.
+4. run the local experts (grouped GEMMs on CUDA, the fused expert loop elsewhere), undo
+   the regrouping, send the rows back by the reverse all-to-all, and combine with the
+   router weights on the source rank.
 The router, the combine weights and the balancing losses never leave their rank; only
 the statistics the losses need are summed over the group (`group_sum`).
 """
@@ -78,8 +79,15 @@ class AllToAllPath:
         local_N = torch.arange(L, device=x_ND.device).repeat(W)
         local_N = local_N.repeat_interleave(recv_RL.reshape(-1))
         order_N = torch.sort(local_N, stable=True).indices
-        y_ND = experts.forward_grouped(x_ND.index_select(0, order_N), recv_RL.sum(dim=0))
-        y_ND = y_ND.index_select(0, inverse(order_N))
+        counts_L = recv_RL.sum(dim=0)
+        if experts.uses_grouped_mm(x_ND):
+            y_ND = experts.forward_grouped(x_ND.index_select(0, order_N), counts_L)
+            y_ND = y_ND.index_select(0, inverse(order_N))
+        else:
+            # Off CUDA the regrouping gather and its inverse scatter (unit weights: each
+            # received row is one assignment) run inside the fused expert loop, which
+            # keeps no [N, D] copies for backward.
+            y_ND = experts.forward_combined(x_ND, order_N, x_ND.new_ones(order_N.shape), counts_L)
         y_AD = all_to_all(y_ND, recv_splits, send_splits, self.group)
         return unpermute(y_AD, routing.token_A, routing.weight_A, perm, x_TD.shape[0])
 
