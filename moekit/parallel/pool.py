@@ -31,7 +31,8 @@ def _dumps(value: Any) -> bytes:
     return buf.getvalue()
 
 
-def _serve(rank, world_size, port, tasks, results, backend, timeout_s, threads):
+def join_env(rank: int, world_size: int, port: int, threads: int) -> None:
+    """In a child: torchrun's variables for a store the parent serves on loopback."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -41,6 +42,10 @@ def _serve(rank, world_size, port, tasks, results, backend, timeout_s, threads):
         TORCHELASTIC_USE_AGENT_STORE="True",
     )
     torch.set_num_threads(threads)
+
+
+def _serve(rank, world_size, port, tasks, results, backend, timeout_s, threads):
+    join_env(rank, world_size, port, threads)
     from moekit.parallel.process_group import close_distributed, init_distributed
 
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import io
 import multiprocessing as mp
-import os
 import queue
 import time
 import traceback
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moekit.parallel.pool import _dumps
+from moekit.parallel.pool import _dumps, join_env
 
 
 @dataclass
@@ -39,15 +38,7 @@ class RankResult:
 
 
 def _worker(fn, rank, world_size, port, results, args, backend, timeout_s, threads):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        TORCHELASTIC_USE_AGENT_STORE="True",
-    )
-    torch.set_num_threads(threads)
+    join_env(rank, world_size, port, threads)
     from moekit.parallel.process_group import close_distributed, init_distributed
 
     try:
