@@ -27,6 +27,7 @@ the layout. With them global, every layout trains like one process on the global
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -154,7 +155,7 @@ class ParallelContext:
         dist.all_reduce(out)
         return (out / self.world_size).to(t.device)
 
-    def clip_grad_norm_(self, parameters, max_norm: float) -> Tensor:
+    def clip_grad_norm_(self, parameters: Iterable[nn.Parameter], max_norm: float) -> Tensor:
         """Clip by the norm of the whole model's gradient, shards included; returns the norm.
 
         Replicated gradients are equal on every rank after data parallelism; expert
