@@ -15,6 +15,13 @@ cache, where a dense layer streams [T, K*F] arrays through memory.
 On CPU torch's grouped_mm has a forward but no backward (torch 2.13), and a loop of
 plain matmuls measures as fast as its forward, so the loop is the kernel here. CUDA
 uses grouped_mm through `ExpertBank.forward_grouped` instead.
+
+Decoding (a handful of tokens, no autograd): experts without rows are skipped, so each
+touched expert's weights are read once by a skinny matmul, which is the memory-bound
+floor (benchmarks/bench_layer.py measures 1.0-1.1x of it). Per-token weight gather
+(w[expert_A] as [A, D, F] copies, then a batched matvec) is fine for batch-1 decoding,
+wasteful for training; here it would also copy a weight once per assignment instead of
+reading it once, so it is not used.
 """
 
 from __future__ import annotations
