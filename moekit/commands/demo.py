@@ -15,7 +15,7 @@ PROMPTS = ("def ", "The ", "class ")
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job: train tiny on the embedded corpus, sample")
-    p.add_argument("--steps", type=int, default=500, help="optimizer steps (default: 500)")
+    p.add_argument("--steps", type=int, default=800, help="optimizer steps (default: 800)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: 16)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data and sampling")
