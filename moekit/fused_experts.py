@@ -17,11 +17,12 @@ plain matmuls measures as fast as its forward, so the loop is the kernel here. C
 uses grouped_mm through `ExpertBank.forward_grouped` instead.
 
 Decoding (a handful of tokens, no autograd): experts without rows are skipped, so each
-touched expert's weights are read once by a skinny matmul, which is the memory-bound
-floor (benchmarks/bench_layer.py measures 1.0-1.1x of it). Per-token weight gather
+touched expert's weights are read once, by a skinny matmul. Per-token weight gather
 (w[expert_A] as [A, D, F] copies, then a batched matvec) is fine for batch-1 decoding,
-wasteful for training; here it would also copy a weight once per assignment instead of
-reading it once, so it is not used.
+wasteful for training; here it would copy each weight once per assignment where the
+loop reads it once, so it is not used. What is left above the weight-read floor is
+MKL's gemm path for 2-8 rows, which streams a [D, F] weight at about 2/3 of the
+bandwidth of its 1-row (gemv) path: benchmarks/bench_layer.py measures about 1.5x.
 """
 
 from __future__ import annotations
