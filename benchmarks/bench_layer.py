@@ -18,8 +18,9 @@ Decode floor: the time to read, once, exactly the weight slices of the experts t
 tokens select (a sum over each touched expert's gate, up and down matrices): at batch 8
 the layer is memory bound, and no implementation can beat reading its weights.
 
-Peak memory: forward+backward of each layer once, in its own fresh process, by resident
-memory (method in benchmarks/_common.py). Two ratios: `mem_ratio` =
+Peak memory: forward+backward of each layer once, after a warm-up call, in a fresh
+process started for the memory cases alone, by resident memory (method in
+benchmarks/_common.py). Two ratios: `mem_ratio` =
 (MoE peak - MoE expert-weight gradients) / dense peak, the target's definition (MoE
 must also hold gradients for E/K times more weights); `act_mem_ratio` = the same with
 the dense layer's own weight gradients taken off too (activations and temporaries only).
