@@ -2,37 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
+
+from moekit.validate import check_bool, check_choice, check_int, check_non_negative
 
 ROUTER_NAMES = ("softmax_topk", "topk_softmax", "sigmoid_bias", "expert_choice")
 ACTIVATIONS = ("swiglu", "gelu")
 DROP_POLICIES = ("probs", "position")
 IMPLS = ("reference", "grouped")
-
-
-def _positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value!r}")
-
-
-def _non_negative_float(name: str, value: object) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-def _bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-
-
-def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -86,15 +63,15 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "top_k", "num_groups", "topk_groups"):
-            _positive_int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
             raise ValueError(
                 f"num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}"
             )
         if self.shared_d_ff is not None:
-            _positive_int("shared_d_ff", self.shared_d_ff)
-        _bool("norm_topk_prob", self.norm_topk_prob)
-        _bool("shared_expert_gate", self.shared_expert_gate)
+            check_int("shared_d_ff", self.shared_d_ff)
+        check_bool("norm_topk_prob", self.norm_topk_prob)
+        check_bool("shared_expert_gate", self.shared_expert_gate)
         if self.shared_expert_gate and not self.num_shared_experts:
             # A gate with nothing to gate would be built, never used, and never trained.
             raise ValueError(
@@ -105,10 +82,10 @@ class MoEConfig:
             raise ValueError(
                 f"top_k must be <= num_experts ({self.num_experts}), got {self.top_k!r}"
             )
-        _choice("router", self.router, ROUTER_NAMES)
-        _choice("activation", self.activation, ACTIVATIONS)
-        _choice("drop_policy", self.drop_policy, DROP_POLICIES)
-        _choice("impl", self.impl, IMPLS)
+        check_choice("router", self.router, ROUTER_NAMES)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
+        check_choice("impl", self.impl, IMPLS)
         for name in (
             "routed_scaling_factor",
             "bias_update_rate",
@@ -118,13 +95,13 @@ class MoEConfig:
             "seq_aux_loss_coef",
             "z_loss_coef",
         ):
-            _non_negative_float(name, getattr(self, name))
+            check_non_negative(name, getattr(self, name))
         if self.router_jitter >= 1.0:
             raise ValueError(f"router_jitter must be < 1, got {self.router_jitter!r}")
         if self.routed_scaling_factor == 0:
             raise ValueError("routed_scaling_factor must be > 0, got 0")
         if self.capacity_factor is not None:
-            _non_negative_float("capacity_factor", self.capacity_factor)
+            check_non_negative("capacity_factor", self.capacity_factor)
             if self.capacity_factor <= 0:
                 raise ValueError(
                     f"capacity_factor must be > 0 or None, got {self.capacity_factor!r}"

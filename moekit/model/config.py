@@ -2,33 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 
 from moekit.config import ACTIVATIONS, MoEConfig
+from moekit.validate import check_bool, check_int, check_positive
 
 ATTENTION_NAMES = ("gqa", "mla")
 QK_NORMS = (None, "head", "full")
 _MLA_FIELDS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
-
-
-def _int(name: str, value: object, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-
-
-def _positive_float(name: str, value: object) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
 @dataclass(frozen=True)
@@ -96,12 +77,12 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len"):
-            _int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         for name in ("moe_as_dense", "qkv_bias", "o_bias", "rope_interleave", "tie_embeddings"):
-            _bool(name, getattr(self, name))
-        _positive_float("norm_eps", self.norm_eps)
-        _positive_float("rope_theta", self.rope_theta)
-        _positive_float("init_std", self.init_std)
+            check_bool(name, getattr(self, name))
+        check_positive("norm_eps", self.norm_eps)
+        check_positive("rope_theta", self.rope_theta)
+        check_positive("init_std", self.init_std)
         if self.moe is not None:
             if not isinstance(self.moe, MoEConfig):
                 raise TypeError(f"moe must be a MoEConfig or None, got {type(self.moe).__name__}")
@@ -112,22 +93,22 @@ class ModelConfig:
         elif self.moe_as_dense:
             raise ValueError("moe_as_dense=True needs a moe config to take the width from")
         if self.dense_d_ff is not None:
-            _int("dense_d_ff", self.dense_d_ff)
+            check_int("dense_d_ff", self.dense_d_ff)
         elif self.moe is None:
             raise ValueError("dense_d_ff must be set when moe is None, got None")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        _int("first_k_dense", self.first_k_dense, minimum=0)
+        check_int("first_k_dense", self.first_k_dense, minimum=0)
         if self.first_k_dense > self.num_layers:
             raise ValueError(
                 f"first_k_dense must be <= num_layers ({self.num_layers}), "
                 f"got {self.first_k_dense!r}"
             )
-        _int("moe_every", self.moe_every)
+        check_int("moe_every", self.moe_every)
         if not isinstance(self.dense_layers, tuple):
             raise TypeError(f"dense_layers must be a tuple of ints, got {self.dense_layers!r}")
         for i in self.dense_layers:
-            _int("dense_layers entry", i, minimum=0)
+            check_int("dense_layers entry", i, minimum=0)
             if i >= self.num_layers:
                 raise ValueError(
                     f"dense_layers entries must be < num_layers ({self.num_layers}), got {i!r}"
@@ -137,16 +118,16 @@ class ModelConfig:
         if self.qk_norm not in QK_NORMS:
             raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
         if self.clip_qkv is not None:
-            _positive_float("clip_qkv", self.clip_qkv)
+            check_positive("clip_qkv", self.clip_qkv)
         self._check_heads()
         if self.attention == "mla":
             self._check_mla()
 
     def _check_heads(self) -> None:
         if self.num_kv_heads is not None:
-            _int("num_kv_heads", self.num_kv_heads)
+            check_int("num_kv_heads", self.num_kv_heads)
         if self.head_dim is not None:
-            _int("head_dim", self.head_dim)
+            check_int("head_dim", self.head_dim)
         if self.attention != "gqa":
             return
         if self.head_dim is None and self.d_model % self.num_heads:
@@ -163,12 +144,12 @@ class ModelConfig:
 
     def _check_mla(self) -> None:
         if self.q_lora_rank is not None:
-            _int("q_lora_rank", self.q_lora_rank)
+            check_int("q_lora_rank", self.q_lora_rank)
         for name in _MLA_FIELDS:
             value = getattr(self, name)
             if value is None:
                 raise ValueError(f"{name} must be set when attention='mla', got None")
-            _int(name, value)
+            check_int(name, value)
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim!r}")
         if self.qk_norm is not None or self.clip_qkv is not None:

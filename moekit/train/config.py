@@ -5,27 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from moekit.validate import check_int, check_range
+
 DEVICES = ("auto", "cpu", "cuda")
 # Fields that change no number a run computes: they may differ on --resume.
 RESUMABLE_FIELDS = frozenset(
     {"eval_every", "checkpoint_every", "keep_checkpoints", "progress", "device"}
 )
-
-
-def _int(name: str, value: object, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-
-
-def _float(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    bad_low = value <= low if low_open else value < low
-    if not math.isfinite(value) or bad_low or value > high:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -77,23 +63,23 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every"):
-            _int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         for name in ("eval_batches", "keep_checkpoints"):
-            _int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         for name in ("warmup_steps", "seed", "checkpoint_every"):
-            _int(name, getattr(self, name), minimum=0)
+            check_int(name, getattr(self, name), minimum=0)
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be a multiple of grad_accum, "
                 f"got grad_accum={self.grad_accum!r}"
             )
-        _float("lr", self.lr, 0.0, 10.0, low_open=True)
-        _float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        _float("weight_decay", self.weight_decay, 0.0, 10.0)
-        _float("beta1", self.beta1, 0.0, 1.0)
-        _float("beta2", self.beta2, 0.0, 1.0)
-        _float("grad_clip", self.grad_clip, 0.0, math.inf)
-        _float("val_fraction", self.val_fraction, 0.0, 0.5, low_open=True)
+        check_range("lr", self.lr, 0.0, 10.0, low_open=True)
+        check_range("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check_range("weight_decay", self.weight_decay, 0.0, 10.0)
+        check_range("beta1", self.beta1, 0.0, 1.0)
+        check_range("beta2", self.beta2, 0.0, 1.0)
+        check_range("grad_clip", self.grad_clip, 0.0, math.inf)
+        check_range("val_fraction", self.val_fraction, 0.0, 0.5, low_open=True)
         for name in ("data", "tokenizer"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
