@@ -27,6 +27,8 @@ bandwidth of its 1-row (gemv) path: benchmarks/bench_layer.py measures about 1.5
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -65,6 +67,129 @@ def _grad_buffer(w_EXY: Tensor, counts: list[int]) -> Tensor:
     return grad
 
 
+def _groups(counts: list[int], split: bool | None, D: int, Fh: int) -> list[list[int]]:
+    """Experts to run side by side: contiguous runs of experts with about equal rows.
+
+    One group (the plain loop, each op using every intra-op thread) unless `split` asks
+    for a split or, when None, the shapes call for one; see `_auto_split`.
+    """
+    busy = [e for e, n in enumerate(counts) if n]
+    threads = torch.get_num_threads()
+    if split is None:
+        split = _auto_split(counts, busy, threads, D, Fh)
+    num_groups = min(max(threads, 2), len(busy)) if split else 1
+    if num_groups <= 1:
+        return [busy]
+    total, groups, done = sum(counts), [[] for _ in range(num_groups)], 0
+    for e in busy:
+        # An expert joins the group its middle row falls in: groups balanced by rows.
+        groups[(2 * done + counts[e]) * num_groups // (2 * total)].append(e)
+        done += counts[e]
+    return [g for g in groups if g]
+
+
+def _auto_split(counts: list[int], busy: list[int], threads: int, D: int, Fh: int) -> bool:
+    # Measured on 2 cores, fp32, forward+backward (benchmarks/bench_layer.py): where one
+    # expert's matmul is mid-sized (fine regime, ~512 rows x 1024 x 704, 3.7e8 MACs) two
+    # threads share it poorly and each of the loop's ~1,700 small multi-threaded ops can
+    # stall on the other thread; experts on separate single-threaded workers ran 0.94x
+    # the time of the plain loop, and far better on a busy machine. Big matmuls (coarse,
+    # 1024 x 1024 x 2816) scale across threads, and a row-balanced split of 8 experts
+    # left one worker idle: 1.2x slower. Small ones (the tiny preset, 1024 x 128 x 128;
+    # decoding, a few rows) are dominated by Python overhead, serialised by the GIL, or
+    # by memory bandwidth, which one multi-threaded matmul already uses: 1.5x and 1.06x
+    # slower split.
+    if threads < 2 or len(busy) < 2 * threads:
+        return False
+    macs = sum(counts) // len(busy) * D * Fh
+    return _SPLIT_MACS[0] <= macs <= _SPLIT_MACS[1]
+
+
+_SPLIT_MACS = (2**26, 2**30)
+"""Mean multiply-adds of one busy expert's matmul (rows x D x F) within which experts run
+on separate threads."""
+
+
+def _side_by_side(tasks: list) -> list:
+    """Run the callables concurrently, each on its own thread with one intra-op thread.
+
+    torch ops release the GIL, so the threads overlap in the matmuls. The caller's
+    grad mode holds in every thread and its thread count is restored afterwards;
+    results come back in task order.
+    """
+    threads = torch.get_num_threads()
+    results: list = [None] * len(tasks)
+    errors: list[BaseException] = []
+
+    grad_enabled = torch.is_grad_enabled()  # thread-local: off inside autograd Functions
+
+    def run(i: int) -> None:
+        try:
+            torch.set_num_threads(1)
+            with torch.set_grad_enabled(grad_enabled):
+                results[i] = tasks[i]()
+        except BaseException as err:  # re-raised on the calling thread
+            errors.append(err)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(1, len(tasks))]
+    try:
+        for w in workers:
+            w.start()
+        run(0)
+    finally:
+        for w in workers:
+            w.join()
+        torch.set_num_threads(threads)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _starts(counts: list[int]) -> list[int]:
+    starts, s = [], 0
+    for n in counts:
+        starts.append(s)
+        s += n
+    return starts
+
+
+def _forward_experts(
+    experts: list[int],
+    x: Tensor,
+    w_gate: Tensor | None,
+    w_up: Tensor,
+    w_down: Tensor,
+    weight_A: Tensor | None,
+    rows_A: Tensor | None,
+    counts: list[int],
+    starts: list[int],
+    out: Tensor,
+    gate_AF: Tensor | None,
+    up_AF: Tensor | None,
+) -> Tensor:
+    """The listed experts' outputs, summed into `out` (with rows_A) or written to their rows."""
+    combine = rows_A is not None
+    for e in experts:
+        sl = slice(starts[e], starts[e] + counts[e])
+        x_ND = x.index_select(0, rows_A[sl]) if combine else x[sl]
+        gate = None
+        if w_gate is not None:
+            gate = (
+                x_ND @ w_gate[e] if gate_AF is None else torch.mm(x_ND, w_gate[e], out=gate_AF[sl])
+            )
+        up = x_ND @ w_up[e] if up_AF is None else torch.mm(x_ND, w_up[e], out=up_AF[sl])
+        h = _activate(gate, up)
+        if not combine:
+            torch.mm(h, w_down[e], out=out[sl])
+            continue
+        y = h @ w_down[e]
+        if weight_A is not None:
+            y.mul_(weight_A[sl, None])
+        # Expert after expert, in token order within each: the reference's summation order.
+        out.index_add_(0, rows_A[sl], y)
+    return out
+
+
 def _forward_loop(
     x: Tensor,
     w_gate: Tensor | None,
@@ -75,100 +200,143 @@ def _forward_loop(
     counts: list[int],
     num_out: int,
     keep: bool,
+    split: bool | None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Output, and (when keep) the gate and up projections [A, F] for backward."""
     A, Fh = sum(counts), w_up.shape[-1]
     gate_AF = x.new_empty(A, Fh) if keep and w_gate is not None else None
     up_AF = x.new_empty(A, Fh) if keep else None
     combine = rows_A is not None
-    out = x.new_zeros(num_out, x.shape[1]) if combine else x.new_empty(A, x.shape[1])
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        sl = slice(start, start + n)
-        start += n
-        x_ND = x.index_select(0, rows_A[sl]) if combine else x[sl]
-        gate = None
-        if w_gate is not None:
-            gate = torch.mm(x_ND, w_gate[e], out=gate_AF[sl]) if keep else x_ND @ w_gate[e]
-        up = torch.mm(x_ND, w_up[e], out=up_AF[sl]) if keep else x_ND @ w_up[e]
-        h = _activate(gate, up)
-        if not combine:
-            torch.mm(h, w_down[e], out=out[sl])
-            continue
-        y = h @ w_down[e]
-        if weight_A is not None:
-            y.mul_(weight_A[sl, None])
-        # Expert after expert, in token order within each: the reference's summation order.
-        out.index_add_(0, rows_A[sl], y)
+    starts = _starts(counts)
+    groups = _groups(counts, split, *w_up.shape[1:])
+
+    def task(i: int):
+        # With rows_A each group sums into its own [num_out, D]; those are added in group
+        # order afterwards, so the result does not depend on thread timing.
+        out = x.new_zeros(num_out, x.shape[1]) if combine else out_AD
+        return lambda: _forward_experts(
+            groups[i],
+            x,
+            w_gate,
+            w_up,
+            w_down,
+            weight_A,
+            rows_A,
+            counts,
+            starts,
+            out,
+            gate_AF,
+            up_AF,
+        )
+
+    out_AD = None if combine else x.new_empty(A, x.shape[1])
+    tasks = [task(i) for i in range(len(groups))]
+    outs = [tasks[0]()] if len(tasks) == 1 else _side_by_side(tasks)
+    out = outs[0]
+    if combine:
+        for other in outs[1:]:
+            out.add_(other)
     return out, gate_AF, up_AF
+
+
+class _Grads:
+    """Gradient buffers of one backward; experts write disjoint slices of them."""
+
+    def __init__(self, needs: tuple[bool, ...], w_gate, w_up, w_down, weight_A, counts):
+        need_wg, need_wu, need_wd, need_weight = needs
+        self.dwg = _grad_buffer(w_gate, counts) if need_wg else None
+        self.dwu = _grad_buffer(w_up, counts) if need_wu else None
+        self.dwd = _grad_buffer(w_down, counts) if need_wd else None
+        self.dweight = torch.empty_like(weight_A) if need_weight else None
+
+
+def _backward_experts(
+    experts: list[int],
+    saved: tuple[Tensor | None, ...],
+    grad_out: Tensor,
+    counts: list[int],
+    starts: list[int],
+    g: _Grads,
+    dx: Tensor | None,
+) -> Tensor | None:
+    """The listed experts' gradients; dx is summed into (rows_A) or written to their rows."""
+    x, w_gate, w_up, w_down, weight_A, rows_A, gate_AF, up_AF = saved
+    combine = rows_A is not None
+    dwg, dwu, dwd, dweight = g.dwg, g.dwu, g.dwd, g.dweight
+    # Scale whichever of dL/dy [N, D] or h [N, F] is narrower by the router weights.
+    scale_dy = w_up.shape[1] <= w_up.shape[2]
+    for e in experts:
+        sl = slice(starts[e], starts[e] + counts[e])
+        dy_ND = grad_out.index_select(0, rows_A[sl]) if combine else grad_out[sl]
+        gate = gate_AF[sl] if gate_AF is not None else None
+        # dL/dh before the router weight, whose own gradient is <dL/dh, h>.
+        dh = dy_ND @ w_down[e].t()
+        h, silu = _recompute(gate, up_AF[sl])
+        if weight_A is not None:
+            w_N1 = weight_A[sl, None]
+            if dweight is not None:
+                dweight[sl] = torch.linalg.vecdot(dh, h)
+            dh.mul_(w_N1)
+            if dwd is not None and scale_dy:
+                torch.mm(h.t(), dy_ND * w_N1, out=dwd[e])
+            elif dwd is not None:
+                torch.mm((h * w_N1).t(), dy_ND, out=dwd[e])
+        elif dwd is not None:
+            torch.mm(h.t(), dy_ND, out=dwd[e])
+        if dx is None and dwg is None and dwu is None:
+            continue
+        d_gate, d_up = _activate_backward(dh, gate, up_AF[sl], silu)
+        x_ND = x.index_select(0, rows_A[sl]) if combine else x[sl]
+        if dwu is not None:
+            torch.mm(x_ND.t(), d_up, out=dwu[e])
+        if dwg is not None and d_gate is not None:
+            torch.mm(x_ND.t(), d_gate, out=dwg[e])
+        if dx is not None:
+            dx_ND = torch.mm(d_up, w_up[e].t(), out=None if combine else dx[sl])
+            if d_gate is not None:
+                dx_ND.addmm_(d_gate, w_gate[e].t())
+            if combine:
+                dx.index_add_(0, rows_A[sl], dx_ND)
+    return dx
 
 
 class _FusedExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down, weight_A, rows_A, counts, num_out):
+    def forward(ctx, x, w_gate, w_up, w_down, weight_A, rows_A, counts, num_out, split):
         out, gate_AF, up_AF = _forward_loop(
-            x, w_gate, w_up, w_down, weight_A, rows_A, counts, num_out, keep=True
+            x, w_gate, w_up, w_down, weight_A, rows_A, counts, num_out, True, split
         )
         ctx.save_for_backward(x, w_gate, w_up, w_down, weight_A, rows_A, gate_AF, up_AF)
-        ctx.counts = counts
+        ctx.counts, ctx.split = counts, split
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, w_gate, w_up, w_down, weight_A, rows_A, gate_AF, up_AF = ctx.saved_tensors
-        need_x, need_wg, need_wu, need_wd, need_weight = ctx.needs_input_grad[:5]
+        saved = ctx.saved_tensors
+        x, w_gate, w_up, w_down, weight_A, rows_A = saved[:6]
+        need_x = ctx.needs_input_grad[0]
         combine = rows_A is not None
         grad_out = grad_out.contiguous()
         counts = ctx.counts
-        dx = None
-        if need_x:
-            dx = torch.zeros_like(x) if combine else x.new_empty(x.shape)
-        dwg = _grad_buffer(w_gate, counts) if need_wg else None
-        dwu = _grad_buffer(w_up, counts) if need_wu else None
-        dwd = _grad_buffer(w_down, counts) if need_wd else None
-        dweight = torch.empty_like(weight_A) if need_weight else None
-        # Scale whichever of dL/dy [N, D] or h [N, F] is narrower by the router weights.
-        scale_dy = w_up.shape[1] <= w_up.shape[2]
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            sl = slice(start, start + n)
-            start += n
-            dy_ND = grad_out.index_select(0, rows_A[sl]) if combine else grad_out[sl]
-            gate = gate_AF[sl] if gate_AF is not None else None
-            # dL/dh before the router weight, whose own gradient is <dL/dh, h>.
-            dh = dy_ND @ w_down[e].t()
-            h, silu = _recompute(gate, up_AF[sl])
-            if weight_A is not None:
-                w_N1 = weight_A[sl, None]
-                if need_weight:
-                    dweight[sl] = torch.linalg.vecdot(dh, h)
-                dh.mul_(w_N1)
-                if need_wd and scale_dy:
-                    torch.mm(h.t(), dy_ND * w_N1, out=dwd[e])
-                elif need_wd:
-                    torch.mm((h * w_N1).t(), dy_ND, out=dwd[e])
-            elif need_wd:
-                torch.mm(h.t(), dy_ND, out=dwd[e])
-            if not (need_x or need_wg or need_wu):
-                continue
-            d_gate, d_up = _activate_backward(dh, gate, up_AF[sl], silu)
-            x_ND = x.index_select(0, rows_A[sl]) if combine else x[sl]
-            if need_wu:
-                torch.mm(x_ND.t(), d_up, out=dwu[e])
-            if need_wg and d_gate is not None:
-                torch.mm(x_ND.t(), d_gate, out=dwg[e])
-            if need_x:
-                dx_ND = torch.mm(d_up, w_up[e].t(), out=None if combine else dx[sl])
-                if d_gate is not None:
-                    dx_ND.addmm_(d_gate, w_gate[e].t())
-                if combine:
-                    dx.index_add_(0, rows_A[sl], dx_ND)
-        return dx, dwg, dwu, dwd, dweight, None, None, None
+        starts = _starts(counts)
+        g = _Grads(ctx.needs_input_grad[1:5], w_gate, w_up, w_down, weight_A, counts)
+        groups = _groups(counts, ctx.split, *w_up.shape[1:])
+        dx_rows = x.new_empty(x.shape) if need_x and not combine else None
+
+        def task(i: int):
+            # As in forward: with rows_A each group sums dx into its own buffer, and the
+            # buffers are added in group order.
+            dx = torch.zeros_like(x) if need_x and combine else dx_rows
+            return lambda: _backward_experts(groups[i], saved, grad_out, counts, starts, g, dx)
+
+        tasks = [task(i) for i in range(len(groups))]
+        dxs = [tasks[0]()] if len(tasks) == 1 else _side_by_side(tasks)
+        dx = dxs[0]
+        if dx is not None and combine:
+            for other in dxs[1:]:
+                dx.add_(other)
+        return dx, g.dwg, g.dwu, g.dwd, g.dweight, None, None, None, None
 
 
 def fused_experts(
@@ -180,6 +348,7 @@ def fused_experts(
     rows_A: Tensor | None = None,
     weight_A: Tensor | None = None,
     num_out: int | None = None,
+    split: bool | None = None,
 ) -> Tensor:
     """Run E expert MLPs over assignments grouped by expert, on CPU or in float64.
 
@@ -192,6 +361,8 @@ def fused_experts(
             [num_out, D]; when None the result is the [A, D] per-row expert outputs.
         weight_A: [A] combine weights multiplying each assignment's output (with rows_A).
         num_out: rows of the combined output (default T).
+        split: run groups of experts side by side on separate threads (True), in one
+            loop using every intra-op thread (False), or choose from the shapes (None).
 
     Returns: [num_out, D] with rows_A, else [A, D]. Differentiable in x, the weights and
     weight_A; only gate and up [A, F] are kept for backward.
@@ -202,9 +373,9 @@ def fused_experts(
     params = [t for t in (x, w_gate_EDF, w_up_EDF, w_down_EFD, weight_A) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in params):
         return _FusedExperts.apply(
-            x, w_gate_EDF, w_up_EDF, w_down_EFD, weight_A, rows_A, counts, num_out
+            x, w_gate_EDF, w_up_EDF, w_down_EFD, weight_A, rows_A, counts, num_out, split
         )
     out, _, _ = _forward_loop(
-        x, w_gate_EDF, w_up_EDF, w_down_EFD, weight_A, rows_A, counts, num_out, keep=False
+        x, w_gate_EDF, w_up_EDF, w_down_EFD, weight_A, rows_A, counts, num_out, False, split
     )
     return out
