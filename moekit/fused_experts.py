@@ -35,8 +35,11 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 
-def _activate(gate: Tensor | None, up: Tensor) -> Tensor:
-    return F.silu(gate) * up if gate is not None else F.gelu(up)
+def _activate(gate: Tensor | None, up: Tensor, kept: bool) -> Tensor:
+    """act(gate, up) into fresh storage, or into gate's / up's when they are not kept."""
+    if gate is None:
+        return F.gelu(up)
+    return F.silu(gate, inplace=not kept).mul_(up)
 
 
 def _recompute(gate: Tensor | None, up: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -44,7 +47,7 @@ def _recompute(gate: Tensor | None, up: Tensor) -> tuple[Tensor, Tensor | None]:
     if gate is None:
         return F.gelu(up), None
     silu = F.silu(gate)
-    return silu * up, silu
+    return torch.mul(silu, up), silu
 
 
 def _activate_backward(
@@ -169,6 +172,8 @@ def _forward_experts(
 ) -> Tensor:
     """The listed experts' outputs, summed into `out` (with rows_A) or written to their rows."""
     combine = rows_A is not None
+    # Scale whichever of h [N, F] or y [N, D] is narrower by the router weights.
+    scale_h = w_up.shape[2] < w_up.shape[1]
     for e in experts:
         sl = slice(starts[e], starts[e] + counts[e])
         x_ND = x.index_select(0, rows_A[sl]) if combine else x[sl]
@@ -178,12 +183,14 @@ def _forward_experts(
                 x_ND @ w_gate[e] if gate_AF is None else torch.mm(x_ND, w_gate[e], out=gate_AF[sl])
             )
         up = x_ND @ w_up[e] if up_AF is None else torch.mm(x_ND, w_up[e], out=up_AF[sl])
-        h = _activate(gate, up)
+        h = _activate(gate, up, kept=up_AF is not None)
         if not combine:
             torch.mm(h, w_down[e], out=out[sl])
             continue
+        if weight_A is not None and scale_h:
+            h.mul_(weight_A[sl, None])
         y = h @ w_down[e]
-        if weight_A is not None:
+        if weight_A is not None and not scale_h:
             y.mul_(weight_A[sl, None])
         # Expert after expert, in token order within each: the reference's summation order.
         out.index_add_(0, rows_A[sl], y)
@@ -280,7 +287,7 @@ def _backward_experts(
             if dwd is not None and scale_dy:
                 torch.mm(h.t(), dy_ND * w_N1, out=dwd[e])
             elif dwd is not None:
-                torch.mm((h * w_N1).t(), dy_ND, out=dwd[e])
+                torch.mm(h.mul_(w_N1).t(), dy_ND, out=dwd[e])
         elif dwd is not None:
             torch.mm(h.t(), dy_ND, out=dwd[e])
         if dx is None and dwg is None and dwu is None:
