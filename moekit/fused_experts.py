@@ -16,6 +16,13 @@ On CPU torch's grouped_mm has a forward but no backward (torch 2.13), and a loop
 plain matmuls measures as fast as its forward, so the loop is the kernel here. CUDA
 uses grouped_mm through `ExpertBank.forward_grouped` instead.
 
+Threads. Where one expert's matmuls are mid-sized (64 experts of ~512 rows), the experts
+are split into row-balanced groups run side by side, one single-threaded worker per
+intra-op thread: such matmuls share two threads poorly, and each of the loop's many
+small multi-threaded ops can stall on the other thread. Each group sums into its own
+output (and dx) buffer and the buffers are added in group order, so results do not
+depend on thread timing. `_auto_split` says which shapes split and what was measured.
+
 Decoding (a handful of tokens, no autograd): experts without rows are skipped, so each
 touched expert's weights are read once, by a skinny matmul. Per-token weight gather
 (w[expert_A] as [A, D, F] copies, then a batched matvec) is fine for batch-1 decoding,
@@ -23,6 +30,9 @@ wasteful for training; here it would copy each weight once per assignment where 
 loop reads it once, so it is not used. What is left above the weight-read floor is
 MKL's gemm path for 2-8 rows, which streams a [D, F] weight at about 2/3 of the
 bandwidth of its 1-row (gemv) path: benchmarks/bench_layer.py measures about 1.5x.
+Measured and not better for 2-3 rows per expert: (W^T x^T)^T (2x slower), one matvec
+per row (1.2-1.6x slower), row blocks of W with addmm (within 5%), padding to 8 rows,
+and experts split across threads (1.06x slower).
 """
 
 from __future__ import annotations
