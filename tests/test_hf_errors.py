@@ -135,7 +135,7 @@ def test_no_safetensors_means_no_pickle(checkpoint):
 @pytest.mark.parametrize(
     ("changes", "option"),
     [
-        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope_type"),
+        ({"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}}, "linear"),
         ({"sliding_window": 16}, "sliding_window=16"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"router_jitter_noise": 0.1}, "router_jitter_noise"),
