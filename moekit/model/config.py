@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from moekit.config import ACTIVATIONS, MoEConfig
-from moekit.validate import check_bool, check_int, check_positive
+from moekit.model.rope import ROPE_TYPES, Yarn
+from moekit.validate import check_bool, check_int, check_non_negative, check_positive
 
 ATTENTION_NAMES = ("gqa", "mla")
 QK_NORMS = (None, "head", "full")
@@ -48,6 +49,24 @@ class ModelConfig:
     """Epsilon of every RMSNorm."""
     rope_theta: float = 10000.0
     """Base of the rotary position embedding frequencies."""
+    rope_type: str = "default"
+    """Rotary variant: default (plain RoPE) or yarn (YaRN context extension, Peng et al. 2023)."""
+    rope_factor: float = 1.0
+    """yarn: context stretch, max_seq_len over the pretraining length (DeepSeek-V3: 40)."""
+    rope_original_max_seq_len: int | None = None
+    """yarn: the pretraining context length (required with yarn)."""
+    rope_beta_fast: float = 32.0
+    """yarn: frequency pairs turning more often than this over the original context are kept."""
+    rope_beta_slow: float = 1.0
+    """yarn: frequency pairs turning less often than this are divided by rope_factor."""
+    rope_mscale: float | None = None
+    """yarn: DeepSeek's mscale, numerator of the cos/sin factor; None = plain YaRN."""
+    rope_mscale_all_dim: float | None = None
+    """yarn: DeepSeek's mscale_all_dim, denominator of that factor and MLA softmax-scale term."""
+    rope_attention_factor: float | None = None
+    """yarn: explicit cos/sin multiplier; None = derived from rope_factor and the mscales."""
+    rope_truncate: bool = True
+    """yarn: round the frequency ramp's ends to whole dimensions (the reference default)."""
     attention: str = "gqa"
     """Attention class from the registry: gqa (grouped-query) or mla (multi-head latent)."""
     qkv_bias: bool = False
@@ -78,7 +97,14 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len"):
             check_int(name, getattr(self, name))
-        for name in ("moe_as_dense", "qkv_bias", "o_bias", "rope_interleave", "tie_embeddings"):
+        for name in (
+            "moe_as_dense",
+            "qkv_bias",
+            "o_bias",
+            "rope_interleave",
+            "tie_embeddings",
+            "rope_truncate",
+        ):
             check_bool(name, getattr(self, name))
         check_positive("norm_eps", self.norm_eps)
         check_positive("rope_theta", self.rope_theta)
@@ -119,9 +145,39 @@ class ModelConfig:
             raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
         if self.clip_qkv is not None:
             check_positive("clip_qkv", self.clip_qkv)
+        self._check_rope()
         self._check_heads()
         if self.attention == "mla":
             self._check_mla()
+
+    def _check_rope(self) -> None:
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
+        check_positive("rope_factor", self.rope_factor)
+        if self.rope_original_max_seq_len is not None:
+            check_int("rope_original_max_seq_len", self.rope_original_max_seq_len)
+        check_positive("rope_beta_fast", self.rope_beta_fast)
+        check_positive("rope_beta_slow", self.rope_beta_slow)
+        for name in ("rope_mscale", "rope_mscale_all_dim"):
+            if getattr(self, name) is not None:
+                check_non_negative(name, getattr(self, name))
+        if self.rope_attention_factor is not None:
+            check_positive("rope_attention_factor", self.rope_attention_factor)
+        if self.rope_type != "yarn":
+            return
+        if self.rope_factor < 1:
+            raise ValueError(
+                f"rope_factor must be >= 1 with rope_type='yarn', got {self.rope_factor!r}"
+            )
+        if self.rope_original_max_seq_len is None:
+            raise ValueError(
+                "rope_original_max_seq_len must be set when rope_type='yarn', got None"
+            )
+        if self.rope_beta_fast <= self.rope_beta_slow:
+            raise ValueError(
+                f"rope_beta_fast must be > rope_beta_slow ({self.rope_beta_slow}), "
+                f"got {self.rope_beta_fast!r}"
+            )
 
     def _check_heads(self) -> None:
         if self.num_kv_heads is not None:
@@ -157,6 +213,22 @@ class ModelConfig:
                 f"qk_norm/clip_qkv apply to attention='gqa' only, got qk_norm={self.qk_norm!r}, "
                 f"clip_qkv={self.clip_qkv!r}"
             )
+
+    @property
+    def yarn(self) -> Yarn | None:
+        """The YaRN settings when rope_type is yarn, else None (plain RoPE)."""
+        if self.rope_type != "yarn":
+            return None
+        return Yarn(
+            factor=self.rope_factor,
+            original_max_seq_len=self.rope_original_max_seq_len,
+            beta_fast=self.rope_beta_fast,
+            beta_slow=self.rope_beta_slow,
+            mscale=self.rope_mscale,
+            mscale_all_dim=self.rope_mscale_all_dim,
+            attention_factor=self.rope_attention_factor,
+            truncate=self.rope_truncate,
+        )
 
     @property
     def kv_heads(self) -> int:

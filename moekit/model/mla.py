@@ -9,7 +9,7 @@ N qk_nope_head_dim, R qk_rope_head_dim, Dv v_head_dim, Cq q_lora_rank, Ckv kv_lo
     c, k_r = split(W_kva x)                [B, S, Ckv], [B, S, R]: the latent and one shared
                                            rotary key for all heads (what the cache stores)
     k_n, v = split(W_kvb norm(c))          [B, L, H, N], [B, L, H, Dv]
-    score  = (q_n . k_n + rope(q_r) . rope(k_r)) / sqrt(N + R)
+    score  = (q_n . k_n + rope(q_r) . rope(k_r)) / sqrt(N + R)   (times mscale^2 with YaRN)
 
 Parameter names are those of the Hugging Face DeepSeek-V3 checkpoints, so loading needs no
 renaming. Keys and values are expanded from the cached latent at every step (the
@@ -60,6 +60,12 @@ class MultiHeadLatentAttention(nn.Module):
         self.rope_interleave = config.rope_interleave
         qk_dim = self.nope_dim + self.rope_dim
         self.scale = qk_dim**-0.5
+        if config.yarn is not None:
+            # DeepSeek-V3 multiplies the softmax scale by mscale(factor, mscale_all_dim)^2,
+            # YaRN's temperature (Peng et al. 2023, §3.4) applied to the whole score rather
+            # than to the rotary part through cos/sin; same float order as transformers.
+            m = config.yarn.softmax_scale_factor
+            self.scale = self.scale * m * m
         if config.q_lora_rank is None:
             self.q_proj = nn.Linear(D, H * qk_dim, bias=False)
         else:
