@@ -52,7 +52,9 @@ class Transformer(nn.Module):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.rope = RotaryEmbedding(config.rope_dim, config.rope_theta, config.max_seq_len)
+        self.rope = RotaryEmbedding(
+            config.rope_dim, config.rope_theta, config.max_seq_len, yarn=config.yarn
+        )
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
