@@ -33,19 +33,71 @@ def require(hf: dict, family: str, key: str) -> object:
     return hf[key]
 
 
-def rope_theta(hf: dict, family: str, default_theta: float) -> float:
-    """The RoPE base. Only plain RoPE over the full rotary width is run: scaled variants
-    (yarn, linear, dynamic, llama3, ...) change the frequencies and are refused."""
+# Keys of a yarn rope_parameters dict -> ModelConfig fields (transformers' names and defaults).
+_YARN_KEYS = {
+    "factor": "rope_factor",
+    "original_max_position_embeddings": "rope_original_max_seq_len",
+    "beta_fast": "rope_beta_fast",
+    "beta_slow": "rope_beta_slow",
+    "mscale": "rope_mscale",
+    "mscale_all_dim": "rope_mscale_all_dim",
+    "attention_factor": "rope_attention_factor",
+    "truncate": "rope_truncate",
+}
+_YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}
+
+
+def rope_fields(hf: dict, family: str, default_theta: float) -> dict:
+    """rope_theta and the rope_* fields. Plain RoPE and YaRN over the full rotary width are
+    run; other scaled variants (linear, dynamic, llama3, longrope, ...) are refused."""
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
         raise unsupported(family, "rope_parameters", params, "per-layer RoPE settings")
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        raise unsupported(family, "rope_parameters.rope_type", kind, "only plain RoPE is run")
+    if kind not in ("default", "yarn"):
+        raise unsupported(
+            family, "rope_parameters.rope_type", kind, "only default and yarn RoPE are run"
+        )
     factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if factor != 1.0:
         raise unsupported(family, "partial_rotary_factor", factor)
-    return float(params.get("rope_theta", hf.get("rope_theta", default_theta)))
+    out = {"rope_theta": float(params.get("rope_theta", hf.get("rope_theta", default_theta)))}
+    if kind == "yarn":
+        out.update(_yarn_fields(hf, params))
+    return out
+
+
+def _yarn_fields(hf: dict, params: dict) -> dict:
+    # transformers' standardize_rope_params: a top-level original_max_position_embeddings
+    # wins, then the dict's, then max_position_embeddings; factor None means the ratio.
+    max_len = hf.get("max_position_embeddings", 4096)
+    original = hf.get("original_max_position_embeddings") or params.get(
+        "original_max_position_embeddings", max_len
+    )
+    factor = params.get("factor")
+    if factor is None:
+        factor = max_len / original
+    out = {"rope_type": "yarn", "rope_factor": float(factor)}
+    out["rope_original_max_seq_len"] = int(original)
+    for key in ("beta_fast", "beta_slow"):
+        # `or`: transformers reads a null or 0 beta as its default.
+        out[_YARN_KEYS[key]] = float(params.get(key) or _YARN_DEFAULTS[key])
+    for key in ("mscale", "mscale_all_dim", "attention_factor"):
+        value = params.get(key)
+        out[_YARN_KEYS[key]] = None if value is None else float(value)
+    out["rope_truncate"] = bool(params.get("truncate", True))
+    return out
+
+
+def rope_parameters(config: ModelConfig) -> dict:
+    """The Hugging Face rope_parameters dict of a config (the inverse of rope_fields)."""
+    out = {"rope_type": config.rope_type, "rope_theta": config.rope_theta}
+    if config.rope_type == "yarn":
+        for key, name in _YARN_KEYS.items():
+            value = getattr(config, name)
+            if value is not None:
+                out[key] = value
+    return out
 
 
 def common_fields(hf: dict, family: str, default_theta: float) -> dict:
@@ -70,7 +122,7 @@ def common_fields(hf: dict, family: str, default_theta: float) -> dict:
         head_dim=None if head_dim is None else int(head_dim),
         max_seq_len=int(hf.get("max_position_embeddings", 4096)),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=rope_theta(hf, family, default_theta),
+        **rope_fields(hf, family, default_theta),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         activation="swiglu",
     )
@@ -89,7 +141,7 @@ def common_hf(config: ModelConfig, model_type: str, architecture: str) -> dict:
         "head_dim": config.head_size,
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_parameters": rope_parameters(config),
         "tie_word_embeddings": config.tie_embeddings,
         "hidden_act": "silu",
         "dtype": "float32",
