@@ -215,3 +215,34 @@ def test_yarn_export_round_trip(checkpoint, tmp_path):
     back = hf_models.load_hf(tmp_path / "out")
     ids = _ids(seed=3)
     torch.testing.assert_close(hf_models.hf_logits(back, ids), hf_models.hf_logits(hf, ids), **TOL)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+def test_release_sized_yarn_matches_transformers_tables_and_scale(family):
+    # DeepSeek-V3's released rope settings (factor 40 over 4096 positions, rotary width 64)
+    # and a Qwen3-style 32k -> 128k yarn: frequencies and factors equal transformers' bitwise.
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
+
+    from moekit.hf.families import FAMILIES
+
+    if family == "deepseek_v3":
+        params = dict(DEEPSEEK_YARN, factor=40, original_max_position_embeddings=4096)
+        overrides = dict(qk_rope_head_dim=64, qk_nope_head_dim=128, max_position_embeddings=163840)
+    else:
+        params = dict(QWEN_YARN, factor=4.0, original_max_position_embeddings=32768)
+        params["rope_theta"] = 1e6
+        overrides = dict(head_dim=128, max_position_embeddings=131072)
+    hf_cfg = hf_models.hf_config(family, rope_parameters=params, **overrides)
+    want_inv_freq, want_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_cfg)
+    cfg = FAMILIES[family].to_model_config(hf_cfg.to_dict())
+    got_inv_freq = cfg.yarn.inv_freq(cfg.rope_dim, cfg.rope_theta)
+    assert torch.equal(got_inv_freq, want_inv_freq)
+    assert cfg.yarn.table_scale == want_factor
+    if family == "deepseek_v3":
+        from moekit.model.mla import MultiHeadLatentAttention
+
+        want_scale = yarn_apply_mscale(hf_cfg.rope_parameters, cfg.qk_head_dim**-0.5)
+        small = cfg.replace(d_model=24, num_heads=1, kv_lora_rank=4, q_lora_rank=None)
+        assert MultiHeadLatentAttention(small, 0).scale == want_scale
+        assert want_scale != cfg.qk_head_dim**-0.5
