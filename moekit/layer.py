@@ -151,32 +151,47 @@ class MoE(nn.Module):
     def _output(self, routing: Routing, routed: Routing, seq_T: Tensor, num_seqs: int) -> MoEOutput:
         cfg = self.config
         gs = self.path.group_sum
-        num_routed = routed.expert_A.numel()
-        aux = losses.switch_aux_loss(routed.probs_TE, routed.expert_A, cfg.num_experts, gs)
+        E = cfg.num_experts
+        # One bincount serves the aux loss and the load statistic unless capacity dropped
+        # assignments in between.
+        routed_E = torch.bincount(routed.expert_A, minlength=E)
+        kept_E = routed_E if routing is routed else torch.bincount(routing.expert_A, minlength=E)
+        aux = losses.switch_aux_loss(routed.probs_TE, routed.expert_A, E, gs, counts_E=routed_E)
         seq_aux = losses.sequence_aux_loss(
             routed.probs_TE,
             routed.expert_A,
             routed.token_A,
             seq_T,
             num_seqs,
-            cfg.num_experts,
+            E,
             cfg.top_k,
             gs,
         )
         z = losses.z_loss(routing.logits_TE, gs)
         with torch.no_grad():
-            tokens_per_expert = gs(
-                torch.bincount(routing.expert_A, minlength=cfg.num_experts).float()
-            )
+            tokens_per_expert = gs(kept_E.float())
             counts = gs(
                 torch.tensor(
-                    [num_routed, routing.expert_A.numel()],
+                    [routed.expert_A.numel(), routing.expert_A.numel()],
                     dtype=torch.float32,
                     device=routing.expert_A.device,
                 )
             )
-            dropped = (1 - counts[1] / counts[0]) if counts[0] > 0 else counts[0] * 0
-        loss = cfg.aux_loss_coef * aux + cfg.seq_aux_loss_coef * seq_aux + cfg.z_loss_coef * z
+            # 0 when nothing was routed, tested without a host sync.
+            dropped = (1 - counts[1] / counts[0].clamp(min=1)) * (counts[0] > 0)
+        # Terms with a zero coefficient stay out of the sum, so backward skips their graphs;
+        # each loss keeps its own graph and value in the output. Adding 0 * finite is exact,
+        # so the sum equals the full weighted sum bit for bit.
+        terms = [
+            c * t
+            for c, t in (
+                (cfg.aux_loss_coef, aux),
+                (cfg.seq_aux_loss_coef, seq_aux),
+                (cfg.z_loss_coef, z),
+            )
+            if c != 0
+        ]
+        loss = sum(terms[1:], terms[0]) if terms else aux * 0.0
         return MoEOutput(
             loss=loss,
             aux_loss=aux,

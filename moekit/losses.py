@@ -26,6 +26,7 @@ def switch_aux_loss(
     expert_A: Tensor,
     num_experts: int,
     group_sum: GroupSum = _identity,
+    counts_E: Tensor | None = None,
 ) -> Tensor:
     """Switch/GShard balancing loss: E * sum_e f_e * P_e (Fedus et al. 2021, eq. 4).
 
@@ -33,17 +34,20 @@ def switch_aux_loss(
     of e. f is normalised by the number of assignments (T*K), not tokens, so a perfectly
     uniform router scores exactly 1.0 for any K. Computed per layer: averaging the
     statistics of several layers before the product (a known bug elsewhere) lets one
-    layer's imbalance cancel another's.
+    layer's imbalance cancel another's. counts_E [E], when given, is
+    bincount(expert_A, minlength=E), already computed by the caller.
     """
-    counts_E = torch.bincount(expert_A, minlength=num_experts).to(probs_TE.dtype)
+    if counts_E is None:
+        counts_E = torch.bincount(expert_A, minlength=num_experts)
+    counts_E = counts_E.to(probs_TE.dtype)
     totals = torch.stack([probs_TE.new_tensor(float(probs_TE.shape[0])), counts_E.sum()])
     prob_sum_E = probs_TE.sum(dim=0)
     counts_E, totals, prob_sum_E = group_sum(counts_E), group_sum(totals), group_sum(prob_sum_E)
-    num_tokens, num_assignments = totals[0], totals[1]
-    if num_tokens == 0 or num_assignments == 0:
-        return prob_sum_E.sum() * 0.0
-    f_E = counts_E / num_assignments
-    P_E = prob_sum_E / num_tokens
+    # Totals are whole numbers: clamping at 1 changes nothing unless they are 0, where
+    # counts and probability sums are 0 too and the loss is exactly 0 (with zero
+    # gradients), without a host sync to test for it.
+    f_E = counts_E / totals[1].clamp(min=1)
+    P_E = prob_sum_E / totals[0].clamp(min=1)
     return num_experts * (f_E * P_E).sum()
 
 
@@ -66,10 +70,10 @@ def sequence_aux_loss(
     """
     E = num_experts
     dtype = probs_TE.dtype
-    counts_SE = torch.zeros(num_seqs, E, dtype=dtype, device=probs_TE.device)
-    counts_SE.index_put_(
-        (seq_T[token_A], expert_A), torch.ones_like(expert_A, dtype=dtype), accumulate=True
-    )
+    # Counts are integers, so a bincount over (sequence, expert) pairs is exact, and
+    # cheaper than an accumulating index_put_ of ones.
+    pair_A = seq_T.index_select(0, token_A) * E + expert_A
+    counts_SE = torch.bincount(pair_A, minlength=num_seqs * E).to(dtype).view(num_seqs, E)
     prob_sum_SE = torch.zeros(num_seqs, E, dtype=dtype, device=probs_TE.device)
     prob_sum_SE = prob_sum_SE.index_add(0, seq_T, probs_TE)
     len_S = torch.bincount(seq_T, minlength=num_seqs).to(dtype)
