@@ -51,6 +51,19 @@ class Routing:
         )
 
 
+def _softmax_experts(logits_TE: Tensor) -> Tensor:
+    """Softmax over the experts; for a few experts on CPU, computed on the [E, T] transpose.
+
+    torch's CPU softmax along a contiguous last dim of 8 is slow: softmax + top-2 fwd+bwd
+    at [4096, 8] measured 883 us, 589 us through the transposed copy. From 16 experts on
+    the plain kernel wins (542 vs 785 us at E=16, 1.8 vs 3.3 ms at E=64). The two agree
+    to within an ulp.
+    """
+    if logits_TE.is_cuda or logits_TE.shape[-1] > 8:
+        return logits_TE.softmax(dim=-1)
+    return logits_TE.t().contiguous().softmax(dim=0).t()
+
+
 def _from_topk(ids_TK: Tensor, weights_TK: Tensor, logits_TE: Tensor, probs_TE: Tensor) -> Routing:
     T, K = ids_TK.shape
     token_A = torch.arange(T, device=ids_TK.device).repeat_interleave(K)
@@ -93,7 +106,7 @@ class SoftmaxTopK(Router):
 
     def forward(self, x_TD: Tensor) -> Routing:
         logits_TE = self.logits(x_TD)
-        probs_TE = logits_TE.softmax(dim=-1)
+        probs_TE = _softmax_experts(logits_TE)
         weights_TK, ids_TK = probs_TE.topk(self.config.top_k, dim=-1)
         if self.config.norm_topk_prob:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
@@ -112,7 +125,7 @@ class TopKSoftmax(Router):
         logits_TE = self.logits(x_TD)
         top_logits_TK, ids_TK = logits_TE.topk(self.config.top_k, dim=-1)
         weights_TK = top_logits_TK.softmax(dim=-1) * self.config.routed_scaling_factor
-        return _from_topk(ids_TK, weights_TK, logits_TE, logits_TE.softmax(dim=-1))
+        return _from_topk(ids_TK, weights_TK, logits_TE, _softmax_experts(logits_TE))
 
 
 class SigmoidBias(Router):
@@ -184,7 +197,7 @@ class ExpertChoice(Router):
 
     def forward(self, x_TD: Tensor) -> Routing:
         logits_TE = self.logits(x_TD)
-        probs_TE = logits_TE.softmax(dim=-1)
+        probs_TE = _softmax_experts(logits_TE)
         C = self.capacity(x_TD.shape[0])
         E = self.config.num_experts
         weights_EC, token_EC = probs_TE.t().topk(C, dim=-1)
