@@ -184,6 +184,13 @@ def _forward_experts(
     combine = rows_A is not None
     # Scale whichever of h [N, F] or y [N, D] is narrower by the router weights.
     scale_h = w_up.shape[2] < w_up.shape[1]
+    if combine and experts:
+        # The experts' outputs go to one buffer and are summed into their token rows by
+        # one index_add_ after the loop: the same order of summation (expert after expert,
+        # token order within each), and one scatter of 8192 rows took 225 us where eight
+        # of 1024 took 461 us.
+        lo, hi = starts[experts[0]], starts[experts[-1]] + counts[experts[-1]]
+        y_AD = x.new_empty(hi - lo, out.shape[1])
     for e in experts:
         sl = slice(starts[e], starts[e] + counts[e])
         x_ND = x.index_select(0, rows_A[sl]) if combine else x[sl]
@@ -199,11 +206,12 @@ def _forward_experts(
             continue
         if weight_A is not None and scale_h:
             h.mul_(weight_A[sl, None])
-        y = h @ w_down[e]
+        y = torch.mm(h, w_down[e], out=y_AD[sl.start - lo : sl.stop - lo])
         if weight_A is not None and not scale_h:
             y.mul_(weight_A[sl, None])
+    if combine and experts:
         # Expert after expert, in token order within each: the reference's summation order.
-        out.index_add_(0, rows_A[sl], y)
+        out.index_add_(0, rows_A[lo:hi], y_AD)
     return out
 
 
@@ -282,6 +290,10 @@ def _backward_experts(
     dwg, dwu, dwd, dweight = g.dwg, g.dwu, g.dwd, g.dweight
     # Scale whichever of dL/dy [N, D] or h [N, F] is narrower by the router weights.
     scale_dy = w_up.shape[1] <= w_up.shape[2]
+    if combine and dx is not None and experts:
+        # As in forward: one buffer, one index_add_ after the loop, the same order of sums.
+        lo, hi = starts[experts[0]], starts[experts[-1]] + counts[experts[-1]]
+        dx_AD = x.new_empty(hi - lo, x.shape[1])
     for e in experts:
         sl = slice(starts[e], starts[e] + counts[e])
         dy_ND = grad_out.index_select(0, rows_A[sl]) if combine else grad_out[sl]
@@ -309,11 +321,12 @@ def _backward_experts(
         if dwg is not None and d_gate is not None:
             torch.mm(x_ND.t(), d_gate, out=dwg[e])
         if dx is not None:
-            dx_ND = torch.mm(d_up, w_up[e].t(), out=None if combine else dx[sl])
+            rows = dx_AD[sl.start - lo : sl.stop - lo] if combine else dx[sl]
+            dx_ND = torch.mm(d_up, w_up[e].t(), out=rows)
             if d_gate is not None:
                 dx_ND.addmm_(d_gate, w_gate[e].t())
-            if combine:
-                dx.index_add_(0, rows_A[sl], dx_ND)
+    if combine and dx is not None and experts:
+        dx.index_add_(0, rows_A[lo:hi], dx_AD)
     return dx
 
 
