@@ -26,6 +26,7 @@ the layout. With them global, every layout trains like one process on the global
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
 
@@ -127,8 +128,13 @@ class ParallelContext:
         DDP._set_params_and_buffers_to_ignore_for_model(model, sorted(expert_names))
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         # Buffers (RoPE tables, the router bias) are equal on every rank by construction
-        # and by the group-summed bias update: no per-step broadcast.
-        return DDP(model, device_ids=device_ids, forward_sync_buffers=False)
+        # and by the group-summed bias update: no per-step broadcast. torch 2.13 names the
+        # switch forward_sync_buffers; earlier releases call it broadcast_buffers.
+        params = inspect.signature(DDP.__init__).parameters
+        no_sync = (
+            "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+        )
+        return DDP(model, device_ids=device_ids, **{no_sync: False})
 
     def _expert_grad_hook(self, grad: Tensor) -> Tensor:
         if dist.get_world_size(self.expert_dp_group) > 1:

@@ -100,6 +100,14 @@ def init_distributed(
         return env
     backend = backend or default_backend()
     if backend == "nccl":
+        # One GPU per process: a rank beyond the last device would fail later with an
+        # opaque "invalid device ordinal" from inside the first collective.
+        num_gpus = torch.cuda.device_count()
+        if env.local_rank >= num_gpus:
+            raise ValueError(
+                f"local rank {env.local_rank} has no CUDA device: this machine has {num_gpus}; "
+                f"start at most {num_gpus} processes per node, or use the gloo backend on CPU"
+            )
         torch.cuda.set_device(env.local_rank)
     store = dist.TCPStore(
         env.master_addr,
