@@ -61,6 +61,8 @@ def test_torchrun_trains_with_expert_parallel(tmp_path) -> None:
         *(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"),
         "--standalone",
         *("-m", "moekit", "train", "--expert-parallel", "2", "--dist-timeout", "60"),
+        # CPU and gloo on any machine: this test is about the launch, not the GPU.
+        *("--dist-backend", "gloo", "--device", "cpu"),
         *("--preset", "tiny", "--set", "num_layers=1", "--steps", "2", "--batch-size", "2"),
         *("--seq-len", "16", "--eval-batches", "1", "--progress", "false"),
         *("--run-dir", str(run_dir)),

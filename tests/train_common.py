@@ -64,6 +64,8 @@ def micro_train(data: Path, **changes) -> TrainConfig:
         "data": str(data),
         "val_fraction": 0.2,
         "progress": False,
+        # The references these runs are held against are computed on CPU in float32.
+        "device": "cpu",
     }
     base.update(changes)
     return TrainConfig(**base)
