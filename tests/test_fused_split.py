@@ -12,8 +12,9 @@ import torch
 from torch.testing import assert_close
 
 from moekit import MoEConfig
+from moekit.expert_threads import auto_split, expert_groups
 from moekit.experts import ExpertBank
-from moekit.fused_experts import _auto_split, _groups, fused_experts
+from moekit.fused_experts import fused_experts
 
 D, F, E, T = 24, 40, 7, 13
 
@@ -97,21 +98,21 @@ def test_split_is_deterministic_and_restores_threads():
 
 def test_groups_balance_rows_and_keep_expert_order():
     counts = [100, 0, 10, 10, 10, 70, 0, 0]
-    groups = _groups(counts, True, D, F)
+    groups = expert_groups(counts, True, D, F)
     assert groups == [[0], [2, 3, 4, 5]]
-    assert _groups(counts, False, D, F) == [[0, 2, 3, 4, 5]]
-    assert _groups([0, 0, 3], True, D, F) == [[2]]
+    assert expert_groups(counts, False, D, F) == [[0, 2, 3, 4, 5]]
+    assert expert_groups([0, 0, 3], True, D, F) == [[2]]
 
 
 def test_auto_split_by_regime():
     busy64 = list(range(64))
     # fine regime: 64 experts of ~512 rows x 1024 x 704 split; coarse and tiny do not.
-    assert _auto_split([512] * 64, busy64, 2, 1024, 704)
-    assert not _auto_split([1024] * 8, list(range(8)), 2, 1024, 2816)
-    assert not _auto_split([1024] * 8, list(range(8)), 2, 128, 128)
+    assert auto_split([512] * 64, busy64, 2, 1024, 704)
+    assert not auto_split([1024] * 8, list(range(8)), 2, 1024, 2816)
+    assert not auto_split([1024] * 8, list(range(8)), 2, 128, 128)
     # decoding: a few rows per expert; one thread: never.
-    assert not _auto_split([2] * 8, list(range(8)), 2, 1024, 2816)
-    assert not _auto_split([512] * 64, busy64, 1, 1024, 704)
+    assert not auto_split([2] * 8, list(range(8)), 2, 1024, 2816)
+    assert not auto_split([512] * 64, busy64, 1, 1024, 704)
 
 
 def test_worker_error_reaches_caller():

@@ -1,0 +1,95 @@
+"""Expert-level threading on CPU: which experts run side by side, and running them.
+
+Shapes: D model dim, F expert hidden dim; counts[e] rows of expert e.
+
+Where one expert's matmuls are mid-sized (64 experts of ~512 rows), the experts
+are split into row-balanced groups run side by side, one single-threaded worker per
+intra-op thread: such matmuls share two threads poorly, and each of the loop's many
+small multi-threaded ops can stall on the other thread. Each group sums into its own
+output (and dx) buffer and the buffers are added in group order, so results do not
+depend on thread timing. `auto_split` says which shapes split and what was measured.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+
+def expert_groups(counts: list[int], split: bool | None, D: int, Fh: int) -> list[list[int]]:
+    """Experts to run side by side: contiguous runs of experts with about equal rows.
+
+    One group (the plain loop, each op using every intra-op thread) unless `split` asks
+    for a split or, when None, the shapes call for one; see `auto_split`.
+    """
+    busy = [e for e, n in enumerate(counts) if n]
+    threads = torch.get_num_threads()
+    if split is None:
+        split = auto_split(counts, busy, threads, D, Fh)
+    num_groups = min(max(threads, 2), len(busy)) if split else 1
+    if num_groups <= 1:
+        return [busy]
+    total, groups, done = sum(counts), [[] for _ in range(num_groups)], 0
+    for e in busy:
+        # An expert joins the group its middle row falls in: groups balanced by rows.
+        groups[(2 * done + counts[e]) * num_groups // (2 * total)].append(e)
+        done += counts[e]
+    return [g for g in groups if g]
+
+
+def auto_split(counts: list[int], busy: list[int], threads: int, D: int, Fh: int) -> bool:
+    # Measured on 2 cores, fp32, forward+backward (benchmarks/bench_layer.py): where one
+    # expert's matmul is mid-sized (fine regime, ~512 rows x 1024 x 704, 3.7e8 MACs) two
+    # threads share it poorly and each of the loop's ~1,700 small multi-threaded ops can
+    # stall on the other thread; experts on separate single-threaded workers ran 0.94x
+    # the time of the plain loop, and far better on a busy machine. Big matmuls (coarse,
+    # 1024 x 1024 x 2816) scale across threads, and a row-balanced split of 8 experts
+    # left one worker idle: 1.2x slower. Small ones (the tiny preset, 1024 x 128 x 128;
+    # decoding, a few rows) are dominated by Python overhead, serialised by the GIL, or
+    # by memory bandwidth, which one multi-threaded matmul already uses: 1.5x and 1.06x
+    # slower split.
+    if threads < 2 or len(busy) < 2 * threads:
+        return False
+    macs = sum(counts) // len(busy) * D * Fh
+    return SPLIT_MACS[0] <= macs <= SPLIT_MACS[1]
+
+
+SPLIT_MACS = (2**26, 2**30)
+"""Mean multiply-adds of one busy expert's matmul (rows x D x F) within which experts run
+on separate threads."""
+
+
+def side_by_side(tasks: list) -> list:
+    """Run the callables concurrently, each on its own thread with one intra-op thread.
+
+    torch ops release the GIL, so the threads overlap in the matmuls. The caller's
+    grad mode holds in every thread and its thread count is restored afterwards;
+    results come back in task order.
+    """
+    threads = torch.get_num_threads()
+    results: list = [None] * len(tasks)
+    errors: list[BaseException] = []
+
+    grad_enabled = torch.is_grad_enabled()  # thread-local: off inside autograd Functions
+
+    def run(i: int) -> None:
+        try:
+            torch.set_num_threads(1)
+            with torch.set_grad_enabled(grad_enabled):
+                results[i] = tasks[i]()
+        except BaseException as err:  # re-raised on the calling thread
+            errors.append(err)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(1, len(tasks))]
+    try:
+        for w in workers:
+            w.start()
+        run(0)
+    finally:
+        for w in workers:
+            w.join()
+        torch.set_num_threads(threads)
+    if errors:
+        raise errors[0]
+    return results
