@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fused_common import reference_combined
 from torch.testing import assert_close
 
 from moekit import MoEConfig
@@ -29,14 +30,6 @@ def _assignments(counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, torch.rand(len(rows), dtype=torch.float64) + 0.1
 
 
-def _reference(bank, x, rows, weight, counts):
-    out = x.new_zeros(T, D)
-    for e, (r, w) in enumerate(zip(rows.split(counts), weight.split(counts), strict=True)):
-        if len(r):
-            out = out.index_add(0, r, bank.forward_expert(e, x[r]) * w[:, None])
-    return out
-
-
 def _grads(y, g, inputs):
     if not y.requires_grad:  # the reference with no assignments at all
         return [torch.zeros_like(i) for i in inputs]
@@ -53,7 +46,7 @@ def test_combined_equals_reference(activation, counts):
     x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
     g = torch.randn(T, D, dtype=torch.float64)
     inputs = [x, weight, *bank.parameters()]
-    y_ref = _reference(bank, x, rows, weight, counts)
+    y_ref = reference_combined(bank, x, rows, weight, counts)
     y = bank.forward_combined(x, rows, weight, torch.tensor(counts))
     assert_close(y, y_ref)
     for got, want in zip(_grads(y, g, inputs), _grads(y_ref, g, inputs), strict=True):
@@ -91,7 +84,7 @@ def test_partial_requires_grad_and_no_grad_agree():
         p.requires_grad_(p is bank.w_down_EFD)
     y = bank.forward_combined(x, rows, weight, torch.tensor(counts))
     (grad,) = torch.autograd.grad(y.square().sum(), [bank.w_down_EFD])
-    y_ref = _reference(bank, x, rows, weight, counts)
+    y_ref = reference_combined(bank, x, rows, weight, counts)
     (grad_ref,) = torch.autograd.grad(y_ref.square().sum(), [bank.w_down_EFD])
     assert_close(grad, grad_ref)
     with torch.no_grad():
@@ -104,7 +97,7 @@ def test_float32_matches_float64_reference():
     counts = [3, 1, 4, 1, 5]
     rows, weight = _assignments(counts)
     x = torch.randn(T, D, dtype=torch.float64)
-    y_ref = _reference(bank, x, rows, weight, counts)
+    y_ref = reference_combined(bank, x, rows, weight, counts)
     y = bank.float().forward_combined(x.float(), rows, weight.float(), torch.tensor(counts))
     assert_close(y, y_ref.float(), rtol=1e-5, atol=1e-5)
 

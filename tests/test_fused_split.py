@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fused_common import reference_combined
 from torch.testing import assert_close
 
 from moekit import MoEConfig
@@ -22,14 +23,6 @@ D, F, E, T = 24, 40, 7, 13
 def _bank(activation: str) -> ExpertBank:
     cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=3, activation=activation)
     return ExpertBank(cfg).double()
-
-
-def _reference(bank, x, rows, weight, counts):
-    out = x.new_zeros(T, D)
-    for e, (r, w) in enumerate(zip(rows.split(counts), weight.split(counts), strict=True)):
-        if len(r):
-            out = out.index_add(0, r, bank.forward_expert(e, x[r]) * w[:, None])
-    return out
 
 
 def _combined(bank, x, rows, weight, counts, split):
@@ -51,7 +44,7 @@ def test_split_combined_equals_reference(activation, counts):
     bank = _bank(activation)
     rows, weight, x, g = _case(counts)
     inputs = [x, weight, *bank.parameters()]
-    y_ref = _reference(bank, x, rows, weight, counts)
+    y_ref = reference_combined(bank, x, rows, weight, counts)
     y = _combined(bank, x, rows, weight, counts, split=True)
     assert_close(y, y_ref)
     got = torch.autograd.grad((y * g).sum(), inputs)
