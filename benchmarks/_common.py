@@ -90,11 +90,36 @@ def _status_kib(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
+def peak_rss_problem(probe_mib: int = 32) -> str | None:
+    """None when the kernel's peak-RSS counter can measure a case here, else why not.
+
+    Some kernels and sandboxes refuse the reset or keep no true high-water mark, and then
+    every peak would read as some unrelated number (or 0). A probe buffer of known size,
+    touched and freed after a reset, must show up in VmHWM before any case is trusted.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _status_kib("VmRSS")
+    except OSError as err:
+        return f"the peak-RSS counter cannot be reset here ({err})"
+    probe = torch.ones(probe_mib * 2**20 // 4)
+    del probe
+    seen_kib = _status_kib("VmHWM") - base
+    if seen_kib < 0.9 * probe_mib * 1024:
+        return (
+            f"a {probe_mib} MiB buffer, touched and freed, raised the peak-RSS counter "
+            f"by {seen_kib} KiB: it does not track a high-water mark here"
+        )
+    return None
+
+
 def peak_bytes_of(run: Callable[[], object]) -> int:
     """Peak resident bytes `run()` adds to this process (see the module docstring).
 
     Meaningful in a process started by `run_in_fresh_process`, where the malloc
-    threshold makes freed tensors leave resident memory.
+    threshold makes freed tensors leave resident memory, and where `peak_rss_problem`
+    found nothing wrong.
     """
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
