@@ -10,7 +10,9 @@ a fixed thread count (2 unless --threads), one process. Three regimes:
 
 "fwd" is a forward with autograd recording (as in training); "fwd+bwd" adds the backward
 of (y * g).sum() for a fixed random g plus the layer's balancing loss, with the weight
-gradients freed before each call so their allocation is counted, as set_to_none does.
+gradients dropped before each call as `zero_grad(set_to_none=True)` does between training
+steps: the dense layer's are allocated anew, and the MoE's expert bank writes into the
+storage it kept from the call before, as it does in training (moekit.grad_buffers).
 Times are medians over interleaved rounds (benchmarks/_common.py); ratios are MoE over
 dense from the same run.
 
@@ -58,6 +60,7 @@ from _common import (
 )
 
 from moekit import MoE, MoEConfig
+from moekit.experts import ExpertBank
 from moekit.mlp import MLP
 
 
@@ -127,6 +130,12 @@ def forward_backward(module, x, g) -> None:
         torch.autograd.backward([y, out.loss], [g, None])
 
 
+def release_held_gradients(module) -> None:
+    for m in module.modules():
+        if isinstance(m, ExpertBank):
+            m.grad_buffers.release()
+
+
 def expert_grad_bytes(module: MoE) -> int:
     return sum(p.numel() * p.element_size() for p in module.experts.parameters())
 
@@ -140,8 +149,9 @@ def memory_cases(regimes: list[Regime]) -> dict[str, object]:
 
     {"peaks": {"regime/kind": bytes}}, or {"unavailable": why} where this kernel's
     peak-RSS counter fails its probe. One warm-up call first (library workspaces are
-    allocated on first use); then the gradients are dropped and the measured call starts
-    from weights and inputs alone. Cases run one after another: every buffer of one is
+    allocated on first use); then the gradients are dropped, with the storage the expert
+    bank keeps for reuse (moekit.grad_buffers), and the measured call starts from weights
+    and inputs alone, so its peak counts the expert gradients it allocates. Cases run one after another: every buffer of one is
     unmapped before the next starts.
     """
     problem = peak_rss_problem()
@@ -155,6 +165,7 @@ def memory_cases(regimes: list[Regime]) -> dict[str, object]:
             for p in module.parameters():
                 p.grad = None
             x.grad = None
+            release_held_gradients(module)
             peaks[f"{regime.name}/{kind}"] = peak_bytes_of(
                 lambda m=module, x=x, g=g: forward_backward(m, x, g)
             )

@@ -12,6 +12,10 @@ Three ways to run the experts:
   forward and keeps less for backward than autograd would;
 - `forward_combined(x, rows, weights, counts)`: the same loop with the gather from token
   rows and the weighted combine back into them folded in, the local fast path off CUDA.
+
+The loop writes its weight gradients into `grad_buffers`, storage kept from the last
+backward once the optimizer has let go of it (moekit.grad_buffers says why and when it is
+safe); `grad_buffers.release()` frees what it holds.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.fused_experts import fused_experts
+from moekit.grad_buffers import GradBuffers
 
 
 def _act(activation: str, gate: Tensor | None, up: Tensor) -> Tensor:
@@ -49,6 +54,7 @@ class ExpertBank(nn.Module):
         self.w_gate_EDF = nn.Parameter(torch.empty(E, D, Fh)) if gated else None
         self.w_up_EDF = nn.Parameter(torch.empty(E, D, Fh))
         self.w_down_EFD = nn.Parameter(torch.empty(E, Fh, D))
+        self.grad_buffers = GradBuffers()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -74,7 +80,14 @@ class ExpertBank(nn.Module):
             h = _act(self.activation, gate, up)
             return F.grouped_mm(h, self.w_down_EFD.to(x_ND.dtype), offs=offs)
         w_gate = self.w_gate_EDF
-        return fused_experts(x_ND, w_gate, self.w_up_EDF, self.w_down_EFD, counts_E.tolist())
+        return fused_experts(
+            x_ND,
+            w_gate,
+            self.w_up_EDF,
+            self.w_down_EFD,
+            counts_E.tolist(),
+            grad_buffers=self.grad_buffers,
+        )
 
     def uses_grouped_mm(self, x: Tensor) -> bool:
         """True where forward_grouped runs torch's grouped GEMM (CUDA, fp32/bf16/fp16)."""
@@ -98,4 +111,5 @@ class ExpertBank(nn.Module):
             counts_E.tolist(),
             rows_A=rows_A,
             weight_A=weight_A.to(x_TD.dtype),
+            grad_buffers=self.grad_buffers,
         )

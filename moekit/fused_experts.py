@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from moekit.expert_threads import expert_groups, side_by_side
+from moekit.grad_buffers import GradBuffers
 
 
 def _activate(gate: Tensor | None, up: Tensor, kept: bool) -> Tensor:
@@ -68,9 +69,15 @@ def _activate_backward(
     return torch.ops.aten.silu_backward(dh.mul_(up), gate), d_up
 
 
-def _grad_buffer(w_EXY: Tensor, counts: list[int]) -> Tensor:
-    """Uninitialised [E, X, Y] gradient; experts with no rows (never written) get zeros."""
-    grad = torch.empty_like(w_EXY)
+def _grad_buffer(
+    w_EXY: Tensor, counts: list[int], buffers: GradBuffers | None, name: str
+) -> Tensor:
+    """Uninitialised [E, X, Y] gradient; experts with no rows (never written) get zeros.
+
+    From `buffers` when given: every other expert's slice is overwritten by its matmul,
+    so last step's storage serves as well as new pages and skips the kernel zeroing them.
+    """
+    grad = torch.empty_like(w_EXY) if buffers is None else buffers.take(name, w_EXY)
     for e, n in enumerate(counts):
         if n == 0:
             grad[e].zero_()
@@ -186,11 +193,11 @@ def _forward_loop(
 class _Grads:
     """Gradient buffers of one backward; experts write disjoint slices of them."""
 
-    def __init__(self, needs: tuple[bool, ...], w_gate, w_up, w_down, weight_A, counts):
+    def __init__(self, needs: tuple[bool, ...], w_gate, w_up, w_down, weight_A, counts, buffers):
         need_wg, need_wu, need_wd, need_weight = needs
-        self.dwg = _grad_buffer(w_gate, counts) if need_wg else None
-        self.dwu = _grad_buffer(w_up, counts) if need_wu else None
-        self.dwd = _grad_buffer(w_down, counts) if need_wd else None
+        self.dwg = _grad_buffer(w_gate, counts, buffers, "gate") if need_wg else None
+        self.dwu = _grad_buffer(w_up, counts, buffers, "up") if need_wu else None
+        self.dwd = _grad_buffer(w_down, counts, buffers, "down") if need_wd else None
         self.dweight = torch.empty_like(weight_A) if need_weight else None
 
 
@@ -251,12 +258,12 @@ def _backward_experts(
 
 class _FusedExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down, weight_A, rows_A, counts, num_out, split):
+    def forward(ctx, x, w_gate, w_up, w_down, weight_A, rows_A, counts, num_out, split, buffers):
         out, gate_AF, up_AF = _forward_loop(
             x, w_gate, w_up, w_down, weight_A, rows_A, counts, num_out, True, split
         )
         ctx.save_for_backward(x, w_gate, w_up, w_down, weight_A, rows_A, gate_AF, up_AF)
-        ctx.counts, ctx.split = counts, split
+        ctx.counts, ctx.split, ctx.buffers = counts, split, buffers
         return out
 
     @staticmethod
@@ -269,7 +276,8 @@ class _FusedExperts(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         counts = ctx.counts
         starts = _starts(counts)
-        g = _Grads(ctx.needs_input_grad[1:5], w_gate, w_up, w_down, weight_A, counts)
+        needs = ctx.needs_input_grad[1:5]
+        g = _Grads(needs, w_gate, w_up, w_down, weight_A, counts, ctx.buffers)
         groups = expert_groups(counts, ctx.split, *w_up.shape[1:])
         dx_rows = x.new_empty(x.shape) if need_x and not combine else None
 
@@ -285,7 +293,7 @@ class _FusedExperts(torch.autograd.Function):
         if dx is not None and combine:
             for other in dxs[1:]:
                 dx.add_(other)
-        return dx, g.dwg, g.dwu, g.dwd, g.dweight, None, None, None, None
+        return dx, g.dwg, g.dwu, g.dwd, g.dweight, None, None, None, None, None
 
 
 def fused_experts(
@@ -298,6 +306,7 @@ def fused_experts(
     weight_A: Tensor | None = None,
     num_out: int | None = None,
     split: bool | None = None,
+    grad_buffers: GradBuffers | None = None,
 ) -> Tensor:
     """Run E expert MLPs over assignments grouped by expert, on CPU or in float64.
 
@@ -312,6 +321,8 @@ def fused_experts(
         num_out: rows of the combined output (default T).
         split: run groups of experts side by side on separate threads (True), in one
             loop using every intra-op thread (False), or choose from the shapes (None).
+        grad_buffers: where the weights' gradients are written, reused from the last
+            backward when nothing else holds them (moekit.grad_buffers); None allocates.
 
     Returns: [num_out, D] with rows_A, else [A, D]. Differentiable in x, the weights and
     weight_A; only gate and up [A, F] are kept for backward.
@@ -322,7 +333,16 @@ def fused_experts(
     params = [t for t in (x, w_gate_EDF, w_up_EDF, w_down_EFD, weight_A) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in params):
         return _FusedExperts.apply(
-            x, w_gate_EDF, w_up_EDF, w_down_EFD, weight_A, rows_A, counts, num_out, split
+            x,
+            w_gate_EDF,
+            w_up_EDF,
+            w_down_EFD,
+            weight_A,
+            rows_A,
+            counts,
+            num_out,
+            split,
+            grad_buffers,
         )
     out, _, _ = _forward_loop(
         x, w_gate_EDF, w_up_EDF, w_down_EFD, weight_A, rows_A, counts, num_out, False, split
