@@ -151,8 +151,8 @@ def memory_cases(regimes: list[Regime]) -> dict[str, object]:
     peak-RSS counter fails its probe. One warm-up call first (library workspaces are
     allocated on first use); then the gradients are dropped, with the storage the expert
     bank keeps for reuse (moekit.grad_buffers), and the measured call starts from weights
-    and inputs alone, so its peak counts the expert gradients it allocates. Cases run one after another: every buffer of one is
-    unmapped before the next starts.
+    and inputs alone, so its peak counts the expert gradients it allocates. Cases run one
+    after another: every buffer of one is unmapped before the next starts.
     """
     problem = peak_rss_problem()
     if problem is not None:
