@@ -92,6 +92,27 @@ def _starts(counts: list[int]) -> list[int]:
     return starts
 
 
+def _scatter_buffer(
+    x: Tensor, experts: list[int], counts: list[int], lo: int, hi: int, side_by_side: bool
+) -> tuple[Tensor, bool]:
+    """Where a run of experts puts its [N, D] results before they are summed into tokens,
+    and whether they are summed by one index_add_ after the loop (else one per expert).
+
+    In the plain loop: one buffer for all the run's rows, one index_add_ (one scatter of
+    8192 rows x 128 took 225 us where eight of 1024 took 461 us). Runs on side-by-side
+    workers: one expert-sized buffer per worker, reused expert after expert, each result
+    scattered while still in cache. Two workers allocating run-sized buffers (64 MiB
+    each for the fine benchmark layer) fault in fresh pages at the same time, and that
+    contends; the fine layer's forward+backward went from 1704 to 1642 ms, where the
+    coarse one (plain loop) measured 1521 against 1540 ms the same way. Either way the
+    sums run expert after expert, in token order within each: the reference's order.
+    """
+    D = x.shape[1]
+    if not side_by_side:
+        return x.new_empty(hi - lo, D), True
+    return x.new_empty(max(counts[e] for e in experts), D), False
+
+
 def _forward_experts(
     experts: list[int],
     x: Tensor,
@@ -105,18 +126,15 @@ def _forward_experts(
     out: Tensor,
     gate_AF: Tensor | None,
     up_AF: Tensor | None,
+    side_by_side: bool,
 ) -> Tensor:
     """The listed experts' outputs, summed into `out` (with rows_A) or written to their rows."""
     combine = rows_A is not None
     # Scale whichever of h [N, F] or y [N, D] is narrower by the router weights.
     scale_h = w_up.shape[2] < w_up.shape[1]
     if combine and experts:
-        # The experts' outputs go to one buffer and are summed into their token rows by
-        # one index_add_ after the loop: the same order of summation (expert after expert,
-        # token order within each), and one scatter of 8192 rows took 225 us where eight
-        # of 1024 took 461 us.
         lo, hi = starts[experts[0]], starts[experts[-1]] + counts[experts[-1]]
-        y_AD = x.new_empty(hi - lo, out.shape[1])
+        y_AD, one_scatter = _scatter_buffer(x, experts, counts, lo, hi, side_by_side)
     for e in experts:
         sl = slice(starts[e], starts[e] + counts[e])
         x_ND = x.index_select(0, rows_A[sl]) if combine else x[sl]
@@ -132,10 +150,13 @@ def _forward_experts(
             continue
         if weight_A is not None and scale_h:
             h.mul_(weight_A[sl, None])
-        y = torch.mm(h, w_down[e], out=y_AD[sl.start - lo : sl.stop - lo])
+        rows = y_AD[sl.start - lo : sl.stop - lo] if one_scatter else y_AD[: counts[e]]
+        y = torch.mm(h, w_down[e], out=rows)
         if weight_A is not None and not scale_h:
             y.mul_(weight_A[sl, None])
-    if combine and experts:
+        if not one_scatter:
+            out.index_add_(0, rows_A[sl], y)
+    if combine and experts and one_scatter:
         # Expert after expert, in token order within each: the reference's summation order.
         out.index_add_(0, rows_A[lo:hi], y_AD)
     return out
@@ -178,6 +199,7 @@ def _forward_loop(
             out,
             gate_AF,
             up_AF,
+            len(groups) > 1,
         )
 
     out_AD = None if combine else x.new_empty(A, x.shape[1])
@@ -209,6 +231,7 @@ def _backward_experts(
     starts: list[int],
     g: _Grads,
     dx: Tensor | None,
+    side_by_side: bool,
 ) -> Tensor | None:
     """The listed experts' gradients; dx is summed into (rows_A) or written to their rows."""
     x, w_gate, w_up, w_down, weight_A, rows_A, gate_AF, up_AF = saved
@@ -217,9 +240,9 @@ def _backward_experts(
     # Scale whichever of dL/dy [N, D] or h [N, F] is narrower by the router weights.
     scale_dy = w_up.shape[1] <= w_up.shape[2]
     if combine and dx is not None and experts:
-        # As in forward: one buffer, one index_add_ after the loop, the same order of sums.
+        # As in forward: the same buffer choice and the same order of sums.
         lo, hi = starts[experts[0]], starts[experts[-1]] + counts[experts[-1]]
-        dx_AD = x.new_empty(hi - lo, x.shape[1])
+        dx_AD, one_scatter = _scatter_buffer(x, experts, counts, lo, hi, side_by_side)
     for e in experts:
         sl = slice(starts[e], starts[e] + counts[e])
         dy_ND = grad_out.index_select(0, rows_A[sl]) if combine else grad_out[sl]
@@ -247,11 +270,16 @@ def _backward_experts(
         if dwg is not None and d_gate is not None:
             torch.mm(x_ND.t(), d_gate, out=dwg[e])
         if dx is not None:
-            rows = dx_AD[sl.start - lo : sl.stop - lo] if combine else dx[sl]
+            if not combine:
+                rows = dx[sl]
+            else:
+                rows = dx_AD[sl.start - lo : sl.stop - lo] if one_scatter else dx_AD[: counts[e]]
             dx_ND = torch.mm(d_up, w_up[e].t(), out=rows)
             if d_gate is not None:
                 dx_ND.addmm_(d_gate, w_gate[e].t())
-    if combine and dx is not None and experts:
+            if combine and not one_scatter:
+                dx.index_add_(0, rows_A[sl], dx_ND)
+    if combine and dx is not None and experts and one_scatter:
         dx.index_add_(0, rows_A[lo:hi], dx_AD)
     return dx
 
@@ -285,7 +313,9 @@ class _FusedExperts(torch.autograd.Function):
             # As in forward: with rows_A each group sums dx into its own buffer, and the
             # buffers are added in group order.
             dx = torch.zeros_like(x) if need_x and combine else dx_rows
-            return lambda: _backward_experts(groups[i], saved, grad_out, counts, starts, g, dx)
+            return lambda: _backward_experts(
+                groups[i], saved, grad_out, counts, starts, g, dx, len(groups) > 1
+            )
 
         tasks = [task(i) for i in range(len(groups))]
         dxs = [tasks[0]()] if len(tasks) == 1 else side_by_side(tasks)
