@@ -92,25 +92,42 @@ def _starts(counts: list[int]) -> list[int]:
     return starts
 
 
-def _scatter_buffer(
-    x: Tensor, experts: list[int], counts: list[int], lo: int, hi: int, side_by_side: bool
-) -> tuple[Tensor, bool]:
-    """Where a run of experts puts its [N, D] results before they are summed into tokens,
-    and whether they are summed by one index_add_ after the loop (else one per expert).
+class _Scatter:
+    """Where a run of experts puts its [N, D] results before they are summed into tokens.
 
-    In the plain loop: one buffer for all the run's rows, one index_add_ (one scatter of
-    8192 rows x 128 took 225 us where eight of 1024 took 461 us). Runs on side-by-side
-    workers: one expert-sized buffer per worker, reused expert after expert, each result
-    scattered while still in cache. Two workers allocating run-sized buffers (64 MiB
-    each for the fine benchmark layer) fault in fresh pages at the same time, and that
-    contends; the fine layer's forward+backward went from 1704 to 1642 ms, where the
-    coarse one (plain loop) measured 1521 against 1540 ms the same way. Either way the
-    sums run expert after expert, in token order within each: the reference's order.
+    In the plain loop: one buffer for all the run's rows, summed by one index_add_ after
+    the loop (one scatter of 8192 rows x 128 took 225 us where eight of 1024 took 461 us).
+    Runs on side-by-side workers (per_expert): one expert-sized buffer per worker, reused
+    expert after expert, each result scattered while still in cache. Two workers
+    allocating run-sized buffers (64 MiB each for the fine benchmark layer) fault in
+    fresh pages at the same time, and that contends; the fine layer's forward+backward
+    went from 1704 to 1642 ms, where the coarse one (plain loop) measured 1521 against
+    1540 ms the same way. Either way the sums run expert after expert, in token order
+    within each: the reference's order.
     """
-    D = x.shape[1]
-    if not side_by_side:
-        return x.new_empty(hi - lo, D), True
-    return x.new_empty(max(counts[e] for e in experts), D), False
+
+    def __init__(self, x, rows_A, experts, counts, starts, per_expert: bool) -> None:
+        lo, hi = starts[experts[0]], starts[experts[-1]] + counts[experts[-1]]
+        self.lo, self.per_expert, self.rows_A = lo, per_expert, rows_A
+        num_rows = max(counts[e] for e in experts) if per_expert else hi - lo
+        self.buf_ND = x.new_empty(num_rows, x.shape[1])
+        self.span = slice(lo, hi)
+
+    def rows(self, sl: slice) -> Tensor:
+        """Where the expert owning assignments `sl` writes its [N, D] result."""
+        if self.per_expert:
+            return self.buf_ND[: sl.stop - sl.start]
+        return self.buf_ND[sl.start - self.lo : sl.stop - self.lo]
+
+    def written(self, out: Tensor, sl: slice, result_ND: Tensor) -> None:
+        """An expert's result is in place: scatter it now when buffers are per expert."""
+        if self.per_expert:
+            out.index_add_(0, self.rows_A[sl], result_ND)
+
+    def finish(self, out: Tensor) -> None:
+        """After the loop: the one scatter of the whole run, when not per expert."""
+        if not self.per_expert:
+            out.index_add_(0, self.rows_A[self.span], self.buf_ND)
 
 
 def _forward_experts(
@@ -126,15 +143,14 @@ def _forward_experts(
     out: Tensor,
     gate_AF: Tensor | None,
     up_AF: Tensor | None,
-    side_by_side: bool,
+    per_expert: bool,
 ) -> Tensor:
     """The listed experts' outputs, summed into `out` (with rows_A) or written to their rows."""
     combine = rows_A is not None
     # Scale whichever of h [N, F] or y [N, D] is narrower by the router weights.
     scale_h = w_up.shape[2] < w_up.shape[1]
     if combine and experts:
-        lo, hi = starts[experts[0]], starts[experts[-1]] + counts[experts[-1]]
-        y_AD, one_scatter = _scatter_buffer(x, experts, counts, lo, hi, side_by_side)
+        scatter = _Scatter(x, rows_A, experts, counts, starts, per_expert)
     for e in experts:
         sl = slice(starts[e], starts[e] + counts[e])
         x_ND = x.index_select(0, rows_A[sl]) if combine else x[sl]
@@ -150,15 +166,12 @@ def _forward_experts(
             continue
         if weight_A is not None and scale_h:
             h.mul_(weight_A[sl, None])
-        rows = y_AD[sl.start - lo : sl.stop - lo] if one_scatter else y_AD[: counts[e]]
-        y = torch.mm(h, w_down[e], out=rows)
+        y = torch.mm(h, w_down[e], out=scatter.rows(sl))
         if weight_A is not None and not scale_h:
             y.mul_(weight_A[sl, None])
-        if not one_scatter:
-            out.index_add_(0, rows_A[sl], y)
-    if combine and experts and one_scatter:
-        # Expert after expert, in token order within each: the reference's summation order.
-        out.index_add_(0, rows_A[lo:hi], y_AD)
+        scatter.written(out, sl, y)
+    if combine and experts:
+        scatter.finish(out)
     return out
 
 
@@ -231,7 +244,7 @@ def _backward_experts(
     starts: list[int],
     g: _Grads,
     dx: Tensor | None,
-    side_by_side: bool,
+    per_expert: bool,
 ) -> Tensor | None:
     """The listed experts' gradients; dx is summed into (rows_A) or written to their rows."""
     x, w_gate, w_up, w_down, weight_A, rows_A, gate_AF, up_AF = saved
@@ -241,8 +254,7 @@ def _backward_experts(
     scale_dy = w_up.shape[1] <= w_up.shape[2]
     if combine and dx is not None and experts:
         # As in forward: the same buffer choice and the same order of sums.
-        lo, hi = starts[experts[0]], starts[experts[-1]] + counts[experts[-1]]
-        dx_AD, one_scatter = _scatter_buffer(x, experts, counts, lo, hi, side_by_side)
+        scatter = _Scatter(x, rows_A, experts, counts, starts, per_expert)
     for e in experts:
         sl = slice(starts[e], starts[e] + counts[e])
         dy_ND = grad_out.index_select(0, rows_A[sl]) if combine else grad_out[sl]
@@ -270,17 +282,14 @@ def _backward_experts(
         if dwg is not None and d_gate is not None:
             torch.mm(x_ND.t(), d_gate, out=dwg[e])
         if dx is not None:
-            if not combine:
-                rows = dx[sl]
-            else:
-                rows = dx_AD[sl.start - lo : sl.stop - lo] if one_scatter else dx_AD[: counts[e]]
+            rows = scatter.rows(sl) if combine else dx[sl]
             dx_ND = torch.mm(d_up, w_up[e].t(), out=rows)
             if d_gate is not None:
                 dx_ND.addmm_(d_gate, w_gate[e].t())
-            if combine and not one_scatter:
-                dx.index_add_(0, rows_A[sl], dx_ND)
-    if combine and dx is not None and experts and one_scatter:
-        dx.index_add_(0, rows_A[lo:hi], dx_AD)
+            if combine:
+                scatter.written(dx, sl, dx_ND)
+    if combine and dx is not None and experts:
+        scatter.finish(dx)
     return dx
 
 
