@@ -180,7 +180,7 @@ def touched_weights(moe: MoE, x: torch.Tensor) -> list[torch.Tensor]:
     bank = moe.experts
     slices = []
     for e in out.expert_ids.unique().tolist():
-        slices += [w[e] for w in (bank.w_gate_EDF, bank.w_up_EDF, bank.w_down_EFD) if w is not None]
+        slices += [w[e] for w in (bank.w_gate_EFD, bank.w_up_EFD, bank.w_down_EDF) if w is not None]
     return slices
 
 
@@ -241,7 +241,7 @@ def run_decode_regime(regime: Regime, args, peaks: dict[str, int]) -> dict[str, 
     wall, cpu = time_interleaved(cases, args.repeats * 4, args.warmup)
     t = {k: median(v) for k, v in wall.items()}
     c = {k: median(v) for k, v in cpu.items()}
-    per_expert = 3 if moe.experts.w_gate_EDF is not None else 2
+    per_expert = 3 if moe.experts.w_gate_EFD is not None else 2
     touched = len({w.data_ptr() for w in slices}) // per_expert
     return {
         "moe_fwd_ms": t["moe fwd"] * 1e3,

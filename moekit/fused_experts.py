@@ -20,16 +20,15 @@ Threads: experts may run in row-balanced groups side by side (moekit/expert_thre
 each group sums into its own output (and dx) buffer and the buffers are added in group
 order, so results do not depend on thread timing.
 
+Weights are [E, out, in] (moekit.experts says why), so a projection is x @ w[e].t() and
+a weight's gradient is dL/d(out)^T @ in, written straight into its [out, in] slice.
+
 Decoding (a handful of tokens, no autograd): experts without rows are skipped, so each
-touched expert's weights are read once, by a skinny matmul. Per-token weight gather
-(w[expert_A] as [A, D, F] copies, then a batched matvec) is fine for batch-1 decoding,
-wasteful for training; here it would copy each weight once per assignment where the
-loop reads it once, so it is not used. What is left above the weight-read floor is
-MKL's gemm path for 2-8 rows, which streams a [D, F] weight at about 2/3 of the
-bandwidth of its 1-row (gemv) path: benchmarks/bench_layer.py measures about 1.5x.
-Measured and not better for 2-3 rows per expert: (W^T x^T)^T (2x slower), one matvec
-per row (1.2-1.6x slower), row blocks of W with addmm (within 5%), padding to 8 rows,
-and experts split across threads (1.06x slower).
+touched expert's weights are read once, by a skinny matmul over an [out, in] weight,
+which MKL runs as dot products at about the speed of reading the weight. Per-token
+weight gather (w[expert_A] as [A, F, D] copies, then a batched matvec) is fine for
+batch-1 decoding, wasteful for training; here it would copy each weight once per
+assignment where the loop reads it once, so it is not used.
 """
 
 from __future__ import annotations
@@ -148,7 +147,7 @@ def _forward_experts(
     """The listed experts' outputs, summed into `out` (with rows_A) or written to their rows."""
     combine = rows_A is not None
     # Scale whichever of h [N, F] or y [N, D] is narrower by the router weights.
-    scale_h = w_up.shape[2] < w_up.shape[1]
+    scale_h = w_up.shape[1] < w_up.shape[2]
     if combine and experts:
         scatter = _Scatter(x, rows_A, experts, counts, starts, per_expert)
     for e in experts:
@@ -156,17 +155,15 @@ def _forward_experts(
         x_ND = x.index_select(0, rows_A[sl]) if combine else x[sl]
         gate = None
         if w_gate is not None:
-            gate = (
-                x_ND @ w_gate[e] if gate_AF is None else torch.mm(x_ND, w_gate[e], out=gate_AF[sl])
-            )
-        up = x_ND @ w_up[e] if up_AF is None else torch.mm(x_ND, w_up[e], out=up_AF[sl])
+            gate = torch.mm(x_ND, w_gate[e].t(), out=None if gate_AF is None else gate_AF[sl])
+        up = torch.mm(x_ND, w_up[e].t(), out=None if up_AF is None else up_AF[sl])
         h = _activate(gate, up, kept=up_AF is not None)
         if not combine:
-            torch.mm(h, w_down[e], out=out[sl])
+            torch.mm(h, w_down[e].t(), out=out[sl])
             continue
         if weight_A is not None and scale_h:
             h.mul_(weight_A[sl, None])
-        y = torch.mm(h, w_down[e], out=scatter.rows(sl))
+        y = torch.mm(h, w_down[e].t(), out=scatter.rows(sl))
         if weight_A is not None and not scale_h:
             y.mul_(weight_A[sl, None])
         scatter.written(out, sl, y)
@@ -188,12 +185,12 @@ def _forward_loop(
     split: bool | None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Output, and (when keep) the gate and up projections [A, F] for backward."""
-    A, Fh = sum(counts), w_up.shape[-1]
+    A, Fh = sum(counts), w_up.shape[1]
     gate_AF = x.new_empty(A, Fh) if keep and w_gate is not None else None
     up_AF = x.new_empty(A, Fh) if keep else None
     combine = rows_A is not None
     starts = _starts(counts)
-    groups = expert_groups(counts, split, *w_up.shape[1:])
+    groups = expert_groups(counts, split, w_up.shape[2], Fh)
 
     def task(i: int):
         # With rows_A each group sums into its own [num_out, D]; those are added in group
@@ -251,7 +248,7 @@ def _backward_experts(
     combine = rows_A is not None
     dwg, dwu, dwd, dweight = g.dwg, g.dwu, g.dwd, g.dweight
     # Scale whichever of dL/dy [N, D] or h [N, F] is narrower by the router weights.
-    scale_dy = w_up.shape[1] <= w_up.shape[2]
+    scale_dy = w_up.shape[2] <= w_up.shape[1]
     if combine and dx is not None and experts:
         # As in forward: the same buffer choice and the same order of sums.
         scatter = _Scatter(x, rows_A, experts, counts, starts, per_expert)
@@ -260,7 +257,7 @@ def _backward_experts(
         dy_ND = grad_out.index_select(0, rows_A[sl]) if combine else grad_out[sl]
         gate = gate_AF[sl] if gate_AF is not None else None
         # dL/dh before the router weight, whose own gradient is <dL/dh, h>.
-        dh = dy_ND @ w_down[e].t()
+        dh = dy_ND @ w_down[e]
         h, silu = _recompute(gate, up_AF[sl])
         if weight_A is not None:
             w_N1 = weight_A[sl, None]
@@ -268,24 +265,24 @@ def _backward_experts(
                 dweight[sl] = torch.linalg.vecdot(dh, h)
             dh.mul_(w_N1)
             if dwd is not None and scale_dy:
-                torch.mm(h.t(), dy_ND * w_N1, out=dwd[e])
+                torch.mm((dy_ND * w_N1).t(), h, out=dwd[e])
             elif dwd is not None:
-                torch.mm(h.mul_(w_N1).t(), dy_ND, out=dwd[e])
+                torch.mm(dy_ND.t(), h.mul_(w_N1), out=dwd[e])
         elif dwd is not None:
-            torch.mm(h.t(), dy_ND, out=dwd[e])
+            torch.mm(dy_ND.t(), h, out=dwd[e])
         if dx is None and dwg is None and dwu is None:
             continue
         d_gate, d_up = _activate_backward(dh, gate, up_AF[sl], silu)
         x_ND = x.index_select(0, rows_A[sl]) if combine else x[sl]
         if dwu is not None:
-            torch.mm(x_ND.t(), d_up, out=dwu[e])
+            torch.mm(d_up.t(), x_ND, out=dwu[e])
         if dwg is not None and d_gate is not None:
-            torch.mm(x_ND.t(), d_gate, out=dwg[e])
+            torch.mm(d_gate.t(), x_ND, out=dwg[e])
         if dx is not None:
             rows = scatter.rows(sl) if combine else dx[sl]
-            dx_ND = torch.mm(d_up, w_up[e].t(), out=rows)
+            dx_ND = torch.mm(d_up, w_up[e], out=rows)
             if d_gate is not None:
-                dx_ND.addmm_(d_gate, w_gate[e].t())
+                dx_ND.addmm_(d_gate, w_gate[e])
             if combine:
                 scatter.written(dx, sl, dx_ND)
     if combine and dx is not None and experts:
@@ -315,7 +312,7 @@ class _FusedExperts(torch.autograd.Function):
         starts = _starts(counts)
         needs = ctx.needs_input_grad[1:5]
         g = _Grads(needs, w_gate, w_up, w_down, weight_A, counts, ctx.buffers)
-        groups = expert_groups(counts, ctx.split, *w_up.shape[1:])
+        groups = expert_groups(counts, ctx.split, w_up.shape[2], w_up.shape[1])
         dx_rows = x.new_empty(x.shape) if need_x and not combine else None
 
         def task(i: int):
@@ -337,9 +334,9 @@ class _FusedExperts(torch.autograd.Function):
 
 def fused_experts(
     x: Tensor,
-    w_gate_EDF: Tensor | None,
-    w_up_EDF: Tensor,
-    w_down_EFD: Tensor,
+    w_gate_EFD: Tensor | None,
+    w_up_EFD: Tensor,
+    w_down_EDF: Tensor,
     counts: list[int],
     rows_A: Tensor | None = None,
     weight_A: Tensor | None = None,
@@ -351,7 +348,7 @@ def fused_experts(
 
     Args:
         x: [T, D] token rows, or [A, D] rows already grouped by expert when rows_A is None.
-        w_gate_EDF, w_up_EDF: [E, D, F] (w_gate None for the GELU MLP); w_down_EFD [E, F, D].
+        w_gate_EFD, w_up_EFD: [E, F, D] (w_gate None for the GELU MLP); w_down_EDF [E, D, F].
         counts: E ints, the number of assignments of each expert, in order.
         rows_A: [A] long, the token row of each grouped assignment. When given, rows are
             gathered from x and the outputs scattered back, summed per token, into
@@ -369,13 +366,13 @@ def fused_experts(
     if rows_A is None and weight_A is not None:
         raise ValueError("weight_A needs rows_A: weighted outputs are combined per token")
     num_out = x.shape[0] if num_out is None else num_out
-    params = [t for t in (x, w_gate_EDF, w_up_EDF, w_down_EFD, weight_A) if t is not None]
+    params = [t for t in (x, w_gate_EFD, w_up_EFD, w_down_EDF, weight_A) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in params):
         return _FusedExperts.apply(
             x,
-            w_gate_EDF,
-            w_up_EDF,
-            w_down_EFD,
+            w_gate_EFD,
+            w_up_EFD,
+            w_down_EDF,
             weight_A,
             rows_A,
             counts,
@@ -384,6 +381,6 @@ def fused_experts(
             grad_buffers,
         )
     out, _, _ = _forward_loop(
-        x, w_gate_EDF, w_up_EDF, w_down_EFD, weight_A, rows_A, counts, num_out, False, split
+        x, w_gate_EFD, w_up_EFD, w_down_EDF, weight_A, rows_A, counts, num_out, False, split
     )
     return out

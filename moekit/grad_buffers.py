@@ -1,7 +1,7 @@
 """Gradient storage for stacked expert weights, reused from one backward to the next.
 
 Shapes: E experts, D model dim, F expert hidden dim; one buffer per stacked weight
-([E, D, F] or [E, F, D]).
+([E, F, D] or [E, D, F]).
 
 Why. A stacked expert weight's gradient is E/K times the size of a dense layer of the
 same active FLOPs (4x in Mixtral's 8-choose-2), and each of them is far above glibc's

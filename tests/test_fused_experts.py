@@ -81,11 +81,11 @@ def test_partial_requires_grad_and_no_grad_agree():
     x = torch.randn(T, D, dtype=torch.float64)
     # Only the down projection trains: x and the combine weights are constants.
     for p in bank.parameters():
-        p.requires_grad_(p is bank.w_down_EFD)
+        p.requires_grad_(p is bank.w_down_EDF)
     y = bank.forward_combined(x, rows, weight, torch.tensor(counts))
-    (grad,) = torch.autograd.grad(y.square().sum(), [bank.w_down_EFD])
+    (grad,) = torch.autograd.grad(y.square().sum(), [bank.w_down_EDF])
     y_ref = reference_combined(bank, x, rows, weight, counts)
-    (grad_ref,) = torch.autograd.grad(y_ref.square().sum(), [bank.w_down_EFD])
+    (grad_ref,) = torch.autograd.grad(y_ref.square().sum(), [bank.w_down_EDF])
     assert_close(grad, grad_ref)
     with torch.no_grad():
         assert_close(bank.forward_combined(x, rows, weight, torch.tensor(counts)), y_ref)
@@ -107,4 +107,4 @@ def test_weights_without_rows_rejected():
     x = torch.randn(4, D, dtype=torch.float64)
     w = torch.ones(4, dtype=torch.float64)
     with pytest.raises(ValueError, match="weight_A needs rows_A"):
-        fused_experts(x, bank.w_gate_EDF, bank.w_up_EDF, bank.w_down_EFD, [4, 0, 0, 0, 0], None, w)
+        fused_experts(x, bank.w_gate_EFD, bank.w_up_EFD, bank.w_down_EDF, [4, 0, 0, 0, 0], None, w)

@@ -26,8 +26,8 @@ def _bank(activation: str) -> ExpertBank:
 
 
 def _combined(bank, x, rows, weight, counts, split):
-    w = bank.w_gate_EDF
-    return fused_experts(x, w, bank.w_up_EDF, bank.w_down_EFD, counts, rows, weight, split=split)
+    w = bank.w_gate_EFD
+    return fused_experts(x, w, bank.w_up_EFD, bank.w_down_EDF, counts, rows, weight, split=split)
 
 
 def _case(counts, seed=0):
@@ -60,7 +60,7 @@ def test_split_grouped_rows_equal_reference():
     counts = [4, 0, 1, 6, 2, 3, 5]
     x = torch.randn(sum(counts), D, dtype=torch.float64, requires_grad=True)
     g = torch.randn_like(x)
-    y = fused_experts(x, bank.w_gate_EDF, bank.w_up_EDF, bank.w_down_EFD, counts, split=True)
+    y = fused_experts(x, bank.w_gate_EFD, bank.w_up_EFD, bank.w_down_EDF, counts, split=True)
     y_ref = torch.cat([bank.forward_expert(e, c) for e, c in enumerate(x.split(counts))])
     assert_close(y, y_ref)
     inputs = [x, *bank.parameters()]

@@ -59,14 +59,14 @@ def test_storage_is_reused_once_gradients_are_dropped_and_values_match():
 def test_a_gradient_kept_by_the_caller_is_never_overwritten():
     moe = _moe()
     _step(moe, 1)
-    kept = moe.experts.w_up_EDF.grad
-    view = moe.experts.w_down_EFD.grad[1]
+    kept = moe.experts.w_up_EFD.grad
+    view = moe.experts.w_down_EDF.grad[1]
     kept_before, view_before = kept.clone(), view.clone()
     _clear(moe)
     _step(moe, 2)
     assert torch.equal(kept, kept_before)
     assert torch.equal(view, view_before)
-    for p, old in ((moe.experts.w_up_EDF, kept), (moe.experts.w_down_EFD, view)):
+    for p, old in ((moe.experts.w_up_EFD, kept), (moe.experts.w_down_EDF, view)):
         assert p.grad.untyped_storage().data_ptr() != old.untyped_storage().data_ptr()
 
 

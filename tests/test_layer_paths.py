@@ -125,11 +125,11 @@ def test_one_expert_top1_equals_dense_mlp(activation, impl):
     moe = moe.double()
     mlp = MLP(D, Fh, activation).double()
     with torch.no_grad():
-        # ExpertBank stores [E, D, F] / [E, F, D]; nn.Linear stores [out, in].
+        # ExpertBank stores each expert as nn.Linear does: [out, in].
         if activation == "swiglu":
-            mlp.gate_proj.weight.copy_(moe.experts.w_gate_EDF[0].t())
-        mlp.up_proj.weight.copy_(moe.experts.w_up_EDF[0].t())
-        mlp.down_proj.weight.copy_(moe.experts.w_down_EFD[0].t())
+            mlp.gate_proj.weight.copy_(moe.experts.w_gate_EFD[0])
+        mlp.up_proj.weight.copy_(moe.experts.w_up_EFD[0])
+        mlp.down_proj.weight.copy_(moe.experts.w_down_EDF[0])
     x = torch.randn(2, 5, D, dtype=torch.float64)
     g = torch.randn_like(x)
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
@@ -139,10 +139,10 @@ def test_one_expert_top1_equals_dense_mlp(activation, impl):
     (y_moe * g).sum().backward()
     (y_mlp * g).sum().backward()
     assert_close(x1.grad, x2.grad)
-    assert_close(moe.experts.w_up_EDF.grad[0], mlp.up_proj.weight.grad.t())
-    assert_close(moe.experts.w_down_EFD.grad[0], mlp.down_proj.weight.grad.t())
+    assert_close(moe.experts.w_up_EFD.grad[0], mlp.up_proj.weight.grad)
+    assert_close(moe.experts.w_down_EDF.grad[0], mlp.down_proj.weight.grad)
     if activation == "swiglu":
-        assert_close(moe.experts.w_gate_EDF.grad[0], mlp.gate_proj.weight.grad.t())
+        assert_close(moe.experts.w_gate_EFD.grad[0], mlp.gate_proj.weight.grad)
 
 
 NO_REAL_TOKENS = {

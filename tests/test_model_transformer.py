@@ -115,7 +115,7 @@ def test_parameter_names_follow_the_contract() -> None:
         "layers.0.ffn_norm.weight",
         "layers.0.ffn.gate_proj.weight",
         "layers.1.ffn.router.weight",
-        "layers.1.ffn.experts.w_up_EDF",
+        "layers.1.ffn.experts.w_up_EFD",
         "layers.2.ffn.shared_experts.down_proj.weight",
         "norm.weight",
         "lm_head.weight",
@@ -150,8 +150,8 @@ def test_init_weights_gives_documented_std() -> None:
         ("layers.1.attn.q_proj.weight", 0.05),
         ("layers.1.attn.o_proj.weight", out_std),
         ("layers.1.ffn.router.weight", 0.05),
-        ("layers.1.ffn.experts.w_gate_EDF", 0.05),
-        ("layers.1.ffn.experts.w_down_EFD", out_std),
+        ("layers.1.ffn.experts.w_gate_EFD", 0.05),
+        ("layers.1.ffn.experts.w_down_EDF", out_std),
     ]:
         # Four standard errors of the sample std (std / sqrt(2n)) and of the mean.
         n = p[name].numel()

@@ -75,7 +75,7 @@ def test_checkpoint_reshards_2_to_1_to_4_to_2(runs, tmp_path) -> None:
     root, _, _ = runs
     from_2 = ckpt_io.load_checkpoint(ckpt_io.resolve(root / "ep2"))
     num_experts = tiny_train_configs()[0].moe.num_experts
-    expert_weights = [t for k, t in from_2.model_state.items() if k.endswith(".experts.w_up_EDF")]
+    expert_weights = [t for k, t in from_2.model_state.items() if k.endswith(".experts.w_up_EFD")]
     assert expert_weights and all(t.shape[0] == num_experts for t in expert_weights)
 
     # 2 -> 1: a plain single-process model and optimizer take the file as it is.

@@ -4,7 +4,8 @@ Shapes: E experts, D model dim, F expert hidden dim.
 
 Everything but the routed experts is a rename (moekit keeps the nn.Linear [out, in]
 layout and the Hugging Face module names inside attention, dense MLPs and shared experts).
-The expert bank stacks experts as w_gate_EDF, w_up_EDF [E, D, F] and w_down_EFD [E, F, D];
+The expert bank stacks experts in the same [out, in] layout, w_gate_EFD, w_up_EFD
+[E, F, D] and w_down_EDF [E, D, F], so loading is slicing or stacking, never a transpose;
 checkpoints hold them in one of two layouts, both read here:
 
 - per expert (Hub checkpoints, and what transformers 5.23's save_pretrained writes):
@@ -34,7 +35,7 @@ _RENAMES = (
     (r"layers\.(\d+)\.ffn_norm\.(.+)", r"model.layers.\1.post_attention_layernorm.\2"),
     (r"layers\.(\d+)\.attn\.(.+)", r"model.layers.\1.self_attn.\2"),
 )
-_BANK = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
+_BANK = ("w_gate_EFD", "w_up_EFD", "w_down_EDF")
 
 
 def hf_name(family: Family, config: ModelConfig, name: str) -> str:
@@ -73,15 +74,15 @@ def read_bank(
         gate_up = ledger.take(f"{prefix}.gate_up_proj", (E, 2 * F, D))
         down = ledger.take(f"{prefix}.down_proj", (E, D, F))
         return {
-            "w_gate_EDF": None if gate_up is None else gate_up[:, :F].transpose(1, 2),
-            "w_up_EDF": None if gate_up is None else gate_up[:, F:].transpose(1, 2),
-            "w_down_EFD": None if down is None else down.transpose(1, 2),
+            "w_gate_EFD": None if gate_up is None else gate_up[:, :F],
+            "w_up_EFD": None if gate_up is None else gate_up[:, F:],
+            "w_down_EDF": down,
         }
     out: dict[str, Tensor | None] = {}
     for slot, hf, shape in zip(_BANK, names, ((F, D), (F, D), (D, F)), strict=True):
         parts = [ledger.take(f"{prefix}.{j}.{hf}.weight", shape) for j in range(E)]
         ok = all(p is not None for p in parts)
-        out[slot] = torch.stack([p.t() for p in parts]) if ok else None
+        out[slot] = torch.stack(parts) if ok else None
     return out
 
 
@@ -91,5 +92,5 @@ def write_bank(family: Family, layer: int, bank: dict[str, Tensor]) -> dict[str,
     out = {}
     for slot, hf in zip(_BANK, family.expert_names, strict=True):
         for j, w in enumerate(bank[slot].unbind(0)):
-            out[f"{prefix}.{j}.{hf}.weight"] = w.t().contiguous()
+            out[f"{prefix}.{j}.{hf}.weight"] = w.contiguous()
     return out

@@ -86,10 +86,10 @@ class Transformer(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
             elif isinstance(module, ExpertBank):
-                for w in (module.w_gate_EDF, module.w_up_EDF):
+                for w in (module.w_gate_EFD, module.w_up_EFD):
                     if w is not None:
                         nn.init.normal_(w, std=std)
-                nn.init.normal_(module.w_down_EFD, std=out_std)
+                nn.init.normal_(module.w_down_EDF, std=out_std)
             elif isinstance(module, Router):
                 nn.init.normal_(module.weight, std=std)
                 bias = getattr(module, "expert_bias", None)
