@@ -6,13 +6,15 @@ slice is contiguous and laid out as nn.Linear's weight ([out, in]), as Hugging F
 checkpoints store experts, so x @ w[e].t() computes a projection.
 
 Why [out, in] and not [in, out] (x @ w[e] with no transpose). Training matmuls do not
-care: one SwiGLU expert's nine forward and backward matmuls measured 916 against 922 ms
-for the eight coarse experts (D=1024, F=2816), 245 against 244 ms for the fine shape and
-6.1 against 6.1 ms for the tiny one. Decoding does: with 2-3 rows per expert, MKL reads
+care: the six matmuls of an expert's forward and backward (projection and down
+projection; output, input gradient, weight gradient), over eight experts, measured 916 ms
+with [out, in] weights against 922 ms with [in, out] for coarse experts (1024 rows,
+D=1024, F=2816), 245 against 244 ms for fine ones (512 rows, F=704) and 6.1 ms both for
+the tiny preset's (D=F=128). Decoding does: with 2-3 rows per expert, MKL reads
 an [in, out] weight through its general gemm path at about 2/3 of the bandwidth of the
 dot-product path it takes for an [out, in] one. The decode benchmark's layer forward
-(8 tokens, 8 experts of D=1024, F=2816) went from 1.56x to 1.13x the time to read its
-weights once.
+(8 tokens, 8 experts of D=1024, F=2816; benchmarks/bench_layer.py) went from 1.51x to
+1.07x the time to read its weights once.
 
 Three ways to run the experts:
 - `forward_expert(e, x)`: one expert, the readable truth the reference path loops over;
