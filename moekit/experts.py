@@ -90,14 +90,7 @@ class ExpertBank(nn.Module):
     def forward_grouped(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
         """All experts on rows grouped by expert (counts_E[e] rows for expert e, in order)."""
         if _grouped_mm_supported(x_ND):
-            offs = torch.cumsum(counts_E, 0).to(torch.int32)
-            gate = None
-            # grouped_mm takes [E, in, out]: the transposed views of [out, in] weights.
-            if self.w_gate_EFD is not None:
-                gate = F.grouped_mm(x_ND, _in_out(self.w_gate_EFD, x_ND), offs=offs)
-            up = F.grouped_mm(x_ND, _in_out(self.w_up_EFD, x_ND), offs=offs)
-            h = _act(self.activation, gate, up)
-            return F.grouped_mm(h, _in_out(self.w_down_EDF, x_ND), offs=offs)
+            return self.grouped_mm_experts(x_ND, counts_E)
         return fused_experts(
             x_ND,
             self.w_gate_EFD,
@@ -106,6 +99,21 @@ class ExpertBank(nn.Module):
             counts_E.tolist(),
             grad_buffers=self.grad_buffers,
         )
+
+    def grouped_mm_experts(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
+        """All experts through torch's grouped GEMM, differentiable by autograd (CUDA).
+
+        Called by forward_grouped on CUDA; torch on CPU has its forward only, which is
+        enough for tests to check this arithmetic against the reference off CUDA.
+        """
+        offs = torch.cumsum(counts_E, 0).to(torch.int32)
+        gate = None
+        # grouped_mm takes [E, in, out]: the transposed views of [out, in] weights.
+        if self.w_gate_EFD is not None:
+            gate = F.grouped_mm(x_ND, _in_out(self.w_gate_EFD, x_ND), offs=offs)
+        up = F.grouped_mm(x_ND, _in_out(self.w_up_EFD, x_ND), offs=offs)
+        h = _act(self.activation, gate, up)
+        return F.grouped_mm(h, _in_out(self.w_down_EDF, x_ND), offs=offs)
 
     def uses_grouped_mm(self, x: Tensor) -> bool:
         """True where forward_grouped runs torch's grouped GEMM (CUDA, fp32/bf16/fp16)."""

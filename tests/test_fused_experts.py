@@ -74,6 +74,22 @@ def test_grouped_rows_equal_reference(activation):
         assert_close(got, want)
 
 
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_grouped_mm_arithmetic_equals_reference(activation):
+    # The CUDA path's arithmetic (grouped GEMM over transposed [out, in] weights), run
+    # forward on CPU where torch has it, so its shapes and transposes are checked off CUDA.
+    if not hasattr(torch.nn.functional, "grouped_mm"):
+        pytest.skip("torch has no grouped_mm")
+    bank = _bank(activation).float()
+    counts = [4, 0, 1, 6, 2]
+    x = torch.randn(sum(counts), D)
+    with torch.no_grad():
+        y = bank.grouped_mm_experts(x, torch.tensor(counts))
+        y_ref = torch.cat([bank.forward_expert(e, c) for e, c in enumerate(x.split(counts))])
+    assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert y_ref.abs().amax() > 1e-3
+
+
 def test_partial_requires_grad_and_no_grad_agree():
     bank = _bank("swiglu")
     counts = [2, 3, 0, 4, 1]
