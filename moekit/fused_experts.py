@@ -7,9 +7,10 @@ Why a hand-written backward. Left to autograd, a loop of `x[tok] @ w` per expert
 the gathered rows [A, D], the gate and up projections, silu(gate), their product [A, F]
 each and the expert outputs [A, D] (for the router weights' gradient) alive until
 backward. This Function keeps only gate and up [A, F]: the gathered rows are gathered
-again from x (a copy, far cheaper than a matmul), the activation is recomputed, and the
-router weights' gradient uses <dL/dy_a, y_a> = <dL/dy_a @ w_down^T, h_a>, so y_a itself
-is never stored. Working expert by expert also keeps each step's [N, F] temporaries in
+again from x (a copy, far cheaper than a matmul; kept instead when small, see
+_KEEP_ROWS_BYTES), the activation is recomputed, and the router weights' gradient uses
+<dL/dy_a, y_a> = <dL/dh_a, h_a> with dL/dh_a = dL/dy_a @ w_down[e] ([D, F]), so y_a
+itself is never stored. Working expert by expert also keeps each step's [N, F] temporaries in
 cache, where a dense layer streams [T, K*F] arrays through memory.
 
 On CPU torch's grouped_mm has a forward but no backward (torch 2.13), and a loop of
@@ -83,6 +84,26 @@ def _grad_buffer(
     return grad
 
 
+_KEEP_ROWS_BYTES = 16 * 2**20
+"""Largest gathered input [A, D] kept from forward for backward instead of gathered again.
+
+Small ones come from reused heap memory, and keeping them saves an index_select per
+expert in backward: the tiny preset's layer (4 MiB) went from 19.2-19.9 to 18.7-19.4 ms
+forward+backward. Large ones are fresh pages, which cost more than the gathers: the coarse
+benchmark layer (33.5 MB) went from 1559-1595 to 1589-1619 ms when kept."""
+
+
+def _keeps_rows(x: Tensor, num_rows: int) -> bool:
+    return num_rows * x.shape[1] * x.element_size() <= _KEEP_ROWS_BYTES
+
+
+def _rows(x: Tensor, rows_A: Tensor | None, x_AD: Tensor | None, sl: slice) -> Tensor:
+    """An expert's input rows [N, D]: kept, gathered from tokens, or already grouped."""
+    if x_AD is not None:
+        return x_AD[sl]
+    return x.index_select(0, rows_A[sl]) if rows_A is not None else x[sl]
+
+
 def _starts(counts: list[int]) -> list[int]:
     starts, s = [], 0
     for n in counts:
@@ -143,6 +164,7 @@ def _forward_experts(
     gate_AF: Tensor | None,
     up_AF: Tensor | None,
     per_expert: bool,
+    x_AD: Tensor | None,
 ) -> Tensor:
     """The listed experts' outputs, summed into `out` (with rows_A) or written to their rows."""
     combine = rows_A is not None
@@ -152,7 +174,7 @@ def _forward_experts(
         scatter = _Scatter(x, rows_A, experts, counts, starts, per_expert)
     for e in experts:
         sl = slice(starts[e], starts[e] + counts[e])
-        x_ND = x.index_select(0, rows_A[sl]) if combine else x[sl]
+        x_ND = _rows(x, rows_A, x_AD, sl)
         gate = None
         if w_gate is not None:
             gate = torch.mm(x_ND, w_gate[e].t(), out=None if gate_AF is None else gate_AF[sl])
@@ -184,11 +206,12 @@ def _forward_loop(
     keep: bool,
     split: bool | None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Output, and (when keep) the gate and up projections [A, F] for backward."""
+    """Output, and (when keep) what backward needs: gate, up [A, F] and maybe x's rows."""
     A, Fh = sum(counts), w_up.shape[1]
     gate_AF = x.new_empty(A, Fh) if keep and w_gate is not None else None
     up_AF = x.new_empty(A, Fh) if keep else None
     combine = rows_A is not None
+    x_AD = x.index_select(0, rows_A) if keep and combine and _keeps_rows(x, A) else None
     starts = _starts(counts)
     groups = expert_groups(counts, split, w_up.shape[2], Fh)
 
@@ -210,6 +233,7 @@ def _forward_loop(
             gate_AF,
             up_AF,
             len(groups) > 1,
+            x_AD,
         )
 
     out_AD = None if combine else x.new_empty(A, x.shape[1])
@@ -219,7 +243,7 @@ def _forward_loop(
     if combine:
         for other in outs[1:]:
             out.add_(other)
-    return out, gate_AF, up_AF
+    return out, gate_AF, up_AF, x_AD
 
 
 class _Grads:
@@ -244,7 +268,7 @@ def _backward_experts(
     per_expert: bool,
 ) -> Tensor | None:
     """The listed experts' gradients; dx is summed into (rows_A) or written to their rows."""
-    x, w_gate, w_up, w_down, weight_A, rows_A, gate_AF, up_AF = saved
+    x, w_gate, w_up, w_down, weight_A, rows_A, gate_AF, up_AF, x_AD = saved
     combine = rows_A is not None
     dwg, dwu, dwd, dweight = g.dwg, g.dwu, g.dwd, g.dweight
     # Scale whichever of dL/dy [N, D] or h [N, F] is narrower by the router weights.
@@ -273,7 +297,7 @@ def _backward_experts(
         if dx is None and dwg is None and dwu is None:
             continue
         d_gate, d_up = _activate_backward(dh, gate, up_AF[sl], silu)
-        x_ND = x.index_select(0, rows_A[sl]) if combine else x[sl]
+        x_ND = _rows(x, rows_A, x_AD, sl)
         if dwu is not None:
             torch.mm(d_up.t(), x_ND, out=dwu[e])
         if dwg is not None and d_gate is not None:
@@ -293,10 +317,10 @@ def _backward_experts(
 class _FusedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_gate, w_up, w_down, weight_A, rows_A, counts, num_out, split, buffers):
-        out, gate_AF, up_AF = _forward_loop(
+        out, gate_AF, up_AF, x_AD = _forward_loop(
             x, w_gate, w_up, w_down, weight_A, rows_A, counts, num_out, True, split
         )
-        ctx.save_for_backward(x, w_gate, w_up, w_down, weight_A, rows_A, gate_AF, up_AF)
+        ctx.save_for_backward(x, w_gate, w_up, w_down, weight_A, rows_A, gate_AF, up_AF, x_AD)
         ctx.counts, ctx.split, ctx.buffers = counts, split, buffers
         return out
 
@@ -380,7 +404,7 @@ def fused_experts(
             split,
             grad_buffers,
         )
-    out, _, _ = _forward_loop(
+    out, _, _, _ = _forward_loop(
         x, w_gate_EFD, w_up_EFD, w_down_EDF, weight_A, rows_A, counts, num_out, False, split
     )
     return out

@@ -12,6 +12,7 @@ import torch
 from fused_common import reference_combined
 from torch.testing import assert_close
 
+import moekit.fused_experts as fused_experts_module
 from moekit import MoEConfig
 from moekit.experts import ExpertBank
 from moekit.fused_experts import fused_experts
@@ -37,9 +38,12 @@ def _grads(y, g, inputs):
     return [torch.zeros_like(i) if gr is None else gr for i, gr in zip(inputs, grads, strict=True)]
 
 
+@pytest.mark.parametrize("keep_rows", [True, False], ids=["rows-kept", "rows-gathered"])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("counts", [[3, 0, 5, 2, 7], [0, 0, 0, 0, 0], [T, 1, 0, 0, 4]])
-def test_combined_equals_reference(activation, counts):
+def test_combined_equals_reference(activation, counts, keep_rows, monkeypatch):
+    if not keep_rows:  # large layers gather x's rows again in backward
+        monkeypatch.setattr(fused_experts_module, "_KEEP_ROWS_BYTES", 0)
     bank = _bank(activation)
     rows, weight = _assignments(counts)
     weight.requires_grad_(True)

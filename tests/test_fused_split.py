@@ -12,6 +12,7 @@ import torch
 from fused_common import reference_combined
 from torch.testing import assert_close
 
+import moekit.fused_experts as fused_experts_module
 from moekit import MoEConfig
 from moekit.expert_threads import auto_split, expert_groups
 from moekit.experts import ExpertBank
@@ -38,9 +39,12 @@ def _case(counts, seed=0):
     return rows, weight, x, torch.randn(T, D, dtype=torch.float64)
 
 
+@pytest.mark.parametrize("keep_rows", [True, False], ids=["rows-kept", "rows-gathered"])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("counts", [[3, 0, 5, 2, 7, 1, 4], [T, 0, 0, 0, 0, 0, 2]])
-def test_split_combined_equals_reference(activation, counts):
+def test_split_combined_equals_reference(activation, counts, keep_rows, monkeypatch):
+    if not keep_rows:  # large layers gather x's rows again in backward
+        monkeypatch.setattr(fused_experts_module, "_KEEP_ROWS_BYTES", 0)
     bank = _bank(activation)
     rows, weight, x, g = _case(counts)
     inputs = [x, weight, *bank.parameters()]
