@@ -10,8 +10,8 @@ backward. This Function keeps only gate and up [A, F]: the gathered rows are gat
 again from x (a copy, far cheaper than a matmul; kept instead when small, see
 _KEEP_ROWS_BYTES), the activation is recomputed, and the router weights' gradient uses
 <dL/dy_a, y_a> = <dL/dh_a, h_a> with dL/dh_a = dL/dy_a @ w_down[e] ([D, F]), so y_a
-itself is never stored. Working expert by expert also keeps each step's [N, F] temporaries in
-cache, where a dense layer streams [T, K*F] arrays through memory.
+itself is never stored. Working expert by expert also keeps each step's [N, F]
+temporaries in cache, where a dense layer streams [T, K*F] arrays through memory.
 
 On CPU torch's grouped_mm has a forward but no backward (torch 2.13), and a loop of
 plain matmuls measures as fast as its forward, so the loop is the kernel here. CUDA
@@ -205,7 +205,7 @@ def _forward_loop(
     num_out: int,
     keep: bool,
     split: bool | None,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Output, and (when keep) what backward needs: gate, up [A, F] and maybe x's rows."""
     A, Fh = sum(counts), w_up.shape[1]
     gate_AF = x.new_empty(A, Fh) if keep and w_gate is not None else None
@@ -385,7 +385,7 @@ def fused_experts(
             backward when nothing else holds them (moekit.grad_buffers); None allocates.
 
     Returns: [num_out, D] with rows_A, else [A, D]. Differentiable in x, the weights and
-    weight_A; only gate and up [A, F] are kept for backward.
+    weight_A; gate and up [A, F] are kept for backward (and the gathered rows when small).
     """
     if rows_A is None and weight_A is not None:
         raise ValueError("weight_A needs rows_A: weighted outputs are combined per token")
