@@ -15,7 +15,12 @@ from train_common import MICRO, micro_train, one_thread, write_corpus  # noqa: F
 from moekit.model import Transformer
 from moekit.train import CheckpointError, load_checkpoint, load_model, train
 from moekit.train import state as state_io
-from moekit.train.checkpoint import list_checkpoints, resolve, save_checkpoint
+from moekit.train.checkpoint import (
+    list_checkpoints,
+    model_from_checkpoint,
+    resolve,
+    save_checkpoint,
+)
 from moekit.train.optim import build_optimizer
 
 
@@ -63,6 +68,19 @@ def test_round_trip_is_exact(tmp_path):
     for index, per_param in a["state"].items():
         for key, value in per_param.items():
             assert torch.equal(value, b["state"][index][key]), (index, key)
+
+
+def test_checkpoint_of_another_layout_names_what_differs(tmp_path):
+    model, optimizer = _trained_model_and_optimizer()
+    ckpt = load_checkpoint(_save(tmp_path, 1, model, optimizer))
+    name = next(k for k in ckpt.model_state if k.endswith("w_up_EFD"))
+    # A bank saved under other names (an earlier build's [in, out] layout, say).
+    ckpt.model_state[name.replace("w_up_EFD", "w_up_EDF")] = ckpt.model_state.pop(name)
+    with pytest.raises(CheckpointError) as err:
+        model_from_checkpoint(ckpt)
+    message = str(err.value)
+    assert f"missing {name}" in message
+    assert name.replace("w_up_EFD", "w_up_EDF") in message
 
 
 def test_keeps_the_newest_n(tmp_path):

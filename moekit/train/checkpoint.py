@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-from torch import Tensor
+from torch import Tensor, nn
 
 FORMAT = 1
 FILES = ("model.safetensors", "config.json", "state.safetensors", "state.json")
@@ -174,8 +174,28 @@ def model_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu"):
     from moekit.model import ModelConfig, Transformer
 
     model = Transformer(ModelConfig.from_dict(ckpt.config["model"]))
-    model.load_state_dict(ckpt.model_state, strict=True)
+    load_model_state(model, ckpt.model_state)
     return model.to(device).eval()
+
+
+def load_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load weights whose names must be exactly the model's, or say which differ and how."""
+    want, have = set(model.state_dict()), set(state)
+    if want != have:
+        missing, unknown = sorted(want - have), sorted(have - want)
+        raise CheckpointError(
+            f"checkpoint does not fit this model: missing {_some(missing)}, "
+            f"unknown {_some(unknown)} (written by another version of moekit, or for "
+            "another model?)"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    if not names:
+        return "none"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _contiguous(tensors: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -144,7 +144,7 @@ def train(
         if parallel is not None:
             parallel.load_state_dict(base, saved.model_state)
         else:
-            base.load_state_dict(saved.model_state, strict=True)
+            ckpt_io.load_model_state(base, saved.model_state)
         state_tensors = saved.state_tensors
         if parallel is not None:  # full expert moments in the file; this rank's slice here
             state_tensors = parallel.shard_optimizer_state(base, state_tensors)
