@@ -34,11 +34,14 @@ assignment where the loop reads it once, so it is not used.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from moekit.expert_scatter import ExpertScatter
 from moekit.expert_threads import expert_groups, side_by_side
 from moekit.grad_buffers import GradBuffers
 
@@ -97,11 +100,47 @@ def _keeps_rows(x: Tensor, num_rows: int) -> bool:
     return num_rows * x.shape[1] * x.element_size() <= _KEEP_ROWS_BYTES
 
 
-def _rows(x: Tensor, rows_A: Tensor | None, x_AD: Tensor | None, sl: slice) -> Tensor:
-    """An expert's input rows [N, D]: kept, gathered from tokens, or already grouped."""
-    if x_AD is not None:
-        return x_AD[sl]
-    return x.index_select(0, rows_A[sl]) if rows_A is not None else x[sl]
+@dataclass(frozen=True)
+class _Experts:
+    """What every expert step reads: the rows, the weights and where each expert's rows lie.
+
+    rows_A None: x already holds the rows grouped by expert ([A, D]) and results stay per
+    row; otherwise rows are gathered from tokens and results summed back into them.
+    """
+
+    x: Tensor
+    w_gate: Tensor | None
+    w_up: Tensor
+    w_down: Tensor
+    weight_A: Tensor | None
+    rows_A: Tensor | None
+    counts: list[int]
+    starts: list[int]
+
+    @property
+    def combine(self) -> bool:
+        return self.rows_A is not None
+
+    def span(self, e: int) -> slice:
+        return slice(self.starts[e], self.starts[e] + self.counts[e])
+
+    def rows(self, sl: slice, x_AD: Tensor | None) -> Tensor:
+        """An expert's input rows [N, D]: kept, gathered from tokens, or already grouped."""
+        if x_AD is not None:
+            return x_AD[sl]
+        return self.x.index_select(0, self.rows_A[sl]) if self.combine else self.x[sl]
+
+    def scatter(self, experts: list[int], per_expert: bool) -> ExpertScatter:
+        return ExpertScatter(self.x, self.rows_A, experts, self.counts, self.starts, per_expert)
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """What the forward keeps for the backward: gate and up [A, F], maybe the rows [A, D]."""
+
+    gate_AF: Tensor | None
+    up_AF: Tensor | None
+    x_AD: Tensor | None
 
 
 def _starts(counts: list[int]) -> list[int]:
@@ -112,75 +151,24 @@ def _starts(counts: list[int]) -> list[int]:
     return starts
 
 
-class _Scatter:
-    """Where a run of experts puts its [N, D] results before they are summed into tokens.
-
-    In the plain loop: one buffer for all the run's rows, summed by one index_add_ after
-    the loop (one scatter of 8192 rows x 128 took 225 us where eight of 1024 took 461 us).
-    Runs on side-by-side workers (per_expert): one expert-sized buffer per worker, reused
-    expert after expert, each result scattered while still in cache. Two workers
-    allocating run-sized buffers (64 MiB each for the fine benchmark layer) fault in
-    fresh pages at the same time, and that contends; the fine layer's forward+backward
-    went from 1704 to 1642 ms, where the coarse one (plain loop) measured 1521 against
-    1540 ms the same way. Either way the sums run expert after expert, in token order
-    within each: the reference's order.
-    """
-
-    def __init__(self, x, rows_A, experts, counts, starts, per_expert: bool) -> None:
-        lo, hi = starts[experts[0]], starts[experts[-1]] + counts[experts[-1]]
-        self.lo, self.per_expert, self.rows_A = lo, per_expert, rows_A
-        num_rows = max(counts[e] for e in experts) if per_expert else hi - lo
-        self.buf_ND = x.new_empty(num_rows, x.shape[1])
-        self.span = slice(lo, hi)
-
-    def rows(self, sl: slice) -> Tensor:
-        """Where the expert owning assignments `sl` writes its [N, D] result."""
-        if self.per_expert:
-            return self.buf_ND[: sl.stop - sl.start]
-        return self.buf_ND[sl.start - self.lo : sl.stop - self.lo]
-
-    def written(self, out: Tensor, sl: slice, result_ND: Tensor) -> None:
-        """An expert's result is in place: scatter it now when buffers are per expert."""
-        if self.per_expert:
-            out.index_add_(0, self.rows_A[sl], result_ND)
-
-    def finish(self, out: Tensor) -> None:
-        """After the loop: the one scatter of the whole run, when not per expert."""
-        if not self.per_expert:
-            out.index_add_(0, self.rows_A[self.span], self.buf_ND)
-
-
 def _forward_experts(
-    experts: list[int],
-    x: Tensor,
-    w_gate: Tensor | None,
-    w_up: Tensor,
-    w_down: Tensor,
-    weight_A: Tensor | None,
-    rows_A: Tensor | None,
-    counts: list[int],
-    starts: list[int],
-    out: Tensor,
-    gate_AF: Tensor | None,
-    up_AF: Tensor | None,
-    per_expert: bool,
-    x_AD: Tensor | None,
+    experts: list[int], ex: _Experts, kept: _Kept, out: Tensor, per_expert: bool
 ) -> Tensor:
-    """The listed experts' outputs, summed into `out` (with rows_A) or written to their rows."""
-    combine = rows_A is not None
+    """The listed experts' outputs, summed into `out` (combine) or written to their rows."""
+    w_gate, w_up, w_down, weight_A = ex.w_gate, ex.w_up, ex.w_down, ex.weight_A
+    gate_AF, up_AF = kept.gate_AF, kept.up_AF
     # Scale whichever of h [N, F] or y [N, D] is narrower by the router weights.
     scale_h = w_up.shape[1] < w_up.shape[2]
-    if combine and experts:
-        scatter = _Scatter(x, rows_A, experts, counts, starts, per_expert)
+    scatter = ex.scatter(experts, per_expert) if ex.combine and experts else None
     for e in experts:
-        sl = slice(starts[e], starts[e] + counts[e])
-        x_ND = _rows(x, rows_A, x_AD, sl)
+        sl = ex.span(e)
+        x_ND = ex.rows(sl, kept.x_AD)
         gate = None
         if w_gate is not None:
             gate = torch.mm(x_ND, w_gate[e].t(), out=None if gate_AF is None else gate_AF[sl])
         up = torch.mm(x_ND, w_up[e].t(), out=None if up_AF is None else up_AF[sl])
         h = _activate(gate, up, kept=up_AF is not None)
-        if not combine:
+        if scatter is None:
             torch.mm(h, w_down[e].t(), out=out[sl])
             continue
         if weight_A is not None and scale_h:
@@ -189,96 +177,72 @@ def _forward_experts(
         if weight_A is not None and not scale_h:
             y.mul_(weight_A[sl, None])
         scatter.written(out, sl, y)
-    if combine and experts:
+    if scatter is not None:
         scatter.finish(out)
     return out
 
 
 def _forward_loop(
-    x: Tensor,
-    w_gate: Tensor | None,
-    w_up: Tensor,
-    w_down: Tensor,
-    weight_A: Tensor | None,
-    rows_A: Tensor | None,
-    counts: list[int],
-    num_out: int,
-    keep: bool,
-    split: bool | None,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    ex: _Experts, num_out: int, keep: bool, split: bool | None
+) -> tuple[Tensor, _Kept]:
     """Output, and (when keep) what backward needs: gate, up [A, F] and maybe x's rows."""
-    A, Fh = sum(counts), w_up.shape[1]
-    gate_AF = x.new_empty(A, Fh) if keep and w_gate is not None else None
-    up_AF = x.new_empty(A, Fh) if keep else None
-    combine = rows_A is not None
-    x_AD = x.index_select(0, rows_A) if keep and combine and _keeps_rows(x, A) else None
-    starts = _starts(counts)
-    groups = expert_groups(counts, split, w_up.shape[2], Fh)
+    x = ex.x
+    A, Fh = sum(ex.counts), ex.w_up.shape[1]
+    kept = _Kept(
+        gate_AF=x.new_empty(A, Fh) if keep and ex.w_gate is not None else None,
+        up_AF=x.new_empty(A, Fh) if keep else None,
+        x_AD=x.index_select(0, ex.rows_A) if keep and ex.combine and _keeps_rows(x, A) else None,
+    )
+    groups = expert_groups(ex.counts, split, ex.w_up.shape[2], Fh)
+    out_AD = None if ex.combine else x.new_empty(A, x.shape[1])
 
     def task(i: int):
-        # With rows_A each group sums into its own [num_out, D]; those are added in group
+        # Combining, each group sums into its own [num_out, D]; those are added in group
         # order afterwards, so the result does not depend on thread timing.
-        out = x.new_zeros(num_out, x.shape[1]) if combine else out_AD
-        return lambda: _forward_experts(
-            groups[i],
-            x,
-            w_gate,
-            w_up,
-            w_down,
-            weight_A,
-            rows_A,
-            counts,
-            starts,
-            out,
-            gate_AF,
-            up_AF,
-            len(groups) > 1,
-            x_AD,
-        )
+        out = x.new_zeros(num_out, x.shape[1]) if ex.combine else out_AD
+        return lambda: _forward_experts(groups[i], ex, kept, out, len(groups) > 1)
 
-    out_AD = None if combine else x.new_empty(A, x.shape[1])
     tasks = [task(i) for i in range(len(groups))]
     outs = [tasks[0]()] if len(tasks) == 1 else side_by_side(tasks)
     out = outs[0]
-    if combine:
+    if ex.combine:
         for other in outs[1:]:
             out.add_(other)
-    return out, gate_AF, up_AF, x_AD
+    return out, kept
 
 
 class _Grads:
     """Gradient buffers of one backward; experts write disjoint slices of them."""
 
-    def __init__(self, needs: tuple[bool, ...], w_gate, w_up, w_down, weight_A, counts, buffers):
+    def __init__(self, needs: tuple[bool, ...], ex: _Experts, buffers: GradBuffers | None):
         need_wg, need_wu, need_wd, need_weight = needs
-        self.dwg = _grad_buffer(w_gate, counts, buffers, "gate") if need_wg else None
-        self.dwu = _grad_buffer(w_up, counts, buffers, "up") if need_wu else None
-        self.dwd = _grad_buffer(w_down, counts, buffers, "down") if need_wd else None
-        self.dweight = torch.empty_like(weight_A) if need_weight else None
+        counts = ex.counts
+        self.dwg = _grad_buffer(ex.w_gate, counts, buffers, "gate") if need_wg else None
+        self.dwu = _grad_buffer(ex.w_up, counts, buffers, "up") if need_wu else None
+        self.dwd = _grad_buffer(ex.w_down, counts, buffers, "down") if need_wd else None
+        self.dweight = torch.empty_like(ex.weight_A) if need_weight else None
 
 
 def _backward_experts(
     experts: list[int],
-    saved: tuple[Tensor | None, ...],
+    ex: _Experts,
+    kept: _Kept,
     grad_out: Tensor,
-    counts: list[int],
-    starts: list[int],
     g: _Grads,
     dx: Tensor | None,
     per_expert: bool,
 ) -> Tensor | None:
-    """The listed experts' gradients; dx is summed into (rows_A) or written to their rows."""
-    x, w_gate, w_up, w_down, weight_A, rows_A, gate_AF, up_AF, x_AD = saved
-    combine = rows_A is not None
+    """The listed experts' gradients; dx is summed into (combine) or written to their rows."""
+    w_gate, w_up, w_down, weight_A = ex.w_gate, ex.w_up, ex.w_down, ex.weight_A
+    gate_AF, up_AF = kept.gate_AF, kept.up_AF
     dwg, dwu, dwd, dweight = g.dwg, g.dwu, g.dwd, g.dweight
     # Scale whichever of dL/dy [N, D] or h [N, F] is narrower by the router weights.
     scale_dy = w_up.shape[2] <= w_up.shape[1]
-    if combine and dx is not None and experts:
-        # As in forward: the same buffer choice and the same order of sums.
-        scatter = _Scatter(x, rows_A, experts, counts, starts, per_expert)
+    # As in forward: the same buffer choice and the same order of sums.
+    scatter = ex.scatter(experts, per_expert) if ex.combine and dx is not None and experts else None
     for e in experts:
-        sl = slice(starts[e], starts[e] + counts[e])
-        dy_ND = grad_out.index_select(0, rows_A[sl]) if combine else grad_out[sl]
+        sl = ex.span(e)
+        dy_ND = grad_out.index_select(0, ex.rows_A[sl]) if ex.combine else grad_out[sl]
         gate = gate_AF[sl] if gate_AF is not None else None
         # dL/dh before the router weight, whose own gradient is <dL/dh, h>.
         dh = dy_ND @ w_down[e]
@@ -297,19 +261,19 @@ def _backward_experts(
         if dx is None and dwg is None and dwu is None:
             continue
         d_gate, d_up = _activate_backward(dh, gate, up_AF[sl], silu)
-        x_ND = _rows(x, rows_A, x_AD, sl)
+        x_ND = ex.rows(sl, kept.x_AD)
         if dwu is not None:
             torch.mm(d_up.t(), x_ND, out=dwu[e])
         if dwg is not None and d_gate is not None:
             torch.mm(d_gate.t(), x_ND, out=dwg[e])
         if dx is not None:
-            rows = scatter.rows(sl) if combine else dx[sl]
+            rows = scatter.rows(sl) if scatter is not None else dx[sl]
             dx_ND = torch.mm(d_up, w_up[e], out=rows)
             if d_gate is not None:
                 dx_ND.addmm_(d_gate, w_gate[e])
-            if combine:
+            if scatter is not None:
                 scatter.written(dx, sl, dx_ND)
-    if combine and dx is not None and experts:
+    if scatter is not None:
         scatter.finish(dx)
     return dx
 
@@ -317,40 +281,37 @@ def _backward_experts(
 class _FusedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_gate, w_up, w_down, weight_A, rows_A, counts, num_out, split, buffers):
-        out, gate_AF, up_AF, x_AD = _forward_loop(
-            x, w_gate, w_up, w_down, weight_A, rows_A, counts, num_out, True, split
+        ex = _Experts(x, w_gate, w_up, w_down, weight_A, rows_A, counts, _starts(counts))
+        out, kept = _forward_loop(ex, num_out, True, split)
+        ctx.save_for_backward(
+            x, w_gate, w_up, w_down, weight_A, rows_A, kept.gate_AF, kept.up_AF, kept.x_AD
         )
-        ctx.save_for_backward(x, w_gate, w_up, w_down, weight_A, rows_A, gate_AF, up_AF, x_AD)
         ctx.counts, ctx.split, ctx.buffers = counts, split, buffers
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        saved = ctx.saved_tensors
-        x, w_gate, w_up, w_down, weight_A, rows_A = saved[:6]
-        need_x = ctx.needs_input_grad[0]
-        combine = rows_A is not None
-        grad_out = grad_out.contiguous()
+        x, w_gate, w_up, w_down, weight_A, rows_A, gate_AF, up_AF, x_AD = ctx.saved_tensors
         counts = ctx.counts
-        starts = _starts(counts)
-        needs = ctx.needs_input_grad[1:5]
-        g = _Grads(needs, w_gate, w_up, w_down, weight_A, counts, ctx.buffers)
+        ex = _Experts(x, w_gate, w_up, w_down, weight_A, rows_A, counts, _starts(counts))
+        kept = _Kept(gate_AF, up_AF, x_AD)
+        need_x = ctx.needs_input_grad[0]
+        grad_out = grad_out.contiguous()
+        g = _Grads(ctx.needs_input_grad[1:5], ex, ctx.buffers)
         groups = expert_groups(counts, ctx.split, w_up.shape[2], w_up.shape[1])
-        dx_rows = x.new_empty(x.shape) if need_x and not combine else None
+        dx_rows = x.new_empty(x.shape) if need_x and not ex.combine else None
 
         def task(i: int):
-            # As in forward: with rows_A each group sums dx into its own buffer, and the
+            # As in forward: combining, each group sums dx into its own buffer, and the
             # buffers are added in group order.
-            dx = torch.zeros_like(x) if need_x and combine else dx_rows
-            return lambda: _backward_experts(
-                groups[i], saved, grad_out, counts, starts, g, dx, len(groups) > 1
-            )
+            dx = torch.zeros_like(x) if need_x and ex.combine else dx_rows
+            return lambda: _backward_experts(groups[i], ex, kept, grad_out, g, dx, len(groups) > 1)
 
         tasks = [task(i) for i in range(len(groups))]
         dxs = [tasks[0]()] if len(tasks) == 1 else side_by_side(tasks)
         dx = dxs[0]
-        if dx is not None and combine:
+        if dx is not None and ex.combine:
             for other in dxs[1:]:
                 dx.add_(other)
         return dx, g.dwg, g.dwu, g.dwd, g.dweight, None, None, None, None, None
@@ -404,7 +365,6 @@ def fused_experts(
             split,
             grad_buffers,
         )
-    out, _, _, _ = _forward_loop(
-        x, w_gate_EFD, w_up_EFD, w_down_EDF, weight_A, rows_A, counts, num_out, False, split
-    )
+    ex = _Experts(x, w_gate_EFD, w_up_EFD, w_down_EDF, weight_A, rows_A, counts, _starts(counts))
+    out, _ = _forward_loop(ex, num_out, False, split)
     return out
