@@ -135,3 +135,14 @@ def load_hf(directory: Path):
 def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def random_ids(batch: int, seq: int, seed: int) -> torch.Tensor:
+    """[batch, seq] token ids below VOCAB, drawn from their own seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, seq), generator=g)
+
+
+def moekit_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits

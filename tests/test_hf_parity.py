@@ -3,6 +3,7 @@ equal logits and identical greedy generations, and export back with equal logits
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -28,14 +29,8 @@ def checkpoint(request, tmp_path_factory):
     return family, directory, hf
 
 
-def _ids(batch: int = 3, seq: int = 11, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, hf_models.VOCAB, (batch, seq), generator=g)
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
+_ids = functools.partial(hf_models.random_ids, batch=3, seq=11, seed=1)
+_logits = hf_models.moekit_logits
 
 
 def test_logits_equal_transformers(checkpoint):

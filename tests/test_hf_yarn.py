@@ -5,6 +5,7 @@ context, generate identically and export back unchanged."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -158,14 +159,8 @@ def checkpoint(request, tmp_path_factory):
     return family, directory, hf
 
 
-def _ids(batch=2, seq=SEQ, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, hf_models.VOCAB, (batch, seq), generator=g)
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
+_ids = functools.partial(hf_models.random_ids, batch=2, seq=SEQ, seed=1)
+_logits = hf_models.moekit_logits
 
 
 def test_yarn_config_is_mapped(checkpoint):
