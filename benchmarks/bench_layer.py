@@ -11,8 +11,9 @@ a fixed thread count (2 unless --threads), one process. Three regimes:
 "fwd" is a forward with autograd recording (as in training); "fwd+bwd" adds the backward
 of (y * g).sum() for a fixed random g plus the layer's balancing loss, with the weight
 gradients dropped before each call as `zero_grad(set_to_none=True)` does between training
-steps: the dense layer's are allocated anew, and the MoE's expert bank writes into the
-storage it kept from the call before, as it does in training (moekit.grad_buffers).
+steps: the dense layer's are allocated anew, and the MoE's expert bank writes its weight
+gradients and kept projections into the storage it kept from the call before, as it
+does in training (moekit.step_buffers).
 Times are medians over interleaved rounds (benchmarks/_common.py); ratios are MoE over
 dense from the same run.
 
@@ -130,10 +131,10 @@ def forward_backward(module, x, g) -> None:
         torch.autograd.backward([y, out.loss], [g, None])
 
 
-def release_held_gradients(module) -> None:
+def release_held_buffers(module) -> None:
     for m in module.modules():
         if isinstance(m, ExpertBank):
-            m.grad_buffers.release()
+            m.step_buffers.release()
 
 
 def expert_grad_bytes(module: MoE) -> int:
@@ -150,9 +151,10 @@ def memory_cases(regimes: list[Regime]) -> dict[str, object]:
     {"peaks": {"regime/kind": bytes}}, or {"unavailable": why} where this kernel's
     peak-RSS counter fails its probe. One warm-up call first (library workspaces are
     allocated on first use); then the gradients are dropped, with the storage the expert
-    bank keeps for reuse (moekit.grad_buffers), and the measured call starts from weights
-    and inputs alone, so its peak counts the expert gradients it allocates. Cases run one
-    after another: every buffer of one is unmapped before the next starts.
+    bank keeps for reuse (moekit.step_buffers), and the measured call starts from weights
+    and inputs alone, so its peak counts the expert gradients and projections it
+    allocates. Cases run one after another: every buffer of one is unmapped before the
+    next starts.
     """
     problem = peak_rss_problem()
     if problem is not None:
@@ -165,7 +167,7 @@ def memory_cases(regimes: list[Regime]) -> dict[str, object]:
             for p in module.parameters():
                 p.grad = None
             x.grad = None
-            release_held_gradients(module)
+            release_held_buffers(module)
             peaks[f"{regime.name}/{kind}"] = peak_bytes_of(
                 lambda m=module, x=x, g=g: forward_backward(m, x, g)
             )

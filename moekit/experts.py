@@ -25,9 +25,9 @@ Three ways to run the experts:
 - `forward_combined(x, rows, weights, counts)`: the same loop with the gather from token
   rows and the weighted combine back into them folded in, the local fast path off CUDA.
 
-The loop writes its weight gradients into `grad_buffers`, storage kept from the last
-backward once the optimizer has let go of it (moekit.grad_buffers says why and when it is
-safe); `grad_buffers.release()` frees what it holds.
+The loop writes its weight gradients, and the gate and up projections it keeps for
+backward, into `step_buffers`: storage kept from the last step once nothing else holds it
+(moekit.step_buffers says why and when it is safe); `step_buffers.release()` frees it.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.fused_experts import fused_experts
-from moekit.grad_buffers import GradBuffers
+from moekit.step_buffers import StepBuffers
 
 
 def _act(activation: str, gate: Tensor | None, up: Tensor) -> Tensor:
@@ -71,7 +71,7 @@ class ExpertBank(nn.Module):
         self.w_gate_EFD = nn.Parameter(torch.empty(E, Fh, D)) if gated else None
         self.w_up_EFD = nn.Parameter(torch.empty(E, Fh, D))
         self.w_down_EDF = nn.Parameter(torch.empty(E, D, Fh))
-        self.grad_buffers = GradBuffers()
+        self.step_buffers = StepBuffers()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -97,7 +97,7 @@ class ExpertBank(nn.Module):
             self.w_up_EFD,
             self.w_down_EDF,
             counts_E.tolist(),
-            grad_buffers=self.grad_buffers,
+            step_buffers=self.step_buffers,
         )
 
     def grouped_mm_experts(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
@@ -137,5 +137,5 @@ class ExpertBank(nn.Module):
             counts_E.tolist(),
             rows_A=rows_A,
             weight_A=weight_A.to(x_TD.dtype),
-            grad_buffers=self.grad_buffers,
+            step_buffers=self.step_buffers,
         )

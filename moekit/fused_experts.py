@@ -43,7 +43,7 @@ from torch.autograd.function import once_differentiable
 
 from moekit.expert_scatter import ExpertScatter
 from moekit.expert_threads import expert_groups, side_by_side
-from moekit.grad_buffers import GradBuffers
+from moekit.step_buffers import StepBuffers
 
 
 def _activate(gate: Tensor | None, up: Tensor, kept: bool) -> Tensor:
@@ -73,7 +73,7 @@ def _activate_backward(
 
 
 def _grad_buffer(
-    w_EXY: Tensor, counts: list[int], buffers: GradBuffers | None, name: str
+    w_EXY: Tensor, counts: list[int], buffers: StepBuffers | None, name: str
 ) -> Tensor:
     """Uninitialised [E, X, Y] gradient; experts with no rows (never written) get zeros.
 
@@ -182,15 +182,24 @@ def _forward_experts(
     return out
 
 
+def _kept_projection(x: Tensor, A: int, Fh: int, buffers: StepBuffers | None, name: str):
+    """[A, F] storage for a projection kept for backward: last step's when free."""
+    return x.new_empty(A, Fh) if buffers is None else buffers.take(name, x, (A, Fh))
+
+
 def _forward_loop(
-    ex: _Experts, num_out: int, keep: bool, split: bool | None
+    ex: _Experts, num_out: int, keep: bool, split: bool | None, buffers: StepBuffers | None
 ) -> tuple[Tensor, _Kept]:
     """Output, and (when keep) what backward needs: gate, up [A, F] and maybe x's rows."""
     x = ex.x
     A, Fh = sum(ex.counts), ex.w_up.shape[1]
     kept = _Kept(
-        gate_AF=x.new_empty(A, Fh) if keep and ex.w_gate is not None else None,
-        up_AF=x.new_empty(A, Fh) if keep else None,
+        gate_AF=(
+            _kept_projection(x, A, Fh, buffers, "gate_AF")
+            if keep and ex.w_gate is not None
+            else None
+        ),
+        up_AF=_kept_projection(x, A, Fh, buffers, "up_AF") if keep else None,
         x_AD=x.index_select(0, ex.rows_A) if keep and ex.combine and _keeps_rows(x, A) else None,
     )
     groups = expert_groups(ex.counts, split, ex.w_up.shape[2], Fh)
@@ -214,7 +223,7 @@ def _forward_loop(
 class _Grads:
     """Gradient buffers of one backward; experts write disjoint slices of them."""
 
-    def __init__(self, needs: tuple[bool, ...], ex: _Experts, buffers: GradBuffers | None):
+    def __init__(self, needs: tuple[bool, ...], ex: _Experts, buffers: StepBuffers | None):
         need_wg, need_wu, need_wd, need_weight = needs
         counts = ex.counts
         self.dwg = _grad_buffer(ex.w_gate, counts, buffers, "gate") if need_wg else None
@@ -282,7 +291,7 @@ class _FusedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_gate, w_up, w_down, weight_A, rows_A, counts, num_out, split, buffers):
         ex = _Experts(x, w_gate, w_up, w_down, weight_A, rows_A, counts, _starts(counts))
-        out, kept = _forward_loop(ex, num_out, True, split)
+        out, kept = _forward_loop(ex, num_out, True, split, buffers)
         ctx.save_for_backward(
             x, w_gate, w_up, w_down, weight_A, rows_A, kept.gate_AF, kept.up_AF, kept.x_AD
         )
@@ -327,7 +336,7 @@ def fused_experts(
     weight_A: Tensor | None = None,
     num_out: int | None = None,
     split: bool | None = None,
-    grad_buffers: GradBuffers | None = None,
+    step_buffers: StepBuffers | None = None,
 ) -> Tensor:
     """Run E expert MLPs over assignments grouped by expert, on CPU or in float64.
 
@@ -342,8 +351,9 @@ def fused_experts(
         num_out: rows of the combined output (default T).
         split: run groups of experts side by side on separate threads (True), in one
             loop using every intra-op thread (False), or choose from the shapes (None).
-        grad_buffers: where the weights' gradients are written, reused from the last
-            backward when nothing else holds them (moekit.grad_buffers); None allocates.
+        step_buffers: where the weights' gradients and the kept gate and up projections
+            are written, reused from the last step when nothing else holds them
+            (moekit.step_buffers); None allocates.
 
     Returns: [num_out, D] with rows_A, else [A, D]. Differentiable in x, the weights and
     weight_A; gate and up [A, F] are kept for backward (and the gathered rows when small).
@@ -363,8 +373,8 @@ def fused_experts(
             counts,
             num_out,
             split,
-            grad_buffers,
+            step_buffers,
         )
     ex = _Experts(x, w_gate_EFD, w_up_EFD, w_down_EDF, weight_A, rows_A, counts, _starts(counts))
-    out, _ = _forward_loop(ex, num_out, False, split)
+    out, _ = _forward_loop(ex, num_out, False, split, None)
     return out

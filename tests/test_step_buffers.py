@@ -1,9 +1,10 @@
-"""Expert gradients written into reused storage (moekit.grad_buffers) are never wrong.
+"""Expert gradients and kept projections written into reused storage
+(moekit.step_buffers) are never wrong.
 
-Shapes: T tokens, D model dim, F expert hidden, E experts.
-Each test runs the CPU fast path (impl="grouped"), whose backward takes its weight
-gradients from the bank's GradBuffers, against a bank that holds nothing or against the
-reference path, in float64.
+Shapes: T tokens, D model dim, F expert hidden, E experts, A = T*K assignments.
+Each test runs the CPU fast path (impl="grouped"), whose forward takes the gate and up
+projections it keeps, and whose backward takes its weight gradients, from the bank's
+StepBuffers, against a bank that holds nothing or against the reference path, in float64.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import copy
 import torch
 from torch.testing import assert_close
 
-import moekit.grad_buffers as grad_buffers_module
+import moekit.step_buffers as step_buffers_module
 from moekit import MoE, MoEConfig
 from moekit.experts import ExpertBank
 from moekit.fused_experts import fused_experts
-from moekit.grad_buffers import GradBuffers
+from moekit.step_buffers import StepBuffers
 
 D, F, E, K, T = 24, 40, 5, 2, 17
 
@@ -56,6 +57,41 @@ def test_storage_is_reused_once_gradients_are_dropped_and_values_match():
         assert_close(got, want)
 
 
+def test_kept_projections_are_reused_after_backward_and_values_match():
+    moe, ref = _moe(), _moe("reference")
+    held = moe.experts.step_buffers._held
+    _step(moe, 1)
+    first = {name: held[name].data_ptr() for name in ("gate_AF", "up_AF")}
+    for seed in (2, 3):
+        _clear(moe)
+        _clear(ref)
+        _step(moe, seed)
+        _step(ref, seed)
+        assert {name: held[name].data_ptr() for name in first} == first
+        for got, want in zip(moe.parameters(), ref.parameters(), strict=True):
+            assert_close(got.grad, want.grad)
+
+
+def test_two_forwards_before_one_backward_keep_separate_projections():
+    """The first graph still holds its projections when the second forward runs: the
+    second must take new storage, or the first backward would read the second's."""
+    moe, ref = _moe(), _moe("reference")
+    _step(moe, 0)  # the holder now has projections to hand out
+    _clear(moe)
+    torch.manual_seed(5)
+    xs = [torch.randn(T, D, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    gs = [torch.randn(T, D, dtype=torch.float64) for _ in range(2)]
+    grads = {}
+    for name, module in (("fast", moe), ("ref", ref)):
+        outs = [module(x)[0] for x in xs]  # both graphs alive at once
+        torch.autograd.backward(outs, gs)
+        grads[name] = [x.grad.clone() for x in xs] + [p.grad for p in module.parameters()]
+        for x in xs:
+            x.grad = None
+    for got, want in zip(grads["fast"], grads["ref"], strict=True):
+        assert_close(got, want)
+
+
 def test_a_gradient_kept_by_the_caller_is_never_overwritten():
     moe = _moe()
     _step(moe, 1)
@@ -89,12 +125,12 @@ def test_experts_without_rows_get_zero_in_reused_storage():
     reused buffer must read zero, not the first call's values."""
     torch.manual_seed(0)
     bank = ExpertBank(MoEConfig(d_model=D, d_ff=F, num_experts=3, top_k=1)).double()
-    buffers = GradBuffers()
+    buffers = StepBuffers()
     weights = list(bank.parameters())
 
     def grads(counts: list[int]) -> list[torch.Tensor]:
         x = torch.randn(sum(counts), D, dtype=torch.float64)
-        y = fused_experts(x, *weights, counts, grad_buffers=buffers)
+        y = fused_experts(x, *weights, counts, step_buffers=buffers)
         return list(torch.autograd.grad(y.square().sum(), weights))
 
     first = grads([3, 2, 4])
@@ -110,10 +146,11 @@ def test_experts_without_rows_get_zero_in_reused_storage():
 def test_release_and_copies_hold_nothing():
     moe = _moe()
     _step(moe, 1)
-    held = moe.experts.grad_buffers
-    assert held.nbytes == sum(p.numel() * 8 for p in moe.experts.parameters())
+    held = moe.experts.step_buffers
+    projections = 2 * T * K * F * 8  # gate and up [A, F], float64
+    assert held.nbytes == sum(p.numel() * 8 for p in moe.experts.parameters()) + projections
     twin = copy.deepcopy(moe)
-    assert twin.experts.grad_buffers.nbytes == 0
+    assert twin.experts.step_buffers.nbytes == 0
     _clear(twin)
     _step(twin, 1)
     for a, b in zip(_expert_grads(moe), _expert_grads(twin), strict=True):
@@ -124,8 +161,8 @@ def test_release_and_copies_hold_nothing():
 
 
 def test_without_torchs_use_count_nothing_is_reused(monkeypatch):
-    monkeypatch.setattr(grad_buffers_module, "_storage_use_count", None)
-    buffers = GradBuffers()
+    monkeypatch.setattr(step_buffers_module, "_storage_use_count", None)
+    buffers = StepBuffers()
     like = torch.empty(4, 3)
     buffers.take("w", like)
     first = buffers._held["w"]
@@ -134,7 +171,7 @@ def test_without_torchs_use_count_nothing_is_reused(monkeypatch):
 
 
 def test_a_free_buffer_is_handed_out_again():
-    buffers = GradBuffers()
+    buffers = StepBuffers()
     like = torch.empty(4, 3)
     ptr = buffers.take("w", like).data_ptr()
     assert buffers.take("w", like).data_ptr() == ptr
