@@ -182,7 +182,7 @@ def _forward_experts(
     return out
 
 
-def _kept_projection(x: Tensor, A: int, Fh: int, buffers: StepBuffers | None, name: str):
+def _kept_projection(x: Tensor, A: int, Fh: int, buffers: StepBuffers | None, name: str) -> Tensor:
     """[A, F] storage for a projection kept for backward: last step's when free."""
     return x.new_empty(A, Fh) if buffers is None else buffers.take(name, x, (A, Fh))
 
