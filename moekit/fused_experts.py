@@ -35,6 +35,8 @@ assignment where the loop reads it once, so it is not used.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +117,11 @@ class _Experts:
     weight_A: Tensor | None
     rows_A: Tensor | None
     counts: list[int]
-    starts: list[int]
+
+    @cached_property
+    def starts(self) -> list[int]:
+        """First grouped row of each expert."""
+        return [0, *accumulate(self.counts)][:-1]
 
     @property
     def combine(self) -> bool:
@@ -141,14 +147,6 @@ class _Kept:
     gate_AF: Tensor | None
     up_AF: Tensor | None
     x_AD: Tensor | None
-
-
-def _starts(counts: list[int]) -> list[int]:
-    starts, s = [], 0
-    for n in counts:
-        starts.append(s)
-        s += n
-    return starts
 
 
 def _forward_experts(
@@ -290,7 +288,7 @@ def _backward_experts(
 class _FusedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_gate, w_up, w_down, weight_A, rows_A, counts, num_out, split, buffers):
-        ex = _Experts(x, w_gate, w_up, w_down, weight_A, rows_A, counts, _starts(counts))
+        ex = _Experts(x, w_gate, w_up, w_down, weight_A, rows_A, counts)
         out, kept = _forward_loop(ex, num_out, True, split, buffers)
         ctx.save_for_backward(
             x, w_gate, w_up, w_down, weight_A, rows_A, kept.gate_AF, kept.up_AF, kept.x_AD
@@ -303,7 +301,7 @@ class _FusedExperts(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, w_gate, w_up, w_down, weight_A, rows_A, gate_AF, up_AF, x_AD = ctx.saved_tensors
         counts = ctx.counts
-        ex = _Experts(x, w_gate, w_up, w_down, weight_A, rows_A, counts, _starts(counts))
+        ex = _Experts(x, w_gate, w_up, w_down, weight_A, rows_A, counts)
         kept = _Kept(gate_AF, up_AF, x_AD)
         need_x = ctx.needs_input_grad[0]
         grad_out = grad_out.contiguous()
@@ -375,6 +373,6 @@ def fused_experts(
             split,
             step_buffers,
         )
-    ex = _Experts(x, w_gate_EFD, w_up_EFD, w_down_EDF, weight_A, rows_A, counts, _starts(counts))
+    ex = _Experts(x, w_gate_EFD, w_up_EFD, w_down_EDF, weight_A, rows_A, counts)
     out, _ = _forward_loop(ex, num_out, False, split, None)
     return out
