@@ -8,7 +8,7 @@ from train_common import MICRO, micro_train, one_thread, write_corpus  # noqa: F
 
 from moekit.data.batches import TrainBatches
 from moekit.train import CheckpointError, load_checkpoint, train
-from moekit.train.checkpoint import list_checkpoints
+from moekit.train.checkpoint import list_checkpoints, save_checkpoint
 from moekit.train.metrics import read_metrics
 
 # Router noise draws from the global RNG every step and sigmoid_bias moves a buffer after
@@ -72,6 +72,21 @@ def test_resume_with_a_different_config_names_the_fields(corpus, tmp_path):
     with pytest.raises(CheckpointError, match=r"model\.moe\.top_k: 2 \(checkpoint\) != 3") as err:
         train(other, config.replace(lr=1e-3), tmp_path, resume=tmp_path, plots=False)
     assert "train.lr" in str(err.value)
+
+
+def test_resume_from_a_checkpoint_with_other_weight_names_names_them(corpus, tmp_path):
+    config = micro_train(corpus, steps=3)
+    train(MICRO, config, tmp_path / "run", plots=False)
+    ckpt = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])
+    name = next(k for k in ckpt.model_state if k.endswith("w_up_EFD"))
+    # The same weights under an earlier build's name for the [in, out] layout.
+    state = dict(ckpt.model_state)
+    state[name.replace("w_up_EFD", "w_up_EDF")] = state.pop(name)
+    old = tmp_path / "old"
+    save_checkpoint(old, ckpt.step, state, ckpt.config, ckpt.state_tensors, ckpt.state, keep=1)
+    with pytest.raises(CheckpointError, match=f"missing {name}") as err:
+        train(MICRO, config, old, resume=old, plots=False)
+    assert name.replace("w_up_EFD", "w_up_EDF") in str(err.value)
 
 
 def test_resume_of_a_finished_run_is_an_error(corpus, tmp_path):

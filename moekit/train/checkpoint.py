@@ -180,6 +180,16 @@ def model_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu"):
 
 def load_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
     """Load weights whose names must be exactly the model's, or say which differ and how."""
+    check_model_names(model, state)
+    model.load_state_dict(state, strict=True)
+
+
+def check_model_names(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Raise CheckpointError naming what differs unless state's names are the model's.
+
+    An expert-parallel model keeps the single-process names (its banks hold fewer
+    experts under the same names), so one check serves every way a state is loaded.
+    """
     want, have = set(model.state_dict()), set(state)
     if want != have:
         missing, unknown = sorted(want - have), sorted(have - want)
@@ -188,7 +198,6 @@ def load_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
             f"unknown {_some(unknown)} (written by another version of moekit, or for "
             "another model?)"
         )
-    model.load_state_dict(state, strict=True)
 
 
 def _some(names: list[str], shown: int = 3) -> str:

@@ -141,10 +141,13 @@ def train(
     optimizer = build_optimizer(base, config)
     start = 0
     if saved is not None:
+        # Names first, whichever way the weights load: a checkpoint of another layout
+        # gets the same error on one process and under expert parallelism.
+        ckpt_io.check_model_names(base, saved.model_state)
         if parallel is not None:
             parallel.load_state_dict(base, saved.model_state)
         else:
-            ckpt_io.load_model_state(base, saved.model_state)
+            base.load_state_dict(saved.model_state, strict=True)
         state_tensors = saved.state_tensors
         if parallel is not None:  # full expert moments in the file; this rank's slice here
             state_tensors = parallel.shard_optimizer_state(base, state_tensors)
