@@ -3,8 +3,9 @@
 Shapes: L MoE layers, E experts, N domains.
 
 Each function takes `LayerCounts` (or their summaries), writes one PNG and returns its
-path. matplotlib is imported inside the functions (an optional dependency, the `plots`
-extra) with the non-interactive Agg backend, so plotting works on a headless machine.
+path. Figures come from moekit.figures: matplotlib (the `plots` extra) is imported on
+first use, plotting works on a headless machine, and the caller's pyplot backend and open
+figures are left as they were.
 """
 
 from __future__ import annotations
@@ -16,22 +17,12 @@ import torch
 
 from moekit.analysis import stats
 from moekit.analysis.counts import LayerCounts, LayerSummary
+from moekit.figures import new_figure, save_figure
 
 # Cell values are printed on heatmaps up to this many cells per axis; beyond, they blur.
 _ANNOTATE_MAX = 16
 # Values that would print as 0.00 are left blank so the cells that matter stand out.
 _ANNOTATE_BELOW = 0.005
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("plots need matplotlib: pip install 'moekit[plots]'") from err
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -59,12 +50,8 @@ def _expert_ticks(ax, num_experts: int) -> None:
     ax.set_xlabel("expert")
 
 
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    fig.clf()
-    _pyplot().close(fig)
-    return path
+def _save(fig, path: str | Path) -> Path:
+    return save_figure(fig, path, dpi=120, tight=True)
 
 
 def plot_load(summaries: list[LayerSummary], path: str | Path, title: str = "") -> Path:
@@ -73,14 +60,14 @@ def plot_load(summaries: list[LayerSummary], path: str | Path, title: str = "") 
     Dead experts are marked with a cross; the colour scale is centred on 1 so overloaded
     experts are red and starved ones blue.
     """
-    plt = _pyplot()
     rel = []
     for s in summaries:
         E = len(s.load_share)
         rel.append([share * E for share in s.load_share])
     L, E = len(rel), len(rel[0])
     top = max(2.0, max(max(r) for r in rel))
-    fig, ax = plt.subplots(figsize=(2.5 + 0.6 * max(E, 8), 2.0 + 0.45 * L))
+    fig, axes = new_figure(2.5 + 0.6 * max(E, 8), 2.0 + 0.45 * L)
+    ax = axes[0][0]
     from matplotlib.colors import TwoSlopeNorm
 
     im = ax.imshow(
@@ -104,17 +91,16 @@ def plot_load(summaries: list[LayerSummary], path: str | Path, title: str = "") 
     ax.set_ylabel("MoE layer")
     fig.colorbar(im, ax=ax, label="load / mean load (1 = balanced)")
     ax.set_title(title or "Expert load per MoE layer")
-    return _save(fig, Path(path))
+    return _save(fig, path)
 
 
 def plot_imbalance(summaries: list[LayerSummary], path: str | Path, title: str = "") -> Path:
     """Bars per layer: load imbalance (max / mean, 1 = balanced) and specialisation score."""
-    plt = _pyplot()
     layers = [s.layer for s in summaries]
     spec = [s.specialisation for s in summaries]
     has_spec = any(not math.isnan(v) for v in spec)
-    fig, axes = plt.subplots(1, 2 if has_spec else 1, figsize=(10 if has_spec else 5.5, 3.6))
-    axes = list(axes) if has_spec else [axes]
+    fig, grid = new_figure(10 if has_spec else 5.5, 3.6, 1, 2 if has_spec else 1)
+    axes = grid[0]
     E = len(summaries[0].load_share)
     ax = axes[0]
     bars = ax.bar(layers, [s.imbalance for s in summaries], color="tab:orange")
@@ -139,7 +125,7 @@ def plot_imbalance(summaries: list[LayerSummary], path: str | Path, title: str =
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, Path(path))
+    return _save(fig, path)
 
 
 def plot_specialisation(counts: list[LayerCounts], path: str | Path, title: str = "") -> Path:
@@ -148,12 +134,9 @@ def plot_specialisation(counts: list[LayerCounts], path: str | Path, title: str 
     A row is how one domain spreads its tokens over the experts; rows that differ mean the
     layer routes by domain. Uniform routing is 1/E everywhere.
     """
-    plt = _pyplot()
     rows, cols = _grid(len(counts))
     E, N = counts[0].num_experts, len(counts[0].domains)
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(cols * (1.0 + 0.45 * max(E, 6)), rows * (1.4 + 0.4 * N)), squeeze=False
-    )
+    fig, axes = new_figure(cols * (1.0 + 0.45 * max(E, 6)), rows * (1.4 + 0.4 * N), rows, cols)
     vmax = max(2.0 / E, max(_row_norm(c.domain_expert).max().item() for c in counts))
     for i, c in enumerate(counts):
         ax = axes[i // cols][i % cols]
@@ -171,7 +154,7 @@ def plot_specialisation(counts: list[LayerCounts], path: str | Path, title: str 
         axes[j // cols][j % cols].axis("off")
     fig.suptitle(title or f"Expert use by domain (uniform = 1/E = {1 / E:.3f})")
     fig.tight_layout()
-    return _save(fig, Path(path))
+    return _save(fig, path)
 
 
 def plot_co_selection(counts: list[LayerCounts], path: str | Path, title: str = "") -> Path:
@@ -180,11 +163,10 @@ def plot_co_selection(counts: list[LayerCounts], path: str | Path, title: str = 
     Bright off-diagonal cells are experts that work as a pair; with top-1 routing the map
     is empty. Under independent choices each cell would be about (K-1)/(E-1).
     """
-    plt = _pyplot()
     rows, cols = _grid(len(counts))
     E = counts[0].num_experts
     side = 1.5 + 0.45 * max(E, 6)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * side, rows * side), squeeze=False)
+    fig, axes = new_figure(cols * side, rows * side, rows, cols)
     conds = [stats.co_selection_conditional(c.co_selection) for c in counts]
     vmax = max(1e-9, max(m.max().item() for m in conds))
     for i, cond in enumerate(conds):
@@ -201,7 +183,7 @@ def plot_co_selection(counts: list[LayerCounts], path: str | Path, title: str = 
         axes[j // cols][j % cols].axis("off")
     fig.suptitle(title or "Expert co-selection: which experts serve the same token")
     fig.tight_layout()
-    return _save(fig, Path(path))
+    return _save(fig, path)
 
 
 def _row_norm(counts_NE: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from pathlib import Path
 from moekit.train.config import TrainConfig
 from moekit.train.loop import train
 from moekit.train.metrics import read_metrics
+from moekit.train.plots import plot_compare
 
 
 @dataclass
@@ -46,7 +47,6 @@ def compare(
     against training FLOPs; also writes `compare.json` with the rows and the curves.
     """
     from moekit.model import count_parameters, dense_twin
-    from moekit.plots import plot_compare
 
     if model_config.moe is None or model_config.moe_as_dense:
         raise ValueError("compare needs an MoE model config (moe set, moe_as_dense False)")

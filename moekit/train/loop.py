@@ -26,6 +26,7 @@ from moekit.train import metrics as metrics_io
 from moekit.train import state as state_io
 from moekit.train.config import RESUMABLE_FIELDS, TrainConfig
 from moekit.train.optim import build_optimizer, lr_at, set_lr
+from moekit.train.plots import plot_run
 
 
 @dataclass
@@ -270,8 +271,6 @@ def train(
         train_seconds=train_seconds,
     )
     if plots and is_main:
-        from moekit.plots import plot_run
-
         result.plots = plot_run(run_dir)
     return result
 

@@ -1,26 +1,21 @@
 """PNG plots of training runs: loss curves, expert load over training, MoE-vs-dense comparisons.
 
-matplotlib is imported inside each function (an optional dependency: `moekit[plots]`), and
-figures are drawn on the Agg canvas directly, so no display or pyplot state is involved.
+Figures come from moekit.figures: matplotlib (the `plots` extra) is imported on first use,
+and no display or pyplot state is involved.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from moekit.figures import new_figure, save_figure
 from moekit.train.metrics import read_metrics
+
+_DPI = 110
 
 
 def _figure(width: float, height: float, nrows: int = 1, ncols: int = 1):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as err:
-        raise ImportError("plots need matplotlib: pip install 'moekit[plots]'") from err
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    return fig, axes
+    return new_figure(width, height, nrows, ncols, layout="constrained")
 
 
 def plot_losses(records: list[dict], path: str | Path) -> Path:
@@ -48,7 +43,7 @@ def plot_losses(records: list[dict], path: str | Path) -> Path:
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="Loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path, _DPI)
 
 
 def plot_expert_load(records: list[dict], path: str | Path) -> Path | None:
@@ -81,7 +76,7 @@ def plot_expert_load(records: list[dict], path: str | Path) -> Path | None:
             title=f"MoE layer {layer}: {E} experts (uniform = 1/{E} each)",
         )
     fig.suptitle("Tokens per expert over training (stacked, EMA 0.8)")
-    return _save(fig, path)
+    return save_figure(fig, path, _DPI)
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
@@ -108,7 +103,7 @@ def plot_compare(curves: dict[str, tuple[list[float], list[float]]], path: str |
     )
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path, _DPI)
 
 
 def _ema(values: list[float], decay: float) -> list[float]:
@@ -117,10 +112,3 @@ def _ema(values: list[float], decay: float) -> list[float]:
         avg = v if avg is None else decay * avg + (1 - decay) * v
         out.append(avg)
     return out
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
