@@ -1,7 +1,9 @@
 """Where text comes from: the embedded corpus, a file, a directory, or a Hugging Face dataset.
 
 `--data` takes `embedded` (the default), a path to a text file or a directory of text files,
-or `hf:NAME` for a Hugging Face dataset (needs the `datasets` package and a network).
+or `hf:NAME` / `hf:NAME:CONFIG` for the `text` column of a Hugging Face dataset's train
+split, streamed (needs the `datasets` package and a network), e.g.
+`hf:wikitext:wikitext-103-raw-v1`.
 Documents are yielded one at a time so a multi-GB source never has to fit in memory:
 large files are read in blocks of about `BLOCK_CHARS` characters, cut at line ends.
 """
@@ -84,20 +86,30 @@ def _file_blocks(path: Path, root: Path) -> Iterator[Document]:
             index += 1
 
 
-def _hf_documents(name: str) -> Iterator[Document]:
+def _hf_documents(spec: str) -> Iterator[Document]:
+    # Hub names are "owner/name" and never contain ":", so the first ":" starts the config.
+    name, _, config = spec.partition(":")
+    if not name:
+        raise ValueError(
+            f"--data {HF_PREFIX}{spec}: expected {HF_PREFIX}NAME or {HF_PREFIX}NAME:CONFIG"
+        )
     try:
         import datasets
     except ImportError as err:
         raise ImportError(
-            f"--data {HF_PREFIX}{name} needs the `datasets` package: pip install datasets"
+            f"--data {HF_PREFIX}{spec} needs the `datasets` package: pip install datasets"
         ) from err
     try:
-        stream = datasets.load_dataset(name, split="train", streaming=True)
+        stream = datasets.load_dataset(name, config or None, split="train", streaming=True)
     except Exception as err:  # noqa: BLE001 - network and hub errors come in many types
-        raise ValueError(f"could not load Hugging Face dataset {name!r}: {err}") from err
+        raise ValueError(f"could not load Hugging Face dataset {spec!r}: {err}") from err
+    found = False
     for index, row in enumerate(stream):
         text = row.get("text")
         if not isinstance(text, str):
-            raise ValueError(f"dataset {name!r} has no string column 'text' (columns: {list(row)})")
+            raise ValueError(f"dataset {spec!r} has no string column 'text' (columns: {list(row)})")
         if text.strip():
-            yield Document(f"{name}#{index}", "text", text)
+            found = True
+            yield Document(f"{spec}#{index}", "text", text)
+    if not found:
+        raise ValueError(f"dataset {spec!r} contains no text in its train split")

@@ -43,7 +43,7 @@ class TrainConfig:
     seed: int = 0
     """Seed of the initial weights and of the training windows."""
     data: str = "embedded"
-    """Text: embedded (stdlib code + reference prose), a file, a directory, or hf:NAME."""
+    """Text: embedded (stdlib code + reference prose), a file, a directory, or hf:NAME[:CONFIG]."""
     tokenizer: str = "bytes"
     """bytes (V=256) or a path to a tokenizer.json."""
     val_fraction: float = 0.1
