@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 
 
@@ -46,3 +47,13 @@ def check_bool(name: str, value: object) -> None:
 def check_choice(name: str, value: object, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def did_you_mean(value: str, known: list[str] | tuple[str, ...]) -> str:
+    """' (did you mean 'x'?)' for the known name closest to a misspelt one, else ''.
+
+    The cutoff is high because keys share long prefixes ("moe."): at difflib's default
+    0.6, 'moe.nope' would suggest 'moe.top_k'; typos score 0.85 and above.
+    """
+    close = difflib.get_close_matches(value, known, n=1, cutoff=0.8)
+    return f" (did you mean {close[0]!r}?)" if close else ""

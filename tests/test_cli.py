@@ -69,7 +69,8 @@ def test_train_resume_flag_continues_the_run(corpus, tmp_path, capsys):
     "args, message",
     [
         (["--preset", "huge"], "unknown preset 'huge'; known presets"),
-        (["--set", "moe.topk=2"], "unknown override key 'moe.topk'; valid keys"),
+        (["--preset", "smal"], "unknown preset 'smal' \\(did you mean 'small'\\?\\); known"),
+        (["--set", "moe.topk=2"], "'moe.topk' \\(did you mean 'moe.top_k'\\?\\); valid keys"),
         (["--steps", "0"], "steps must be >= 1, got 0"),
         (["--steps", "-3"], "steps must be >= 1, got -3"),
         (["--data", "{missing}"], "data path not found"),

@@ -85,6 +85,8 @@ def test_unknown_or_malformed_overrides_are_clear_errors():
         apply_overrides(tiny, ["moe.nope=1"])
     with pytest.raises(ValueError, match="unknown override key 'widht'.*'d_model'"):
         apply_overrides(tiny, ["widht=3"])
+    with pytest.raises(ValueError, match=r"'moe.num_expert' \(did you mean 'moe.num_experts'\?\)"):
+        apply_overrides(tiny, ["moe.num_expert=4"])
     with pytest.raises(ValueError, match="expects KEY=VALUE"):
         apply_overrides(tiny, ["d_model"])
     with pytest.raises(ValueError, match="ModelConfig.d_model takes int, got 'wide'"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from moekit.config import MoEConfig
 from moekit.model.config import ModelConfig
+from moekit.validate import did_you_mean
 
 PRESETS: dict[str, ModelConfig] = {
     # Byte-level; 0.63M active / 1.81M total parameters. One AdamW step on a 16 x 256
@@ -115,5 +116,8 @@ LARGE_PRESETS = ("mixtral-8x7b", "olmoe-1b-7b", "qwen3-moe-30b-a3b", "deepseek-v
 def get_preset(name: str) -> ModelConfig:
     """The preset called name; ValueError listing the known names otherwise."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+        known = sorted(PRESETS)
+        raise ValueError(
+            f"unknown preset {name!r}{did_you_mean(name, known)}; known presets: {known}"
+        )
     return PRESETS[name]

@@ -15,6 +15,7 @@ import textwrap
 import typing
 
 from moekit.config import MoEConfig
+from moekit.validate import did_you_mean
 
 
 @functools.cache
@@ -83,6 +84,11 @@ def _keys(model_cls: type) -> list[str]:
     return top + [f"moe.{f.name}" for f in dataclasses.fields(MoEConfig)]
 
 
+def _unknown_key(key: str, model_cls: type) -> ValueError:
+    keys = _keys(model_cls)
+    return ValueError(f"unknown override key {key!r}{did_you_mean(key, keys)}; valid keys: {keys}")
+
+
 def apply_overrides(config, overrides: list[str]):
     """`config` (a ModelConfig) with `KEY=VALUE` overrides applied; `moe.KEY` for the MoE.
 
@@ -99,7 +105,7 @@ def apply_overrides(config, overrides: list[str]):
         if key.startswith("moe."):
             name = key[len("moe.") :]
             if name not in {f.name for f in dataclasses.fields(MoEConfig)}:
-                raise ValueError(f"unknown override key {key!r}; valid keys: {_keys(cls)}")
+                raise _unknown_key(key, cls)
             moe[name] = parse_value(MoEConfig, name, text)
         elif key in {f.name for f in dataclasses.fields(cls)}:
             if key == "moe":
@@ -109,7 +115,7 @@ def apply_overrides(config, overrides: list[str]):
             else:
                 top[key] = parse_value(cls, key, text)
         else:
-            raise ValueError(f"unknown override key {key!r}; valid keys: {_keys(cls)}")
+            raise _unknown_key(key, cls)
     base_moe = top.get("moe", config.moe)
     if moe:
         if base_moe is None:
