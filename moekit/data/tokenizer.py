@@ -26,6 +26,58 @@ class ByteTokenizer:
     def encode_to_tensor(self, text: str) -> torch.Tensor:
         return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
 
+    @staticmethod
+    def tokenizer_json() -> dict:
+        """This tokenizer as a Hugging Face `tokenizer.json`: token id = byte value.
+
+        A byte-level BPE without merges. The ByteLevel pre-tokenizer (no regex split, no
+        prefix space) turns each byte into one printable character, GPT-2's
+        bytes-to-unicode map, which the vocabulary maps back to the byte's value; the
+        ByteLevel decoder undoes it. So a Hugging Face directory exported from a byte-level
+        run is read by `tokenizers` and transformers exactly as moekit reads it.
+        """
+        byte_level = {
+            "type": "ByteLevel",
+            "add_prefix_space": False,
+            "trim_offsets": False,
+            "use_regex": False,
+        }
+        return {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "added_tokens": [],
+            "normalizer": None,
+            "pre_tokenizer": byte_level,
+            "post_processor": None,
+            "decoder": byte_level,
+            "model": {
+                "type": "BPE",
+                "dropout": None,
+                "unk_token": None,
+                "continuing_subword_prefix": None,
+                "end_of_word_suffix": None,
+                "fuse_unk": False,
+                "byte_fallback": False,
+                "vocab": {char: byte for byte, char in enumerate(_byte_chars())},
+                "merges": [],
+            },
+        }
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's bytes-to-unicode map: printable Latin-1 bytes stand for themselves, the
+    others for the code points from 256 up, in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)}
+    chars, shifted = [], 0
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + shifted))
+            shifted += 1
+    return chars
+
 
 class HFTokenizer:
     """A Hugging Face `tokenizers` model loaded from a `tokenizer.json` file."""

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from moekit.data.tokenizer import ByteTokenizer
 from moekit.hf.export import save_pretrained
 from moekit.hf.io import CONFIG_FILE
 from moekit.hf.load import from_pretrained
@@ -89,13 +90,23 @@ def moekit_to_hf(
 ) -> Path:
     """Write the moekit checkpoint (or run directory's newest checkpoint) src as a Hugging
     Face checkpoint directory dst."""
-    from moekit.train.checkpoint import load_model, resolve
+    from moekit.train.checkpoint import load_checkpoint, model_from_checkpoint, resolve
 
     src, dst = Path(src), Path(dst)
-    model = load_model(src)
-    save_pretrained(model, dst, family=family, max_shard_bytes=max_shard_bytes)
-    ckpt = resolve(src)
-    _copy_tokenizer([src, ckpt, ckpt.parent.parent], dst)
+    ckpt_dir = resolve(src)
+    ckpt = load_checkpoint(ckpt_dir)
+    save_pretrained(
+        model_from_checkpoint(ckpt), dst, family=family, max_shard_bytes=max_shard_bytes
+    )
+    _copy_tokenizer([src, ckpt_dir, ckpt_dir.parent.parent], dst)
+    if ckpt.config["train"]["tokenizer"] == "bytes":
+        # A byte-level run has no tokenizer file to copy: write the byte tokenizer as one,
+        # so `moekit sample`, `tokenizers` and transformers' AutoTokenizer read DST as
+        # moekit does.
+        (dst / "tokenizer.json").write_text(json.dumps(ByteTokenizer.tokenizer_json()) + "\n")
+        (dst / "tokenizer_config.json").write_text(
+            json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n"
+        )
     return dst
 
 
