@@ -194,15 +194,26 @@ def read_losses(run_dir) -> list[float]:
     return [r["loss"] for r in records if r.get("kind") == "train"]
 
 
-def train_worker(rank: int, world_size: int, run_dir: str, cache_dir: str, ep: int) -> dict:
-    """20 steps of the tiny model with expert parallel `ep` (and data parallel beside it)."""
+def train_worker(
+    rank: int, world_size: int, run_dir: str, cache_dir: str, ep: int, init_from: str | None = None
+) -> dict:
+    """20 steps of the tiny model with expert parallel `ep` (and data parallel beside it),
+    from the weights of the run or checkpoint `init_from` when given."""
     from moekit.parallel.context import ParallelContext
     from moekit.train import train
+    from moekit.train.init_from import load_init_source
 
     model_config, train_config = tiny_train_configs()
     ctx = ParallelContext(expert_parallel=ep)
+    source = load_init_source(init_from) if init_from is not None else None
     result = train(
-        model_config, train_config, run_dir, parallel=ctx, cache_dir=cache_dir, plots=False
+        model_config,
+        train_config,
+        run_dir,
+        parallel=ctx,
+        cache_dir=cache_dir,
+        plots=False,
+        init_from=source,
     )
     return {"val_loss": result.val_loss, "losses": read_losses(run_dir) if rank == 0 else None}
 

@@ -56,6 +56,34 @@ def test_other_layouts_match_one_process(runs, world_size: int, ep: int) -> None
     assert all(r["val_loss"] == pytest.approx(single.val_loss, abs=1e-5) for r in ranks)
 
 
+def test_a_warm_start_under_expert_parallelism_matches_one_process(runs) -> None:
+    # Every rank loads the full weights, then the context shards the experts.
+    from moekit.train import train
+    from moekit.train.init_from import load_init_source
+
+    root, _, _ = runs
+    model_config, train_config = tiny_train_configs()
+    source = load_init_source(root / "single")
+    train(
+        model_config,
+        train_config,
+        root / "warm_single",
+        cache_dir=root / "cache",
+        plots=False,
+        init_from=source,
+    )
+    ranks = pool(2).run(
+        train_worker, str(root / "warm_ep2"), str(root / "cache"), 2, str(root / "single"),
+        timeout_s=200,
+    )  # fmt: skip
+    expected = read_losses(root / "warm_single")
+    torch.testing.assert_close(
+        torch.tensor(ranks[0]["losses"]), torch.tensor(expected), rtol=0, atol=1e-5
+    )
+    # Both began from the trained weights, far below where the first run began.
+    assert expected[0] < read_losses(root / "single")[0] - 1.0
+
+
 def _assert_bitwise(a: ckpt_io.Checkpoint, b: ckpt_io.Checkpoint) -> None:
     assert a.model_state.keys() == b.model_state.keys()
     for name, t in a.model_state.items():

@@ -27,12 +27,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moekit.commands.train import apply_threads, build_configs
+    from moekit.commands.train import apply_threads, build_configs, preset_name
     from moekit.train.compare import compare, format_table
 
     apply_threads(args)
     model_config, train_config = build_configs(args)
-    out_dir = Path(args.out_dir or f"runs/compare-{args.preset}")
+    out_dir = Path(args.out_dir or f"runs/compare-{preset_name(args)}")
     rows, plot = compare(model_config, train_config, out_dir)
     print(format_table(rows))
     moe, dense = rows

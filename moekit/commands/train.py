@@ -2,9 +2,10 @@
 
     moekit train --preset tiny --set moe.top_k=4 --set d_model=256 --steps 300
     moekit train --run-dir runs/tiny --resume          # continue from the newest checkpoint
+    moekit train --init-from runs/tiny --data my_text/ # a new run from trained weights
 
-Flow: parse -> build_configs(args) -> train(...). Extra launch modes (e.g. several
-processes) add flags in add_parser and pass a `parallel` context to train().
+Flow: parse -> (load_init_source) -> build_configs(args) -> train(...). Extra launch modes
+(e.g. several processes) add flags in add_parser and pass a `parallel` context to train().
 """
 
 from __future__ import annotations
@@ -12,10 +13,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+DEFAULT_PRESET = "tiny"
+
+
+def preset_name(args: argparse.Namespace) -> str:
+    return args.preset or DEFAULT_PRESET
+
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--preset, --set and --dense-twin: the model half of train and compare."""
-    p.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
+    p.add_argument("--preset", default=None, help=f"model preset (default: {DEFAULT_PRESET})")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -58,7 +65,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dense-twin", action="store_true", help="train the preset's dense twin instead"
     )
-    p.add_argument("--run-dir", default=None, help="output directory (default: runs/<preset>)")
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        help="output directory (default: runs/<preset>, or runs/from-<SRC name> with --init-from)",
+    )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="SRC",
+        help="begin a new run from the weights of a moekit checkpoint or run directory, or of "
+        "a Hugging Face checkpoint directory; the model config is SRC's (--set may change "
+        "what keeps the weights' shapes) and the tokenizer SRC's unless --tokenizer is given",
+    )
     p.add_argument(
         "--resume",
         nargs="?",
@@ -74,16 +93,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_parallel_arguments(p)
 
 
-def build_configs(args: argparse.Namespace):
-    """(ModelConfig, TrainConfig) from the parsed arguments."""
+def build_configs(args: argparse.Namespace, source=None):
+    """(ModelConfig, TrainConfig) from the parsed arguments, and `source` (an InitSource)
+    when the run begins from one's weights."""
     from moekit.model import dense_twin, get_preset
     from moekit.train.config import TrainConfig
     from moekit.train.overrides import apply_overrides, config_from_flags
 
-    model_config = apply_overrides(get_preset(args.preset), args.overrides)
-    if getattr(args, "dense_twin", False):
-        model_config = dense_twin(model_config)
-    return model_config, config_from_flags(TrainConfig, args)
+    if source is None:
+        model_config = apply_overrides(get_preset(preset_name(args)), args.overrides)
+        if getattr(args, "dense_twin", False):
+            model_config = dense_twin(model_config)
+        return model_config, config_from_flags(TrainConfig, args)
+    if args.preset is not None or args.dense_twin:
+        flag = "--preset" if args.preset is not None else "--dense-twin"
+        raise ValueError(f"--init-from takes the model from {source.path}; drop {flag}")
+    base = TrainConfig()
+    if args.cfg_tokenizer is None:
+        if source.tokenizer is None:
+            raise ValueError(
+                f"{source.path} has no tokenizer.json to say what its token ids mean: pass "
+                "--tokenizer (bytes, or the path of the model's tokenizer.json)"
+            )
+        base = base.replace(tokenizer=source.tokenizer)
+    model_config = apply_overrides(source.config, args.overrides)
+    return model_config, config_from_flags(TrainConfig, args, base=base)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,8 +136,19 @@ def _train(args: argparse.Namespace, parallel) -> int:
     from moekit.train.loop import train
 
     apply_threads(args)
-    model_config, train_config = build_configs(args)
-    run_dir = Path(args.run_dir or f"runs/{args.preset}")
+    source = None
+    if args.init_from is not None:
+        from moekit.train.init_from import load_init_source
+
+        source = load_init_source(args.init_from)
+    model_config, train_config = build_configs(args, source)
+    if source is None:
+        name = preset_name(args) + (" (dense twin)" if args.dense_twin else "")
+        default_dir = f"runs/{preset_name(args)}"
+    else:
+        name = f"from {source.path}"
+        default_dir = f"runs/from-{source.path.resolve().name}"
+    run_dir = Path(args.run_dir or default_dir)
     # Under torchrun every rank runs this; one of them reports.
     say = print if parallel is None or parallel.is_main else (lambda *a, **k: None)
     if parallel is not None:
@@ -122,11 +167,13 @@ def _train(args: argparse.Namespace, parallel) -> int:
         resume = run_dir if args.resume == "latest" else Path(args.resume)
     total, active = count_parameters(model_config)
     say(
-        f"training {args.preset}{' (dense twin)' if args.dense_twin else ''}: "
+        f"training {name}: "
         f"{total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per token; "
         f"{train_config.steps} steps of {train_config.tokens_per_step} tokens -> {run_dir}"
     )
-    result = train(model_config, train_config, run_dir, resume=resume, parallel=parallel)
+    result = train(
+        model_config, train_config, run_dir, resume=resume, parallel=parallel, init_from=source
+    )
     say(
         f"done: train loss {result.train_loss:.4f}, validation loss {result.val_loss:.4f}, "
         f"{result.tokens_per_s:.0f} tokens/s"

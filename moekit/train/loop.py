@@ -25,6 +25,7 @@ from moekit.train import checkpoint as ckpt_io
 from moekit.train import metrics as metrics_io
 from moekit.train import state as state_io
 from moekit.train.config import RESUMABLE_FIELDS, TrainConfig
+from moekit.train.init_from import InitSource, load_initial_weights
 from moekit.train.optim import build_optimizer, lr_at, set_lr
 from moekit.train.plots import plot_run
 
@@ -89,11 +90,14 @@ def train(
     parallel=None,
     cache_dir: str | Path | None = None,
     plots: bool = True,
+    init_from: InitSource | None = None,
 ) -> TrainResult:
     """Train a `Transformer(model_config)` per `config`, writing everything under run_dir.
 
     resume: a checkpoint directory, or a run directory (its newest checkpoint), to continue
-    from exactly where it stopped. cache_dir: where token files go (default run_dir/cache).
+    from exactly where it stopped. init_from: weights to begin a new run from
+    (`load_init_source`; not used when resuming, where the checkpoint has the weights).
+    cache_dir: where token files go (default run_dir/cache).
     Returns a TrainResult; metrics.jsonl, checkpoints/ and the PNG plots are in run_dir.
     """
     from moekit.model import Transformer
@@ -137,7 +141,11 @@ def train(
     elif is_main:
         metrics_io.truncate_after(run_dir, 0)  # records of a run that never checkpointed
     torch.manual_seed(config.seed)
-    base = Transformer(model_config).to(device)
+    base = Transformer(model_config)
+    if init_from is not None and saved is None:
+        # Before `prepare`, which shards these full weights under expert parallelism.
+        load_initial_weights(base, init_from)
+    base = base.to(device)
     model = parallel.prepare(base) if parallel is not None else base
     optimizer = build_optimizer(base, config)
     start = 0

@@ -1,0 +1,180 @@
+"""`--init-from`: a new run begins from the weights of a moekit run or a Hugging Face checkpoint."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from train_common import MICRO, micro_train, one_thread, write_corpus  # noqa: F401
+
+from moekit.cli import main
+from moekit.data import TrainBatches, load_tokenizer, prepare_tokens
+from moekit.train import CheckpointError, load_checkpoint, load_model, train
+from moekit.train.checkpoint import list_checkpoints
+from moekit.train.init_from import load_init_source
+from moekit.train.metrics import read_metrics
+
+_TIMING = ("tokens_per_s",)
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def source_run(corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("source")
+    train(MICRO, micro_train(corpus, steps=6, seed=1), run_dir, plots=False)
+    return run_dir
+
+
+def _first_batch_loss(model, config, cache):
+    """Cross-entropy of `model` on the first training batch of a run with `config`."""
+    tokenizer = load_tokenizer(config.tokenizer)
+    split = prepare_tokens(config.data, tokenizer, cache, config.val_fraction)["train"]
+    x, y = TrainBatches(split, config.seq_len, config.batch_size, config.seed)(0)
+    mb = config.micro_batch_size
+    model.train()
+    with torch.no_grad():
+        losses = [
+            F.cross_entropy(
+                model(x[i : i + mb]).logits.flatten(0, 1).float(), y[i : i + mb].flatten()
+            )
+            for i in range(0, config.batch_size, mb)
+        ]
+    return float(torch.stack(losses).mean())
+
+
+def test_a_run_begins_from_the_source_weights_with_a_fresh_optimizer(corpus, source_run, tmp_path):
+    config = micro_train(corpus, steps=3)
+    cache = tmp_path / "cache"
+    source = load_init_source(source_run)
+    result = train(MICRO, config, tmp_path / "ft", cache_dir=cache, plots=False, init_from=source)
+    first = read_metrics(tmp_path / "ft")[0]
+    assert first["step"] == 1
+    # The first step's loss is the source model's on that batch: its weights, not new ones.
+    want = _first_batch_loss(load_model(source_run), config, cache)
+    assert first["loss"] == pytest.approx(want, rel=1e-6)
+    fresh = train(MICRO, config, tmp_path / "fresh", cache_dir=cache, plots=False)
+    assert result.val_loss < fresh.val_loss
+    # A new run: step counter, schedule and optimizer moments start afresh.
+    state = load_checkpoint(list_checkpoints(tmp_path / "ft")[-1]).state
+    assert state["step"] == 3
+    assert first["lr"] == pytest.approx(config.lr / config.warmup_steps)
+
+
+def test_an_interrupted_warm_started_run_resumes_bitwise(corpus, source_run, tmp_path, monkeypatch):
+    config = micro_train(corpus)
+    cache = tmp_path / "cache"
+    source = load_init_source(source_run)
+    train(MICRO, config, tmp_path / "full", cache_dir=cache, plots=False, init_from=source)
+    real_call = TrainBatches.__call__
+
+    def crash_at_step_4(self, step):
+        if step == 4:
+            raise _Crash
+        return real_call(self, step)
+
+    monkeypatch.setattr(TrainBatches, "__call__", crash_at_step_4)
+    with pytest.raises(_Crash):
+        train(MICRO, config, tmp_path / "cut", cache_dir=cache, plots=False, init_from=source)
+    monkeypatch.setattr(TrainBatches, "__call__", real_call)
+    # As the command line does it: the same flags, --init-from included, plus --resume.
+    train(
+        MICRO,
+        config,
+        tmp_path / "cut",
+        resume=tmp_path / "cut",
+        cache_dir=cache,
+        plots=False,
+        init_from=source,
+    )
+    a = load_checkpoint(list_checkpoints(tmp_path / "full")[-1]).model_state
+    b = load_checkpoint(list_checkpoints(tmp_path / "cut")[-1]).model_state
+    for name, t in a.items():
+        assert torch.equal(t, b[name]), name
+    strip = [
+        {k: v for k, v in r.items() if k not in _TIMING} for r in read_metrics(tmp_path / "cut")
+    ]
+    assert strip == [
+        {k: v for k, v in r.items() if k not in _TIMING} for r in read_metrics(tmp_path / "full")
+    ]
+
+
+def test_a_changed_shape_names_the_weights(corpus, source_run, tmp_path):
+    wider = MICRO.replace(moe=MICRO.moe.replace(d_ff=28))
+    with pytest.raises(CheckpointError, match=r"another shape.*w_\w+_E\w+: \(5, 20, 24\)"):
+        train(
+            wider,
+            micro_train(corpus),
+            tmp_path / "run",
+            plots=False,
+            init_from=load_init_source(source_run),
+        )
+
+
+def _cli_args(corpus, run_dir):
+    return ["--data", str(corpus), "--run-dir", str(run_dir), "--steps", "2", "--seq-len", "16",
+            "--batch-size", "4", "--eval-every", "2", "--progress", "false"]  # fmt: skip
+
+
+def test_the_command_takes_config_and_tokenizer_from_the_source(corpus, source_run, tmp_path):
+    run_dir = tmp_path / "ft"
+    code = main(["train", "--init-from", str(source_run), "--set", "moe.aux_loss_coef=0.05",
+                 *_cli_args(corpus, run_dir)])  # fmt: skip
+    assert code == 0
+    saved = load_checkpoint(list_checkpoints(run_dir)[-1]).config
+    want = MICRO.replace(moe=MICRO.moe.replace(aux_loss_coef=0.05))
+    assert saved["model"] == want.to_dict()
+    assert saved["train"]["tokenizer"] == "bytes"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--preset", "tiny"], "takes the model from .*; drop --preset"),
+        (["--dense-twin"], "drop --dense-twin"),
+        (["--set", "moe.num_experts=6"], "another shape"),
+    ],
+)
+def test_the_command_refuses_what_cannot_fit(corpus, source_run, tmp_path, capsys, extra, message):
+    code = main(
+        ["train", "--init-from", str(source_run), *extra, *_cli_args(corpus, tmp_path / "x")]
+    )
+    assert code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_hugging_face_source_without_tokenizer_asks_for_one(corpus, source_run, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    hf_dir = tmp_path / "hf"
+    assert main(["convert", str(source_run), str(hf_dir)]) == 0
+    (hf_dir / "tokenizer.json").unlink()
+    code = main(["train", "--init-from", str(hf_dir), *_cli_args(corpus, tmp_path / "a")])
+    assert code == 2
+    assert "has no tokenizer.json" in capsys.readouterr().err
+    code = main(["train", "--init-from", str(hf_dir), "--tokenizer", "bytes",
+                 *_cli_args(corpus, tmp_path / "b")])  # fmt: skip
+    assert code == 0
+
+
+def test_a_hugging_face_source_begins_from_its_weights(corpus, source_run, tmp_path):
+    pytest.importorskip("transformers")
+    import moekit
+
+    hf_dir = tmp_path / "hf"
+    assert main(["convert", str(source_run), str(hf_dir)]) == 0
+    source = load_init_source(hf_dir)
+    assert source.tokenizer == str((hf_dir / "tokenizer.json").resolve())
+    config = micro_train(corpus, steps=2, tokenizer=source.tokenizer)
+    cache = tmp_path / "cache"
+    train(source.config, config, tmp_path / "ft", cache_dir=cache, plots=False, init_from=source)
+    want = _first_batch_loss(moekit.from_pretrained(hf_dir), config, cache)
+    assert read_metrics(tmp_path / "ft")[0]["loss"] == pytest.approx(want, rel=1e-6)
