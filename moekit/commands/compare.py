@@ -1,9 +1,12 @@
 """`moekit compare`: train an MoE preset and its dense twin on the same tokens, then compare.
 
     moekit compare --preset tiny --steps 300
+    moekit compare --preset tiny --steps 1500 --seeds 0-6   # one comparison per seed
 
 Prints a table (validation loss, training FLOPs, tokens/s, total and active parameters)
-and writes compare.png (validation loss against training FLOPs) and compare.json.
+and writes compare.png (validation loss against training FLOPs) and compare.json. With
+--seeds, one comparison per seed in seed_<s>/, then each seed's losses and whether the
+difference is more than the draw (moekit.train.compare_seeds), also in seeds.json.
 """
 
 from __future__ import annotations
@@ -22,8 +25,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out-dir", default=None, help="output directory (default: runs/compare-<preset>)"
     )
+    p.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        default=None,
+        metavar="LIST",
+        help="compare once per seed, e.g. 0,1,2 or 0-6, and summarise (instead of --seed)",
+    )
     add_threads_argument(p)
     add_config_flags(p, TrainConfig)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,2,5' or '0-6' (inclusive) or a mix: '0-2,7'."""
+    seeds = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            seeds += range(int(lo), int(hi if hi else lo) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"seeds must look like 0,1,2 or 0-6, got {text!r}"
+        ) from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct and at least one, got {text!r}")
+    return seeds
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     model_config, train_config = build_configs(args)
     out_dir = Path(args.out_dir or f"runs/compare-{preset_name(args)}")
+    if args.seeds is not None:
+        return _run_seeds(args, model_config, train_config, out_dir)
     rows, plot = compare(model_config, train_config, out_dir)
     print(format_table(rows))
     moe, dense = rows
@@ -44,4 +72,15 @@ def run(args: argparse.Namespace) -> int:
         "other; benchmarks/bench_train.py interleaves them for a fairer ratio)"
     )
     print(f"plot: {plot}\ntable: {out_dir / 'compare.json'}")
+    return 0
+
+
+def _run_seeds(args: argparse.Namespace, model_config, train_config, out_dir: Path) -> int:
+    from moekit.train.compare_seeds import compare_seeds, format_seed_table
+
+    if args.cfg_seed is not None:
+        raise ValueError("give --seed or --seeds, not both")
+    summary = compare_seeds(model_config, train_config, out_dir, args.seeds)
+    print(format_seed_table(summary))
+    print(f"per seed: {out_dir}/seed_<s>/compare.png  summary: {out_dir / 'seeds.json'}")
     return 0

@@ -39,12 +39,17 @@ def training_flops_per_step(model_config, config: TrainConfig) -> float:
 
 
 def compare(
-    model_config, config: TrainConfig, out_dir: str | Path, parallel=None
+    model_config,
+    config: TrainConfig,
+    out_dir: str | Path,
+    parallel=None,
+    cache_dir: str | Path | None = None,
 ) -> tuple[list[CompareRow], Path]:
     """Train `model_config` and its dense twin into out_dir/{moe,dense}.
 
     Returns the table rows (MoE first) and the path of `compare.png`, validation loss
     against training FLOPs; also writes `compare.json` with the rows and the curves.
+    cache_dir: where token files go (default out_dir/cache).
     """
     from moekit.model import count_parameters, dense_twin
 
@@ -53,7 +58,9 @@ def compare(
     out_dir = Path(out_dir)
     rows, curves = [], {}
     for name, cfg in (("moe", model_config), ("dense", dense_twin(model_config))):
-        result = train(cfg, config, out_dir / name, parallel=parallel, cache_dir=out_dir / "cache")
+        result = train(
+            cfg, config, out_dir / name, parallel=parallel, cache_dir=cache_dir or out_dir / "cache"
+        )
         per_step = training_flops_per_step(cfg, config)
         val = [r for r in read_metrics(out_dir / name) if r.get("kind") == "val"]
         curves[name] = ([r["step"] * per_step for r in val], [r["val_loss"] for r in val])
@@ -93,7 +100,12 @@ def format_table(rows: list[CompareRow]) -> str:
                 f"{r.active_params / 1e6:.3f}M",
             ]
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return text_table(lines)
+
+
+def text_table(lines: list[list[str]]) -> str:
+    """Rows of cells as right-aligned columns; the first row is the header."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join(
         "  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines
     )
