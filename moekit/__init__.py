@@ -1,10 +1,19 @@
 """moekit: a Mixture-of-Experts toolkit for PyTorch."""
 
 from moekit.config import MoEConfig
+from moekit.errors import CheckpointError
 from moekit.layer import MoE, MoEOutput
 from moekit.model import ModelConfig, Transformer
 
-__all__ = ["MoE", "MoEConfig", "MoEOutput", "ModelConfig", "Transformer", "from_pretrained"]
+__all__ = [
+    "CheckpointError",
+    "MoE",
+    "MoEConfig",
+    "MoEOutput",
+    "ModelConfig",
+    "Transformer",
+    "from_pretrained",
+]
 __version__ = "0.1.0"
 
 

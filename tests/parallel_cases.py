@@ -199,9 +199,9 @@ def train_worker(
 ) -> dict:
     """20 steps of the tiny model with expert parallel `ep` (and data parallel beside it),
     from the weights of the run or checkpoint `init_from` when given."""
+    from moekit.hf.convert import load_init_source
     from moekit.parallel.context import ParallelContext
     from moekit.train import train
-    from moekit.train.init_from import load_init_source
 
     model_config, train_config = tiny_train_configs()
     ctx = ParallelContext(expert_parallel=ep)

@@ -58,8 +58,8 @@ def test_other_layouts_match_one_process(runs, world_size: int, ep: int) -> None
 
 def test_a_warm_start_under_expert_parallelism_matches_one_process(runs) -> None:
     # Every rank loads the full weights, then the context shards the experts.
+    from moekit.hf.convert import load_init_source
     from moekit.train import train
-    from moekit.train.init_from import load_init_source
 
     root, _, _ = runs
     model_config, train_config = tiny_train_configs()

@@ -11,9 +11,9 @@ from train_common import MICRO, micro_train, one_thread, write_corpus  # noqa: F
 
 from moekit.cli import main
 from moekit.data import TrainBatches, load_tokenizer, prepare_tokens
+from moekit.hf.convert import load_init_source
 from moekit.train import CheckpointError, load_checkpoint, load_model, train
 from moekit.train.checkpoint import list_checkpoints
-from moekit.train.init_from import load_init_source
 from moekit.train.metrics import read_metrics
 
 _TIMING = ("tokens_per_s",)
@@ -178,3 +178,22 @@ def test_a_hugging_face_source_begins_from_its_weights(corpus, source_run, tmp_p
     train(source.config, config, tmp_path / "ft", cache_dir=cache, plots=False, init_from=source)
     want = _first_batch_loss(moekit.from_pretrained(hf_dir), config, cache)
     assert read_metrics(tmp_path / "ft")[0]["loss"] == pytest.approx(want, rel=1e-6)
+
+
+def test_either_kind_of_broken_checkpoint_raises_the_one_checkpoint_error(source_run, tmp_path):
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    import moekit
+    import moekit.hf
+
+    assert moekit.CheckpointError is moekit.hf.CheckpointError is CheckpointError
+    hf_dir = tmp_path / "hf"
+    assert main(["convert", str(source_run), str(hf_dir)]) == 0
+    tensors = load_file(hf_dir / "model.safetensors")
+    dropped = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, hf_dir / "model.safetensors")
+    with pytest.raises(CheckpointError, match=re.escape(dropped)):
+        load_init_source(hf_dir)
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        load_init_source(tmp_path / "empty")

@@ -138,7 +138,7 @@ def _train(args: argparse.Namespace, parallel) -> int:
     apply_threads(args)
     source = None
     if args.init_from is not None:
-        from moekit.train.init_from import load_init_source
+        from moekit.hf.convert import load_init_source
 
         source = load_init_source(args.init_from)
     model_config, train_config = build_configs(args, source)

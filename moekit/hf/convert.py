@@ -16,13 +16,14 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from moekit.data.tokenizer import ByteTokenizer
 from moekit.hf.export import save_pretrained
 from moekit.hf.io import CONFIG_FILE
-from moekit.hf.load import from_pretrained
+from moekit.hf.load import from_pretrained, load_state, read_model_config
 from moekit.hf.verify import (
     DEFAULT_ATOL,
     compare_logits,
@@ -30,6 +31,10 @@ from moekit.hf.verify import (
     probe_ids,
     reference_for_hf_dir,
 )
+from moekit.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from moekit.train.init_from import InitSource
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
@@ -147,3 +152,22 @@ def convert(
         )
         result.reference = name
     return result
+
+
+def load_init_source(src: str | Path) -> InitSource:
+    """What `moekit train --init-from SRC` starts from (moekit.train.init_from): SRC is a
+    moekit checkpoint, a run directory (its newest checkpoint) or a Hugging Face checkpoint
+    directory. Raises CheckpointError or UnsupportedConfig naming what is wrong."""
+    from moekit.train.checkpoint import load_checkpoint, resolve
+    from moekit.train.init_from import InitSource
+
+    path = Path(src)
+    if is_hf_dir(path):
+        family, config, hf = read_model_config(path)
+        state = load_state(path, family, config, hf)
+        tokenizer = path / "tokenizer.json"
+        spec = str(tokenizer.resolve()) if tokenizer.is_file() else None
+        return InitSource(path, config, state, spec)
+    ckpt = load_checkpoint(resolve(path))
+    config = ModelConfig.from_dict(ckpt.config["model"])
+    return InitSource(path, config, ckpt.model_state, ckpt.config["train"]["tokenizer"])

@@ -18,14 +18,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from moekit.errors import CheckpointError
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 _MAX_LISTED = 12
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as it is; the message names the files and tensors."""
 
 
 def read_config(directory: str | os.PathLike) -> dict:

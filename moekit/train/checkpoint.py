@@ -32,14 +32,12 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
+from moekit.errors import CheckpointError
+
 FORMAT = 1
 FILES = ("model.safetensors", "config.json", "state.safetensors", "state.json")
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, corrupted or does not fit the run."""
 
 
 @dataclass

@@ -16,14 +16,16 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from moekit.errors import CheckpointError
 from moekit.model.config import ModelConfig
-
-TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclass(frozen=True)
 class InitSource:
-    """What a run starts from: SRC's model config, weights and tokenizer."""
+    """What a run starts from: SRC's model config, weights and tokenizer.
+
+    Read by `moekit.hf.convert.load_init_source`, which knows both kinds of checkpoint.
+    """
 
     path: Path
     config: ModelConfig
@@ -34,31 +36,10 @@ class InitSource:
     Hugging Face directory without a tokenizer.json, which says nothing about it."""
 
 
-def load_init_source(src: str | Path) -> InitSource:
-    """Read SRC: a moekit checkpoint, a run directory (its newest checkpoint) or a Hugging
-    Face checkpoint directory. Raises CheckpointError (or the Hugging Face loader's errors)
-    naming what is missing or wrong."""
-    from moekit.hf.convert import is_hf_dir
-    from moekit.train.checkpoint import load_checkpoint, resolve
-
-    path = Path(src)
-    if is_hf_dir(path):
-        from moekit.hf.load import load_state, read_model_config
-
-        family, config, hf = read_model_config(path)
-        state = load_state(path, family, config, hf)
-        tokenizer = path / TOKENIZER_FILE
-        spec = str(tokenizer.resolve()) if tokenizer.is_file() else None
-        return InitSource(path, config, state, spec)
-    ckpt = load_checkpoint(resolve(path))
-    config = ModelConfig.from_dict(ckpt.config["model"])
-    return InitSource(path, config, ckpt.model_state, ckpt.config["train"]["tokenizer"])
-
-
 def load_initial_weights(model: nn.Module, source: InitSource) -> None:
     """Copy SRC's weights into `model` (a fresh, unsharded Transformer); CheckpointError
     names every tensor whose name or shape differs."""
-    from moekit.train.checkpoint import CheckpointError, check_model_names
+    from moekit.train.checkpoint import check_model_names
 
     check_model_names(model, source.state)
     own = model.state_dict()

@@ -96,7 +96,8 @@ def train(
 
     resume: a checkpoint directory, or a run directory (its newest checkpoint), to continue
     from exactly where it stopped. init_from: weights to begin a new run from
-    (`load_init_source`; not used when resuming, where the checkpoint has the weights).
+    (`moekit.hf.convert.load_init_source`; not used when resuming, where the checkpoint
+    has the weights).
     cache_dir: where token files go (default run_dir/cache).
     Returns a TrainResult; metrics.jsonl, checkpoints/ and the PNG plots are in run_dir.
     """
