@@ -80,3 +80,13 @@ def test_seed_and_seeds_together_is_an_error(corpus, tmp_path, capsys):
     flags = _micro_flags(corpus, "--out-dir", str(tmp_path / "x"), "--seeds", "0,1", "--seed", "2")
     assert main(["compare", *flags]) == 2
     assert "give --seed or --seeds, not both" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seeds", ["1,1", "3-1"])
+def test_repeated_or_empty_seeds_are_an_error_before_any_training(corpus, tmp_path, capsys, seeds):
+    out_dir = tmp_path / "x"
+    assert (
+        main(["compare", *_micro_flags(corpus, "--out-dir", str(out_dir), "--seeds", seeds)]) == 2
+    )
+    assert "seeds must be distinct and at least one" in capsys.readouterr().err
+    assert not out_dir.exists()
