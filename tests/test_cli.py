@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from train_common import MICRO_SETS, one_thread, write_corpus  # noqa: F401
+from train_common import MICRO_SETS, micro_flags, one_thread, write_corpus  # noqa: F401
 
 from moekit.cli import main
 from moekit.train import load_model
@@ -18,15 +18,9 @@ def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-def _micro_flags(corpus, *extra):
-    sets = [a for s in MICRO_SETS for a in ("--set", s)]
-    flags = ["--steps", "4", "--batch-size", "2", "--seq-len", "16", "--eval-every", "2"]
-    return [*sets, *flags, "--data", str(corpus), "--progress", "false", *extra]
-
-
 def test_train_then_sample(corpus, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    assert main(["train", *_micro_flags(corpus, "--run-dir", str(run_dir))]) == 0
+    assert main(["train", *micro_flags(corpus, "--run-dir", str(run_dir))]) == 0
     out = capsys.readouterr().out
     assert "validation loss" in out and "plot:" in out
     records = read_metrics(run_dir)
@@ -51,16 +45,16 @@ def test_train_then_sample(corpus, tmp_path, capsys):
 def test_train_resume_flag_continues_the_run(corpus, tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     assert (
-        main(["train", *_micro_flags(corpus, "--run-dir", run_dir, "--checkpoint-every", "2")]) == 0
+        main(["train", *micro_flags(corpus, "--run-dir", run_dir, "--checkpoint-every", "2")]) == 0
     )
     capsys.readouterr()
-    rc = main(["train", *_micro_flags(corpus, "--run-dir", run_dir, "--resume")])
+    rc = main(["train", *micro_flags(corpus, "--run-dir", run_dir, "--resume")])
     assert rc == 2
     assert "nothing left of steps=4" in capsys.readouterr().err
-    rc = main(["train", *_micro_flags(corpus, "--run-dir", run_dir, "--lr", "0.1", "--resume")])
+    rc = main(["train", *micro_flags(corpus, "--run-dir", run_dir, "--lr", "0.1", "--resume")])
     assert rc == 2
     assert "train.lr: 0.003 (checkpoint) != 0.1 (now)" in capsys.readouterr().err
-    rc = main(["train", *_micro_flags(corpus, "--run-dir", run_dir)])
+    rc = main(["train", *micro_flags(corpus, "--run-dir", run_dir)])
     assert rc == 2
     assert "already holds checkpoints; pass --resume" in capsys.readouterr().err
 
@@ -101,7 +95,7 @@ def test_corpus_shorter_than_the_context_is_a_clear_error(tmp_path, capsys):
 
 def test_compare_trains_both_and_reports(corpus, tmp_path, capsys):
     out_dir = tmp_path / "cmp"
-    assert main(["compare", *_micro_flags(corpus, "--out-dir", str(out_dir))]) == 0
+    assert main(["compare", *micro_flags(corpus, "--out-dir", str(out_dir))]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["model", "val", "loss"]

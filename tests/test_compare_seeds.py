@@ -7,8 +7,7 @@ import math
 import statistics
 
 import pytest
-from test_cli import _micro_flags
-from train_common import one_thread, write_corpus  # noqa: F401
+from train_common import micro_flags, one_thread, write_corpus  # noqa: F401
 
 from moekit.cli import main
 from moekit.train.compare_seeds import SeedResult, sign_test_p, summarize
@@ -51,9 +50,7 @@ def test_one_seed_and_ties_give_no_false_precision():
 
 def test_compare_over_seeds_reports_each_and_summarises(corpus, tmp_path, capsys):
     out_dir = tmp_path / "seeds"
-    assert (
-        main(["compare", *_micro_flags(corpus, "--out-dir", str(out_dir), "--seeds", "0,3")]) == 0
-    )
+    assert main(["compare", *micro_flags(corpus, "--out-dir", str(out_dir), "--seeds", "0,3")]) == 0
     out = capsys.readouterr().out
     record = json.loads((out_dir / "seeds.json").read_text())
     assert [r["seed"] for r in record["seeds"]] == [0, 3]
@@ -69,7 +66,7 @@ def test_compare_over_seeds_reports_each_and_summarises(corpus, tmp_path, capsys
     assert len(list((out_dir / "cache").iterdir())) == 1
     # Each seed's comparison is the one `--seed` gives.
     single = tmp_path / "single"
-    assert main(["compare", *_micro_flags(corpus, "--out-dir", str(single), "--seed", "3")]) == 0
+    assert main(["compare", *micro_flags(corpus, "--out-dir", str(single), "--seed", "3")]) == 0
     rows = json.loads((single / "compare.json").read_text())["rows"]
     assert record["seeds"][1]["moe_val_loss"] == rows[0]["val_loss"]
     # Different seeds drew different runs.
@@ -77,7 +74,7 @@ def test_compare_over_seeds_reports_each_and_summarises(corpus, tmp_path, capsys
 
 
 def test_seed_and_seeds_together_is_an_error(corpus, tmp_path, capsys):
-    flags = _micro_flags(corpus, "--out-dir", str(tmp_path / "x"), "--seeds", "0,1", "--seed", "2")
+    flags = micro_flags(corpus, "--out-dir", str(tmp_path / "x"), "--seeds", "0,1", "--seed", "2")
     assert main(["compare", *flags]) == 2
     assert "give --seed or --seeds, not both" in capsys.readouterr().err
 
@@ -85,8 +82,6 @@ def test_seed_and_seeds_together_is_an_error(corpus, tmp_path, capsys):
 @pytest.mark.parametrize("seeds", ["1,1", "3-1"])
 def test_repeated_or_empty_seeds_are_an_error_before_any_training(corpus, tmp_path, capsys, seeds):
     out_dir = tmp_path / "x"
-    assert (
-        main(["compare", *_micro_flags(corpus, "--out-dir", str(out_dir), "--seeds", seeds)]) == 2
-    )
+    assert main(["compare", *micro_flags(corpus, "--out-dir", str(out_dir), "--seeds", seeds)]) == 2
     assert "seeds must be distinct and at least one" in capsys.readouterr().err
     assert not out_dir.exists()

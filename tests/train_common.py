@@ -34,6 +34,13 @@ MICRO_SETS = [
 ]
 
 
+def micro_flags(corpus: Path, *extra: str) -> list[str]:
+    """Command-line flags of the micro model: 4 tiny steps on `corpus`, no progress bar."""
+    sets = [a for s in MICRO_SETS for a in ("--set", s)]
+    flags = ["--steps", "4", "--batch-size", "2", "--seq-len", "16", "--eval-every", "2"]
+    return [*sets, *flags, "--data", str(corpus), "--progress", "false", *extra]
+
+
 def write_corpus(root: Path) -> Path:
     """A directory of real text: slices of two stdlib modules and some English prose."""
     root.mkdir(parents=True, exist_ok=True)

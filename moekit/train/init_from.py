@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from moekit.errors import CheckpointError
 from moekit.model.config import ModelConfig
+from moekit.train.checkpoint import check_model_names
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,6 @@ class InitSource:
 def load_initial_weights(model: nn.Module, source: InitSource) -> None:
     """Copy SRC's weights into `model` (a fresh, unsharded Transformer); CheckpointError
     names every tensor whose name or shape differs."""
-    from moekit.train.checkpoint import check_model_names
-
     check_model_names(model, source.state)
     own = model.state_dict()
     differ = [
