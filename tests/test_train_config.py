@@ -89,6 +89,8 @@ def test_unknown_or_malformed_overrides_are_clear_errors():
         apply_overrides(tiny, ["moe.num_expert=4"])
     with pytest.raises(ValueError, match="expects KEY=VALUE"):
         apply_overrides(tiny, ["d_model"])
+    with pytest.raises(ValueError, match="'batch_size' is a training setting.*--batch-size"):
+        apply_overrides(tiny, ["batch_size=4"])
     with pytest.raises(ValueError, match="ModelConfig.d_model takes int, got 'wide'"):
         apply_overrides(tiny, ["d_model=wide"])
     with pytest.raises(ValueError, match="top_k must be <= num_experts"):

@@ -15,6 +15,7 @@ import textwrap
 import typing
 
 from moekit.config import MoEConfig
+from moekit.train.config import TrainConfig
 from moekit.validate import did_you_mean
 
 
@@ -85,6 +86,12 @@ def _keys(model_cls: type) -> list[str]:
 
 
 def _unknown_key(key: str, model_cls: type) -> ValueError:
+    if key in {f.name for f in dataclasses.fields(TrainConfig)}:
+        # `--set batch_size=4` is a natural slip: --set is for the model only.
+        flag = "--" + key.replace("_", "-")
+        return ValueError(
+            f"{key!r} is a training setting, not a model field: use {flag} {key.upper()}"
+        )
     keys = _keys(model_cls)
     return ValueError(f"unknown override key {key!r}{did_you_mean(key, keys)}; valid keys: {keys}")
 
