@@ -2,12 +2,13 @@
 
 Shapes: D model dim, F expert hidden dim; counts[e] rows of expert e.
 
-Where one expert's matmuls are mid-sized (64 experts of ~512 rows), the experts
-are split into row-balanced groups run side by side, one single-threaded worker per
-intra-op thread: such matmuls share two threads poorly, and each of the loop's many
-small multi-threaded ops can stall on the other thread. Each group sums into its own
-output (and dx) buffer and the buffers are added in group order, so results do not
-depend on thread timing. `auto_split` says which shapes split and what was measured.
+Where there are many experts with mid-sized matmuls (64 experts of ~512 rows x 1024 x
+704), the experts are split into row-balanced groups run side by side, one
+single-threaded worker per intra-op thread: such matmuls share two threads poorly, and
+each of the loop's many small multi-threaded ops can stall on the other thread. Each
+group sums into its own output (and dx) buffer and the buffers are added in group order,
+so results do not depend on thread timing. `auto_split` says which shapes split and what
+was measured.
 """
 
 from __future__ import annotations
@@ -39,21 +40,30 @@ def expert_groups(counts: list[int], split: bool | None, D: int, Fh: int) -> lis
 
 
 def auto_split(counts: list[int], busy: list[int], threads: int, D: int, Fh: int) -> bool:
-    # Measured on 2 cores, fp32, forward+backward (benchmarks/bench_layer.py): where one
-    # expert's matmul is mid-sized (fine regime, ~512 rows x 1024 x 704, 3.7e8 MACs) two
-    # threads share it poorly and each of the loop's ~1,700 small multi-threaded ops can
-    # stall on the other thread; experts on separate single-threaded workers ran 0.94x
-    # the time of the plain loop, and far better on a busy machine. Big matmuls (coarse,
-    # 1024 x 1024 x 2816) scale across threads, and a row-balanced split of 8 experts
-    # left one worker idle: 1.2x slower. Small ones (the tiny preset, 1024 x 128 x 128;
-    # decoding, a few rows) are dominated by Python overhead, serialised by the GIL, or
-    # by memory bandwidth, which one multi-threaded matmul already uses: 1.5x and 1.06x
-    # slower split.
-    if threads < 2 or len(busy) < 2 * threads:
+    # Measured on 2 cores, fp32, forward+backward of the fused experts, split against the
+    # plain loop (every expert's rows equal; benchmarks/README.md has the table). The
+    # split pays where there are many experts with wide weights: 32-64 experts of
+    # D*F >= 2^18 ran 0.91-0.97x the loop's time (the fine regime, 64 x ~512 rows x
+    # 1024 x 704: 0.97x), as each of the loop's thousands of small multi-threaded ops can
+    # stall on the other thread. It does not pay with fewer experts (16 experts of
+    # 512 x 512 to 1024 x 704: 1.00-1.10x; coarse, 8 x 1024 x 2816: 1.2x) nor with narrow
+    # ones, whatever their rows (128 x 128 and 256 x 256: 1.04-1.26x; the tiny preset
+    # trained 14% slower at batch 64 x 256 when it split), where Python overhead
+    # serialised by the GIL, per-worker buffers and memory bandwidth dominate; nor for a
+    # few rows per expert (decoding: 1.06x).
+    if threads < 2 or len(busy) < max(2 * threads, SPLIT_MIN_EXPERTS):
+        return False
+    if D * Fh < SPLIT_MIN_WEIGHT:
         return False
     macs = sum(counts) // len(busy) * D * Fh
     return SPLIT_MACS[0] <= macs <= SPLIT_MACS[1]
 
+
+SPLIT_MIN_EXPERTS = 32
+"""Busy experts below which the experts never run on separate threads."""
+
+SPLIT_MIN_WEIGHT = 2**18
+"""Elements of one expert projection (D x F) below which experts never run side by side."""
 
 SPLIT_MACS = (2**26, 2**30)
 """Mean multiply-adds of one busy expert's matmul (rows x D x F) within which experts run

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from moekit.expert_threads import auto_split
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -107,3 +109,16 @@ def test_bench_layer_reports_unmeasurable_memory_instead_of_a_number(monkeypatch
     assert result["memory_unavailable"] == reason
     assert "mem_ratio" not in result["regimes"]["coarse"]
     assert f"peak memory not measured: {reason}" in out
+
+
+def test_bench_split_quick_reports_the_rule_beside_the_times():
+    stdout, result = _run("bench_split.py", "--quick")
+    assert result["benchmark"] == "split" and len(result["shapes"]) == 3
+    for shape in result["shapes"]:
+        assert shape["split_s"] > 0 and shape["loop_s"] > 0
+        ratio = shape["split_s"] / shape["loop_s"]
+        assert math.isclose(shape["ratio_split_over_loop"], ratio, rel_tol=1e-9)
+        E, N = shape["E"], shape["N"]
+        chosen = auto_split([N] * E, list(range(E)), result["threads"], shape["D"], shape["F"])
+        assert shape["auto_split"] == chosen
+    assert "split/loop" in stdout and "runtime" in stdout

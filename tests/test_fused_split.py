@@ -107,6 +107,13 @@ def test_auto_split_by_regime():
     assert auto_split([512] * 64, busy64, 2, 1024, 704)
     assert not auto_split([1024] * 8, list(range(8)), 2, 1024, 2816)
     assert not auto_split([1024] * 8, list(range(8)), 2, 128, 128)
+    # many experts of wide weights split; narrow ones or few experts do not, however many
+    # rows (the tiny preset at batch 64 x 256, the small preset, 16 mid-sized experts).
+    busy32 = list(range(32))
+    assert auto_split([1024] * 32, busy32, 2, 768, 512)
+    assert not auto_split([4096] * 8, list(range(8)), 2, 128, 128)
+    assert not auto_split([2048] * 32, busy32, 2, 256, 256)
+    assert not auto_split([1024] * 16, list(range(16)), 2, 1024, 704)
     # decoding: a few rows per expert; one thread: never.
     assert not auto_split([2] * 8, list(range(8)), 2, 1024, 2816)
     assert not auto_split([512] * 64, busy64, 1, 1024, 704)
