@@ -122,3 +122,32 @@ def test_bench_split_quick_reports_the_rule_beside_the_times():
         chosen = auto_split([N] * E, list(range(E)), result["threads"], shape["D"], shape["F"])
         assert shape["auto_split"] == chosen
     assert "split/loop" in stdout and "runtime" in stdout
+
+
+def test_bench_train_quick_reports_each_shape_and_the_headline():
+    stdout, result = _run("bench_train.py", "--quick")
+    assert result["benchmark"] == "train"
+    assert [(r["batch_size"], r["seq_len"]) for r in result["shapes"]] == [(4, 64), (4, 32)]
+    for shape in result["shapes"]:
+        moe, dense = shape["moe"], shape["dense_twin"]
+        tokens = shape["batch_size"] * shape["seq_len"]
+        assert math.isclose(moe["tokens_per_s"], tokens / moe["step_s"], rel_tol=1e-9)
+        ratio = moe["tokens_per_s"] / dense["tokens_per_s"]
+        assert math.isclose(shape["ratio_moe_over_dense"], ratio, rel_tol=1e-9)
+        # 2.9x the parameters, about the same active ones (the router is the difference).
+        assert moe["params"] > 2 * moe["active_params"]
+        assert moe["active_params"] == pytest.approx(dense["params"], rel=0.01)
+    # The headline is the first shape's.
+    assert result["ratio_moe_over_dense"] == result["shapes"][0]["ratio_moe_over_dense"]
+    assert "4 x 32" in stdout and "target >= 0.90" in stdout
+
+
+def test_bench_train_refuses_a_malformed_shape():
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_train.py"), "--shapes", "16x0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "--shapes takes BxS[,BxS...] of positive ints, got '16x0'" in done.stderr
