@@ -69,10 +69,10 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def time_shape(preset: str, batch_size: int, seq_len: int, rounds: int, cache: str) -> dict:
-    """Interleaved step times of the preset and its dense twin at one batch shape."""
+def time_shape(preset: str, batch_size: int, seq_len: int, rounds: int, split) -> dict:
+    """Interleaved step times of the preset and its dense twin at one batch shape, on
+    windows of `split` (the embedded corpus's training tokens)."""
     config = TrainConfig(batch_size=batch_size, seq_len=seq_len, progress=False)
-    split = prepare_tokens("embedded", ByteTokenizer(), cache, config.val_fraction)["train"]
     batches = TrainBatches(split, seq_len, batch_size, seed=0)
     moe_cfg = get_preset(preset)
     configs = {"moe": moe_cfg, "dense twin": dense_twin(moe_cfg)}
@@ -124,7 +124,10 @@ def main() -> None:
     set_threads(args.threads)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as cache:
-        results = [time_shape(args.preset, b, s, args.rounds, cache) for b, s in shapes]
+        # The token split does not depend on the batch shape: prepared once for all.
+        val_fraction = TrainConfig().val_fraction
+        split = prepare_tokens("embedded", ByteTokenizer(), cache, val_fraction)["train"]
+        results = [time_shape(args.preset, b, s, args.rounds, split) for b, s in shapes]
 
     rows = []
     for r in results:
