@@ -44,7 +44,8 @@ def _only_holder(held: Tensor) -> bool:
 
 
 class StepBuffers:
-    """Reusable gradient storage, one buffer per name (a weight of one expert bank)."""
+    """Reusable storage, one buffer per name (a weight's gradient or a kept projection of
+    one expert bank)."""
 
     def __init__(self) -> None:
         self._held: dict[str, Tensor] = {}
