@@ -186,6 +186,23 @@ def touched_weights(moe: MoE, x: torch.Tensor) -> list[torch.Tensor]:
     return slices
 
 
+def implausible_dense_peak(dense_peak: int, dense_grads: int) -> str | None:
+    """Why a dense layer's measured peak cannot be its true peak, or None if it can be.
+
+    The dense layer allocates its weight gradients afresh in the measured call, beside
+    its activations, so its peak exceeds their size. A reading at or below it means the
+    peak-RSS counter missed memory (seen on a machine whose probe passed: the quick
+    shapes' dense peak read 0), and a ratio over it would be meaningless or a division
+    by zero.
+    """
+    if dense_peak > dense_grads:
+        return None
+    return (
+        f"the dense layer's measured peak ({dense_peak / 2**10:.0f} KiB) is not above the weight "
+        f"gradients it allocates ({dense_grads / 2**10:.0f} KiB): the counter missed memory"
+    )
+
+
 def run_training_regime(regime: Regime, args, peaks: dict[str, int]) -> dict[str, object]:
     moe, x, g = build(regime, "moe")
     dense, _, _ = build(regime, "dense")
@@ -211,6 +228,11 @@ def run_training_regime(regime: Regime, args, peaks: dict[str, int]) -> dict[str
     if peaks:
         moe_peak, dense_peak = peaks[f"{regime.name}/moe"], peaks[f"{regime.name}/dense"]
         moe_grads, dense_grads = expert_grad_bytes(moe), dense_grad_bytes(dense)
+        problem = implausible_dense_peak(dense_peak, dense_grads)
+        if problem is not None:
+            result["memory_unavailable"] = f"{regime.name}: {problem}"
+            peaks = {}
+    if peaks:
         result.update(
             moe_peak_mib=moe_peak / 2**20,
             dense_peak_mib=dense_peak / 2**20,
@@ -359,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in regimes:
         run = run_training_regime if r.backward else run_decode_regime
         results[r.name] = run(r, args, peaks)
+    implausible = [
+        res.pop("memory_unavailable") for res in results.values() if "memory_unavailable" in res
+    ]
+    if implausible and memory_unavailable is None:
+        memory_unavailable = "; ".join(implausible)
     report(regimes, results)
     if memory_unavailable is not None:
         print(f"peak memory not measured: {memory_unavailable}")

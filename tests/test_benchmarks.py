@@ -151,3 +151,21 @@ def test_bench_train_refuses_a_malformed_shape():
     )
     assert done.returncode == 2
     assert "--shapes takes BxS[,BxS...] of positive ints, got '16x0'" in done.stderr
+
+
+def test_a_dense_peak_below_its_own_gradients_is_not_reported():
+    # A peak-RSS counter that passed its probe can still miss a small case (a quick
+    # dense peak once read 0): the benchmark must say so instead of dividing by it.
+    code = (
+        "from bench_layer import implausible_dense_peak as f\n"
+        "print(f(0, 270336)); print(f(270336, 270336)); print(f(400000, 270336))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(BENCHMARKS)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    zero, equal, fine = done.stdout.strip().splitlines()
+    assert "(0 KiB) is not above the weight gradients it allocates (264 KiB)" in zero
+    assert "(264 KiB) is not above" in equal
+    assert fine == "None"
