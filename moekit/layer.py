@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from moekit import losses
 from moekit.config import MoEConfig
-from moekit.dispatch import capacity, capacity_keep
+from moekit.dispatch import capacity, capacity_keep, count_ids
 from moekit.experts import ExpertBank
 from moekit.mlp import MLP
 from moekit.paths import PATHS
@@ -152,10 +152,10 @@ class MoE(nn.Module):
         cfg = self.config
         gs = self.path.group_sum
         E = cfg.num_experts
-        # One bincount serves the aux loss and the load statistic unless capacity dropped
+        # One count serves the aux loss and the load statistic unless capacity dropped
         # assignments in between.
-        routed_E = torch.bincount(routed.expert_A, minlength=E)
-        kept_E = routed_E if routing is routed else torch.bincount(routing.expert_A, minlength=E)
+        routed_E = count_ids(routed.expert_A, E)
+        kept_E = routed_E if routing is routed else count_ids(routing.expert_A, E)
         aux = losses.switch_aux_loss(routed.probs_TE, routed.expert_A, E, gs, counts_E=routed_E)
         seq_aux = losses.sequence_aux_loss(
             routed.probs_TE,
@@ -170,13 +170,9 @@ class MoE(nn.Module):
         z = losses.z_loss(routing.logits_TE, gs)
         with torch.no_grad():
             tokens_per_expert = gs(kept_E.float())
-            counts = gs(
-                torch.tensor(
-                    [routed.expert_A.numel(), routing.expert_A.numel()],
-                    dtype=torch.float32,
-                    device=routing.expert_A.device,
-                )
-            )
+            # The numbers of routed and kept assignments, summed on the device: a tensor
+            # made from their host-side numel() would be a copy from the host per call.
+            counts = gs(torch.stack([routed_E.sum(), kept_E.sum()]).float())
             # 0 when nothing was routed, tested without a host sync.
             dropped = (1 - counts[1] / counts[0].clamp(min=1)) * (counts[0] > 0)
         # Terms with a zero coefficient stay out of the sum, so backward skips their graphs;

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from moekit.dispatch import count_ids
+
 GroupSum = Callable[[Tensor], Tensor]
 
 
@@ -35,12 +37,13 @@ def switch_aux_loss(
     uniform router scores exactly 1.0 for any K. Computed per layer: averaging the
     statistics of several layers before the product (a known bug elsewhere) lets one
     layer's imbalance cancel another's. counts_E [E], when given, is
-    bincount(expert_A, minlength=E), already computed by the caller.
+    count_ids(expert_A, E), already computed by the caller.
     """
     if counts_E is None:
-        counts_E = torch.bincount(expert_A, minlength=num_experts)
+        counts_E = count_ids(expert_A, num_experts)
     counts_E = counts_E.to(probs_TE.dtype)
-    totals = torch.stack([probs_TE.new_tensor(float(probs_TE.shape[0])), counts_E.sum()])
+    # new_full fills on the device; new_tensor would copy from the host.
+    totals = torch.stack([probs_TE.new_full((), float(probs_TE.shape[0])), counts_E.sum()])
     prob_sum_E = probs_TE.sum(dim=0)
     counts_E, totals, prob_sum_E = group_sum(counts_E), group_sum(totals), group_sum(prob_sum_E)
     # Totals are whole numbers: clamping at 1 changes nothing unless they are 0, where
@@ -70,13 +73,12 @@ def sequence_aux_loss(
     """
     E = num_experts
     dtype = probs_TE.dtype
-    # Counts are integers, so a bincount over (sequence, expert) pairs is exact, and
-    # cheaper than an accumulating index_put_ of ones.
+    # Counts are integers, so counting (sequence, expert) pairs is exact.
     pair_A = seq_T.index_select(0, token_A) * E + expert_A
-    counts_SE = torch.bincount(pair_A, minlength=num_seqs * E).to(dtype).view(num_seqs, E)
+    counts_SE = count_ids(pair_A, num_seqs * E).to(dtype).view(num_seqs, E)
     prob_sum_SE = torch.zeros(num_seqs, E, dtype=dtype, device=probs_TE.device)
     prob_sum_SE = prob_sum_SE.index_add(0, seq_T, probs_TE)
-    len_S = torch.bincount(seq_T, minlength=num_seqs).to(dtype)
+    len_S = count_ids(seq_T, num_seqs).to(dtype)
     present = len_S > 0
     len_S = len_S.clamp(min=1)
     f_SE = counts_SE * (E / top_k) / len_S[:, None]
@@ -88,8 +90,10 @@ def sequence_aux_loss(
 
 def z_loss(logits_TE: Tensor, group_sum: GroupSum = _identity) -> Tensor:
     """Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): mean of logsumexp(logits)^2."""
+    # Token counts below are made with new_full (a fill on the device): new_tensor would
+    # copy from the host, a synchronization on CUDA.
     sq = logits_TE.logsumexp(dim=-1).square()
-    totals = group_sum(torch.stack([sq.sum(), sq.new_tensor(float(sq.shape[0]))]))
+    totals = group_sum(torch.stack([sq.sum(), sq.new_full((), float(sq.shape[0]))]))
     return totals[0] / totals[1].clamp(min=1)
 
 
@@ -97,5 +101,5 @@ def router_entropy(probs_TE: Tensor, group_sum: GroupSum = _identity) -> Tensor:
     """Mean entropy (nats) of the router distribution; log(E) is uniform, 0 is one-hot."""
     with torch.no_grad():
         ent = -(probs_TE * probs_TE.clamp(min=1e-30).log()).sum(dim=-1)
-        totals = group_sum(torch.stack([ent.sum(), ent.new_tensor(float(ent.shape[0]))]))
+        totals = group_sum(torch.stack([ent.sum(), ent.new_full((), float(ent.shape[0]))]))
         return totals[0] / totals[1].clamp(min=1)

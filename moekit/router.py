@@ -41,11 +41,14 @@ class Routing:
 
     def select(self, keep_A: Tensor) -> Routing:
         """The same routing with only the assignments where keep_A is True."""
+        # One nonzero, then gathers: indexing each tensor by the mask would read the
+        # number kept back to the host once per tensor (four synchronizations on CUDA).
+        kept = keep_A.nonzero().squeeze(1)
         return Routing(
-            self.token_A[keep_A],
-            self.expert_A[keep_A],
-            self.weight_A[keep_A],
-            self.slot_A[keep_A],
+            self.token_A.index_select(0, kept),
+            self.expert_A.index_select(0, kept),
+            self.weight_A.index_select(0, kept),
+            self.slot_A.index_select(0, kept),
             self.logits_TE,
             self.probs_TE,
         )

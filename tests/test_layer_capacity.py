@@ -12,7 +12,15 @@ import torch
 from torch.testing import assert_close
 
 from moekit import MoE, MoEConfig
-from moekit.dispatch import capacity, capacity_keep, inverse, permute, sort_by_expert, unpermute
+from moekit.dispatch import (
+    capacity,
+    capacity_keep,
+    inverse,
+    permute,
+    scatter_count,
+    sort_by_expert,
+    unpermute,
+)
 
 D = 24
 BASE = dict(d_model=D, d_ff=40, num_experts=5, top_k=3)
@@ -43,6 +51,16 @@ def test_permute_then_unpermute_is_identity():
     assert torch.equal(x_AD[inv], x_TD)
     assert torch.equal(perm.order_A[inv], torch.arange(T))
     assert torch.equal(inv[perm.order_A], torch.arange(T))
+
+
+@pytest.mark.parametrize(("num_ids", "n"), [(0, 5), (1, 1), (37, 5), (1000, 3), (64, 200)])
+def test_scatter_count_equals_bincount(num_ids, n):
+    # The count the CUDA path uses instead of bincount (no host synchronization), checked
+    # here on CPU: empty input, a single bin, bins that stay empty.
+    ids = torch.randint(0, n, (num_ids,))
+    counts = scatter_count(ids, n)
+    assert counts.dtype == torch.long and counts.shape == (n,)
+    assert torch.equal(counts, torch.bincount(ids, minlength=n))
 
 
 def test_unpermute_sums_weighted_rows_per_token():

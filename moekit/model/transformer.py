@@ -178,7 +178,10 @@ class Transformer(nn.Module):
         if ids_BS.dim() != 2 or ids_BS.shape[1] == 0:
             raise ValueError(f"ids must have shape [B, S] with S >= 1, got {tuple(ids_BS.shape)}")
         V = self.config.vocab_size
-        lo, hi = int(ids_BS.min()), int(ids_BS.max())
+        # One read-back for both bounds (on CUDA each is a synchronization). Out-of-range
+        # ids must be caught here: on CUDA the embedding would fail with a device-side
+        # assert that poisons the whole CUDA context.
+        lo, hi = torch.stack([ids_BS.min(), ids_BS.max()]).tolist()
         if lo < 0 or hi >= V:
             raise ValueError(f"ids must lie in [0, vocab_size={V}), got values in [{lo}, {hi}]")
         return ids_BS.shape[0], ids_BS.shape[1]
