@@ -45,17 +45,36 @@ def _act(activation: str, gate: Tensor | None, up: Tensor) -> Tensor:
     return F.silu(gate) * up if activation == "swiglu" else F.gelu(up)
 
 
-def _grouped_mm_supported(x: Tensor) -> bool:
-    return (
+def _grouped_mm_supported(x: Tensor, d_model: int, d_ff: int) -> bool:
+    dtype = compute_dtype(x)
+    if not (
         x.is_cuda
         and hasattr(F, "grouped_mm")
-        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    )
+        and dtype in (torch.float32, torch.bfloat16, torch.float16)
+    ):
+        return False
+    # grouped_mm refuses row strides that are not multiples of 16 bytes ("strides should
+    # be multiple of 16 bytes"): D=24 passes in fp32 and fails in bf16.
+    size = torch.finfo(dtype).bits // 8
+    return (d_model * size) % 16 == 0 and (d_ff * size) % 16 == 0
 
 
 def _in_out(w_EOI: Tensor, x: Tensor) -> Tensor:
     """[E, in, out] view of a stacked [E, out, in] weight, in x's dtype."""
     return w_EOI.to(x.dtype).transpose(1, 2)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul on x in: its own when autocast is off.
+
+    torch's autocast has no rule for grouped_mm, so under bf16 autocast fp32 rows and
+    weights would reach it as they are: the experts, most of the layer's FLOPs, would run
+    in fp32 (on torch 2.11 through a path that synchronizes per call) while every
+    nn.Linear, the reference path's experts and the dense twin run in bf16.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class ExpertBank(nn.Module):
@@ -89,7 +108,7 @@ class ExpertBank(nn.Module):
 
     def forward_grouped(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
         """All experts on rows grouped by expert (counts_E[e] rows for expert e, in order)."""
-        if _grouped_mm_supported(x_ND):
+        if self.uses_grouped_mm(x_ND):
             return self.grouped_mm_experts(x_ND, counts_E)
         return fused_experts(
             x_ND,
@@ -107,6 +126,7 @@ class ExpertBank(nn.Module):
         enough for tests to check this arithmetic against the reference off CUDA.
         """
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
+        x_ND = x_ND.to(compute_dtype(x_ND))
         gate = None
         # grouped_mm takes [E, in, out]: the transposed views of [out, in] weights.
         if self.w_gate_EFD is not None:
@@ -116,8 +136,10 @@ class ExpertBank(nn.Module):
         return F.grouped_mm(h, _in_out(self.w_down_EDF, x_ND), offs=offs)
 
     def uses_grouped_mm(self, x: Tensor) -> bool:
-        """True where forward_grouped runs torch's grouped GEMM (CUDA, fp32/bf16/fp16)."""
-        return _grouped_mm_supported(x)
+        """True where forward_grouped runs torch's grouped GEMM: CUDA, fp32/bf16/fp16 (after
+        autocast), D and F rows a multiple of 16 bytes."""
+        Fh, D = self.w_up_EFD.shape[1:]
+        return _grouped_mm_supported(x, D, Fh)
 
     def forward_combined(
         self, x_TD: Tensor, rows_A: Tensor, weight_A: Tensor, counts_E: Tensor

@@ -4,8 +4,9 @@ Shapes: T tokens, D model dim, E experts, A assignments.
 
 `ReferencePath` is the readable truth: for each expert, gather its tokens, run it, add
 the weighted result. `GroupedPath` is the fast path: one stable sort by expert, then on CUDA
-one gather, all experts as grouped GEMMs and one weighted scatter-add; elsewhere one
-fused loop over experts that gathers, computes and scatters expert by expert. Both are tested equal,
+one gather, all experts as grouped GEMMs and one weighted scatter-add (the reference loop
+where grouped_mm refuses the shapes); on CPU one fused loop over experts that gathers,
+computes and scatters expert by expert. Both are tested equal,
 forward and backward. Expert parallelism (moekit.parallel) swaps in a path of its own.
 
 A path also says how to sum statistics over the processes that share its experts
@@ -17,7 +18,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from moekit.dispatch import permute, sort_by_expert, unpermute
-from moekit.experts import ExpertBank
+from moekit.experts import ExpertBank, compute_dtype
 from moekit.router import Routing
 
 
@@ -25,7 +26,9 @@ class ReferencePath:
     """A plain loop over experts."""
 
     def __call__(self, x_TD: Tensor, routing: Routing, experts: ExpertBank) -> Tensor:
-        y_TD = x_TD.new_zeros(x_TD.shape)
+        # In the experts' dtype: under autocast that is the lower precision, as in the
+        # grouped path, and index_add needs one dtype on both sides.
+        y_TD = x_TD.new_zeros(x_TD.shape, dtype=compute_dtype(x_TD))
         for e in range(experts.num_experts):
             sel_A = (routing.expert_A == e).nonzero().squeeze(1)
             if sel_A.numel() == 0:
@@ -53,6 +56,10 @@ class GroupedPath(ReferencePath):
             x_AD = permute(x_TD, routing.token_A, perm)
             y_AD = experts.forward_grouped(x_AD, perm.counts_E)
             return unpermute(y_AD, routing.token_A, routing.weight_A, perm, x_TD.shape[0])
+        if x_TD.is_cuda:
+            # Shapes or dtypes grouped_mm refuses (see ExpertBank.uses_grouped_mm): the
+            # reference loop, which autocast and every dtype handle as nn.Linear does.
+            return super().__call__(x_TD, routing, experts)
         # Off CUDA the gather and the weighted scatter live inside the expert loop: no
         # [A, D] copy of the inputs or outputs is ever kept for backward.
         rows_A = routing.token_A.index_select(0, perm.order_A)

@@ -94,6 +94,24 @@ def test_grouped_mm_arithmetic_equals_reference(activation):
     assert y_ref.abs().amax() > 1e-3
 
 
+def test_grouped_mm_runs_in_the_autocast_dtype():
+    # torch's autocast has no rule for grouped_mm: under bf16 autocast the grouped path
+    # must cast itself, as nn.Linear (and so the reference path's experts) is cast.
+    # Checked under CPU autocast, where torch has grouped_mm's forward.
+    if not hasattr(torch.nn.functional, "grouped_mm"):
+        pytest.skip("torch has no grouped_mm")
+    bank = _bank("swiglu").float()
+    counts = [4, 0, 1, 6, 2]
+    x = torch.randn(sum(counts), D)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = bank.grouped_mm_experts(x, torch.tensor(counts))
+        y_ref = torch.cat([bank.forward_expert(e, c) for e, c in enumerate(x.split(counts))])
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+    with torch.no_grad():
+        assert bank.grouped_mm_experts(x, torch.tensor(counts)).dtype == torch.float32
+
+
 def test_partial_requires_grad_and_no_grad_agree():
     bank = _bank("swiglu")
     counts = [2, 3, 0, 4, 1]

@@ -6,6 +6,8 @@ Skipped without a CUDA device (see conftest.py).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -53,3 +55,72 @@ def test_grouped_mm_equals_reference_on_cuda(dtype, capacity_factor):
         assert_close(grads_f[name], grad, **tol, msg=lambda m, name=name: f"{name}: {m}")
     assert torch.equal(out_f.tokens_per_expert, out_r.tokens_per_expert)
     assert out_f.aux_loss.dtype == torch.float32
+
+
+def _layer_step(moe: MoE, x: torch.Tensor) -> None:
+    y, out = moe(x)
+    (y.float().square().sum() + out.loss).backward()
+    moe.update_bias(out.tokens_per_expert)
+
+
+@pytest.mark.parametrize("router", ["softmax_topk", "sigmoid_bias", "expert_choice"])
+def test_dropless_layer_never_waits_for_the_gpu(router):
+    # A host synchronization drains the stream: the host can no longer queue kernels
+    # ahead of the GPU, and launch time adds to compute time instead of hiding behind it.
+    # Without capacity or padding nothing needs a number back from the GPU, so forward,
+    # backward and the bias update must run with synchronizations made errors: bf16
+    # weights, and fp32 weights under bf16 autocast (as `moekit train` runs). (torch's
+    # fp32 grouped_mm is another kernel, outside this promise.)
+    cfg = MoEConfig(d_model=64, d_ff=96, num_experts=5, top_k=2, router=router)
+    fp32, bf16 = MoE(cfg).cuda(), MoE(cfg).cuda().to(torch.bfloat16)
+    x = torch.randn(3, 17, 64, device="cuda", requires_grad=True)
+    x16 = x.detach().to(torch.bfloat16).requires_grad_(True)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    for moe, xi, context in ((bf16, x16, nullcontext()), (fp32, x, autocast)):
+        with context:
+            _layer_step(moe, xi)  # first calls may set up library state
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with context:
+                _layer_step(moe, xi)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_grouped_mm_runs_in_bf16_under_autocast():
+    # torch's autocast has no rule for grouped_mm: fp32 weights under bf16 autocast must
+    # still give bf16 experts, as the reference path's nn.functional.linear does.
+    cfg = MoEConfig(d_model=64, d_ff=96, num_experts=5, top_k=3, impl="reference")
+    ref = MoE(cfg).cuda()
+    fast = MoE(cfg.replace(impl="grouped")).cuda()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 17, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y_ref, _ = ref(x)
+        y, _ = fast(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert_close(y.float(), y_ref.float(), **TOLERANCE[torch.bfloat16])
+
+
+def test_shapes_grouped_mm_refuses_fall_back_to_the_loop():
+    # grouped_mm needs rows of a multiple of 16 bytes: D=24, F=20 pass in fp32 (96 and
+    # 80 bytes) but not in bf16 (48 and 40), as under autocast. The layer must still run.
+    cfg = MoEConfig(d_model=24, d_ff=20, num_experts=5, top_k=2, impl="reference")
+    ref = MoE(cfg).cuda()
+    fast = MoE(cfg.replace(impl="grouped")).cuda()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 17, 24, device="cuda")
+    assert fast.experts.uses_grouped_mm(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert not fast.experts.uses_grouped_mm(x)
+        results = []
+        for moe in (ref, fast):
+            xi = x.clone().requires_grad_(True)
+            y, out = moe(xi)
+            (y.float().square().sum() + out.loss).backward()
+            results.append((y, xi.grad))
+    (y_r, gx_r), (y_f, gx_f) = results
+    assert y_f.dtype == torch.bfloat16
+    assert_close(y_f, y_r)
+    assert_close(gx_f, gx_r)
