@@ -3,7 +3,8 @@
 One case = one optimizer step exactly as `moekit train` runs it: forward, cross-entropy +
 balancing losses, backward, gradient clipping, AdamW, the router-bias update. Both models
 train on the same byte windows of the embedded corpus (the same window each round), fp32
-on CPU, a fixed thread count (2 unless --threads). The dense twin has a dense FFN of the
+on CPU, a fixed thread count (2 unless --threads); with --device cuda, bf16 autocast as
+`moekit train` runs on a GPU. The dense twin has a dense FFN of the
 MoE's active width in each MoE layer's place: equal FFN FLOPs per token, so the ratio of
 tokens/s measures what routing, dispatch and the grouped experts cost in wall time.
 
@@ -15,6 +16,7 @@ train`'s default), where the MoE's extra time weighs more.
     python benchmarks/bench_train.py                      # tiny preset, 16 x 256 and 16 x 128
     python benchmarks/bench_train.py --shapes 64x256      # other batch shapes
     python benchmarks/bench_train.py --quick              # small batches, few rounds (a smoke test)
+    python benchmarks/bench_train.py --device cuda --shapes 16x256,64x256   # on a GPU
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -33,15 +36,25 @@ from moekit.train import TrainConfig
 from moekit.train.optim import build_optimizer
 
 
-def make_step(model: Transformer, config: TrainConfig, batches: TrainBatches):
-    """A closure running one optimizer step on the next window of `batches`."""
+def make_step(model: Transformer, config: TrainConfig, batches: TrainBatches, device: str):
+    """A closure running one optimizer step on the next window of `batches`.
+
+    On CUDA the forward runs in bf16 autocast, as `moekit train` runs it, and the step
+    ends with a synchronization so that a host clock around it times the GPU's work.
+    """
+    model.to(device)
     optimizer = build_optimizer(model, config)
+    # A few fixed batches, identical for both models, moved to the device once.
+    windows = [tuple(t.to(device) for t in batches(i)) for i in range(4)]
+    cuda = device == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     state = {"step": 0}
 
     def step() -> None:
-        x, y = batches(state["step"] % 4)  # a few fixed batches, identical for both models
+        x, y = windows[state["step"] % len(windows)]
         state["step"] += 1
-        out = model(x)
+        with autocast:
+            out = model(x)
         ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), y.reshape(-1))
         (ce + out.aux_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -49,6 +62,8 @@ def make_step(model: Transformer, config: TrainConfig, batches: TrainBatches):
         optimizer.zero_grad(set_to_none=True)
         if out.moe:
             model.update_bias([o.tokens_per_expert for o in out.moe])
+        if cuda:
+            torch.cuda.synchronize()
 
     return step
 
@@ -69,7 +84,7 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def time_shape(preset: str, batch_size: int, seq_len: int, rounds: int, split) -> dict:
+def time_shape(preset: str, batch_size: int, seq_len: int, rounds: int, split, device: str) -> dict:
     """Interleaved step times of the preset and its dense twin at one batch shape, on
     windows of `split` (the embedded corpus's training tokens)."""
     config = TrainConfig(batch_size=batch_size, seq_len=seq_len, progress=False)
@@ -79,7 +94,7 @@ def time_shape(preset: str, batch_size: int, seq_len: int, rounds: int, split) -
     steps = {}
     for name, cfg in configs.items():
         torch.manual_seed(0)
-        steps[name] = make_step(Transformer(cfg), config, batches)
+        steps[name] = make_step(Transformer(cfg), config, batches, device)
     times, cpu_times = time_interleaved(steps, repeats=rounds, warmup=2)
     tokens = batch_size * seq_len
     result: dict = {"batch_size": batch_size, "seq_len": seq_len}
@@ -114,7 +129,15 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="batch 4 x 64 and 4 x 32, 3 rounds")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu (fp32) or cuda (bf16 autocast, as moekit train); default cpu",
+    )
     args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
     if args.quick:
         args.shapes, args.rounds = "4x64,4x32", 3
     try:
@@ -127,7 +150,9 @@ def main() -> None:
         # The token split does not depend on the batch shape: prepared once for all.
         val_fraction = TrainConfig().val_fraction
         split = prepare_tokens("embedded", ByteTokenizer(), cache, val_fraction)["train"]
-        results = [time_shape(args.preset, b, s, args.rounds, split) for b, s in shapes]
+        results = [
+            time_shape(args.preset, b, s, args.rounds, split, args.device) for b, s in shapes
+        ]
 
     rows = []
     for r in results:
@@ -145,8 +170,13 @@ def main() -> None:
                     f"{r['ratio_moe_over_dense']:.2f}x" if key == "moe" else "",
                 ]
             )
+    where = (
+        f"bf16 autocast on {torch.cuda.get_device_name()}"
+        if args.device == "cuda"
+        else f"fp32, {args.threads} threads"
+    )
     print(
-        f"training step, preset {args.preset}, byte tokens, fp32, {args.threads} threads, "
+        f"training step, preset {args.preset}, byte tokens, {where}, "
         f"median of {args.rounds} interleaved rounds per batch shape"
     )
     print(f"machine: {machine()}")
@@ -163,6 +193,7 @@ def main() -> None:
         {
             "benchmark": "train",
             "preset": args.preset,
+            "device": args.device,
             "threads": args.threads,
             "rounds": args.rounds,
             "batch_size": head["batch_size"],

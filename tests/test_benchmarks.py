@@ -169,3 +169,32 @@ def test_a_dense_peak_below_its_own_gradients_is_not_reported():
     assert "(0 KiB) is not above the weight gradients it allocates (264 KiB)" in zero
     assert "(264 KiB) is not above" in equal
     assert fine == "None"
+
+
+@pytest.mark.timeout(150)
+def test_bench_layer_cuda_quick():
+    # Without a GPU the script must say so in its JSON instead of failing; with one, its
+    # ratios must be what its times say.
+    stdout, result = _run("bench_layer_cuda.py", "--quick")
+    assert result["benchmark"] == "layer_cuda"
+    if not torch.cuda.is_available():
+        assert result["unavailable"] == "no CUDA device"
+        assert "no CUDA device" in stdout
+        return
+    regimes = {(r["regime"], r["dtype"]) for r in result["results"]}
+    assert regimes == {(n, d) for n in ("coarse", "fine", "decode") for d in ("bf16", "fp32")}
+    for r in result["results"]:
+        assert math.isclose(r["fwd_ratio"], r["moe_fwd_ms"] / r["dense_fwd_ms"], rel_tol=1e-9)
+        if r["regime"] != "decode":
+            assert r["moe_peak_mib"] > 0 and r["dense_peak_mib"] > 0
+
+
+def test_bench_layer_cuda_refuses_an_unknown_dtype():
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_layer_cuda.py"), "--dtypes", "fp8"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "--dtypes: unknown ['fp8']" in done.stderr
