@@ -142,15 +142,21 @@ def test_bench_train_quick_reports_each_shape_and_the_headline():
     assert "4 x 32" in stdout and "target >= 0.90" in stdout
 
 
-def test_bench_train_refuses_a_malformed_shape():
+def _refused(script: str, *args: str) -> str:
+    """stderr of a benchmark run that must exit 2 (argparse's usage error)."""
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_train.py"), "--shapes", "16x0"],
+        [sys.executable, str(BENCHMARKS / script), *args],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert done.returncode == 2
-    assert "--shapes takes BxS[,BxS...] of positive ints, got '16x0'" in done.stderr
+    assert done.returncode == 2, done.stderr[-2000:]
+    return done.stderr
+
+
+def test_bench_train_refuses_a_malformed_shape():
+    stderr = _refused("bench_train.py", "--shapes", "16x0")
+    assert "--shapes takes BxS[,BxS...] of positive ints, got '16x0'" in stderr
 
 
 def test_a_dense_peak_below_its_own_gradients_is_not_reported():
@@ -190,11 +196,4 @@ def test_bench_layer_cuda_quick():
 
 
 def test_bench_layer_cuda_refuses_an_unknown_dtype():
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_layer_cuda.py"), "--dtypes", "fp8"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 2
-    assert "--dtypes: unknown ['fp8']" in done.stderr
+    assert "--dtypes: unknown ['fp8']" in _refused("bench_layer_cuda.py", "--dtypes", "fp8")

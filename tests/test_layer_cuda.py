@@ -88,13 +88,18 @@ def test_dropless_layer_never_waits_for_the_gpu(router):
             torch.cuda.set_sync_debug_mode("default")
 
 
+def _reference_and_grouped(cfg: MoEConfig) -> tuple[MoE, MoE]:
+    """The same weights on CUDA behind the reference loop and the grouped path."""
+    ref = MoE(cfg.replace(impl="reference")).cuda()
+    fast = MoE(cfg.replace(impl="grouped")).cuda()
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
 def test_grouped_mm_runs_in_bf16_under_autocast():
     # torch's autocast has no rule for grouped_mm: fp32 weights under bf16 autocast must
     # still give bf16 experts, as the reference path's nn.functional.linear does.
-    cfg = MoEConfig(d_model=64, d_ff=96, num_experts=5, top_k=3, impl="reference")
-    ref = MoE(cfg).cuda()
-    fast = MoE(cfg.replace(impl="grouped")).cuda()
-    fast.load_state_dict(ref.state_dict())
+    ref, fast = _reference_and_grouped(MoEConfig(d_model=64, d_ff=96, num_experts=5, top_k=3))
     x = torch.randn(3, 17, 64, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y_ref, _ = ref(x)
@@ -106,10 +111,7 @@ def test_grouped_mm_runs_in_bf16_under_autocast():
 def test_shapes_grouped_mm_refuses_fall_back_to_the_loop():
     # grouped_mm needs rows of a multiple of 16 bytes: D=24, F=20 pass in fp32 (96 and
     # 80 bytes) but not in bf16 (48 and 40), as under autocast. The layer must still run.
-    cfg = MoEConfig(d_model=24, d_ff=20, num_experts=5, top_k=2, impl="reference")
-    ref = MoE(cfg).cuda()
-    fast = MoE(cfg.replace(impl="grouped")).cuda()
-    fast.load_state_dict(ref.state_dict())
+    ref, fast = _reference_and_grouped(MoEConfig(d_model=24, d_ff=20, num_experts=5, top_k=2))
     x = torch.randn(3, 17, 24, device="cuda")
     assert fast.experts.uses_grouped_mm(x)
     with torch.autocast("cuda", dtype=torch.bfloat16):
