@@ -5,42 +5,74 @@ Shapes: B batch, S sequence, T tokens (B*S), D model dim, E experts, A assignmen
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
-from moekit import losses
 from moekit.config import MoEConfig
 from moekit.dispatch import capacity, capacity_keep, count_ids
 from moekit.experts import ExpertBank
 from moekit.mlp import MLP
 from moekit.paths import PATHS
 from moekit.router import ROUTERS, Routing, SigmoidBias
+from moekit.routing_stats import STATISTICS, RoutingStats
 
 
-@dataclass
 class MoEOutput:
-    """Routing results of one MoE call; statistics cover real (non-padding) tokens only."""
+    """Routing results of one MoE call; statistics cover real (non-padding) tokens only.
 
-    loss: Tensor
-    """Weighted sum of the balancing losses with the config's coefficients: add to training."""
-    aux_loss: Tensor
-    """Switch/GShard loss, unweighted; exactly 1.0 for a perfectly uniform router."""
-    seq_aux_loss: Tensor
-    """Sequence-level balancing loss (DeepSeek-V2/V3), unweighted; 1.0 when uniform."""
-    z_loss: Tensor
-    """Router z-loss (ST-MoE), unweighted."""
-    tokens_per_expert: Tensor
-    """[E] float32: assignments each expert computed (after capacity drops)."""
-    dropped_fraction: Tensor
-    """Share of routed assignments dropped by capacity (0 when dropless)."""
-    router_entropy: Tensor
-    """Mean entropy of the router distribution, in nats."""
-    token_ids: Tensor
-    """[A] long: flat input position (index into x.reshape(-1, D)) of each kept assignment."""
-    expert_ids: Tensor
-    """[A] long: the expert of each kept assignment."""
+    `tokens_per_expert`, `token_ids` and `expert_ids` are tensors from the start. The
+    losses and the other statistics are computed on first read, in the forward's grad
+    mode, and then kept (moekit.routing_stats says why and when they are computed
+    eagerly instead).
+    """
+
+    def __init__(
+        self, stats: RoutingStats, tokens_per_expert: Tensor, token_ids: Tensor, expert_ids: Tensor
+    ) -> None:
+        self._stats = stats
+        self.tokens_per_expert = tokens_per_expert
+        """[E] float32: assignments each expert computed (after capacity drops)."""
+        self.token_ids = token_ids
+        """[A] long: flat input position (index into x.reshape(-1, D)) of each kept assignment."""
+        self.expert_ids = expert_ids
+        """[A] long: the expert of each kept assignment."""
+
+    @property
+    def loss(self) -> Tensor:
+        """Weighted sum of the balancing losses with the config's coefficients: add to training."""
+        return self._stats.loss
+
+    @property
+    def aux_loss(self) -> Tensor:
+        """Switch/GShard loss, unweighted; exactly 1.0 for a perfectly uniform router."""
+        return self._stats.aux_loss
+
+    @property
+    def seq_aux_loss(self) -> Tensor:
+        """Sequence-level balancing loss (DeepSeek-V2/V3), unweighted; 1.0 when uniform."""
+        return self._stats.seq_aux_loss
+
+    @property
+    def z_loss(self) -> Tensor:
+        """Router z-loss (ST-MoE), unweighted."""
+        return self._stats.z_loss
+
+    @property
+    def dropped_fraction(self) -> Tensor:
+        """Share of routed assignments dropped by capacity (0 when dropless)."""
+        return self._stats.dropped_fraction
+
+    @property
+    def router_entropy(self) -> Tensor:
+        """Mean entropy of the router distribution, in nats."""
+        return self._stats.router_entropy
+
+    def __repr__(self) -> str:
+        computed = [n for n in STATISTICS if n in vars(self._stats)]
+        return (
+            f"MoEOutput(tokens_per_expert={self.tokens_per_expert}, "
+            f"assignments={self.expert_ids.numel()}, computed={computed})"
+        )
 
 
 class MoE(nn.Module):
@@ -149,53 +181,22 @@ class MoE(nn.Module):
         return (~padding_mask).reshape(-1).nonzero().squeeze(1)
 
     def _output(self, routing: Routing, routed: Routing, seq_T: Tensor, num_seqs: int) -> MoEOutput:
-        cfg = self.config
         gs = self.path.group_sum
-        E = cfg.num_experts
+        E = self.config.num_experts
         # One count serves the aux loss and the load statistic unless capacity dropped
         # assignments in between.
         routed_E = count_ids(routed.expert_A, E)
         kept_E = routed_E if routing is routed else count_ids(routing.expert_A, E)
-        aux = losses.switch_aux_loss(routed.probs_TE, routed.expert_A, E, gs, counts_E=routed_E)
-        seq_aux = losses.sequence_aux_loss(
-            routed.probs_TE,
-            routed.expert_A,
-            routed.token_A,
-            seq_T,
-            num_seqs,
-            E,
-            cfg.top_k,
-            gs,
-        )
-        z = losses.z_loss(routing.logits_TE, gs)
+        stats = RoutingStats(self.config, routing, routed, routed_E, kept_E, seq_T, num_seqs, gs)
+        if self.path.collective_stats:
+            stats.compute_all()
+        elif torch.is_grad_enabled():
+            stats.loss  # noqa: B018 - computed now, while the router's graph is whole
         with torch.no_grad():
             tokens_per_expert = gs(kept_E.float())
-            # The numbers of routed and kept assignments, summed on the device: a tensor
-            # made from their host-side numel() would be a copy from the host per call.
-            counts = gs(torch.stack([routed_E.sum(), kept_E.sum()]).float())
-            # 0 when nothing was routed, tested without a host sync.
-            dropped = (1 - counts[1] / counts[0].clamp(min=1)) * (counts[0] > 0)
-        # Terms with a zero coefficient stay out of the sum, so backward skips their graphs;
-        # each loss keeps its own graph and value in the output. Adding 0 * finite is exact,
-        # so the sum equals the full weighted sum bit for bit.
-        terms = [
-            c * t
-            for c, t in (
-                (cfg.aux_loss_coef, aux),
-                (cfg.seq_aux_loss_coef, seq_aux),
-                (cfg.z_loss_coef, z),
-            )
-            if c != 0
-        ]
-        loss = sum(terms[1:], terms[0]) if terms else aux * 0.0
         return MoEOutput(
-            loss=loss,
-            aux_loss=aux,
-            seq_aux_loss=seq_aux,
-            z_loss=z,
+            stats,
             tokens_per_expert=tokens_per_expert,
-            dropped_fraction=dropped,
-            router_entropy=losses.router_entropy(routing.probs_TE, gs),
             token_ids=routing.token_A.detach(),
             expert_ids=routing.expert_A.detach(),
         )

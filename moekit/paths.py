@@ -25,6 +25,9 @@ from moekit.router import Routing
 class ReferencePath:
     """A plain loop over experts."""
 
+    collective_stats = False
+    """Whether group_sum is a collective (then every statistic is computed eagerly)."""
+
     def __call__(self, x_TD: Tensor, routing: Routing, experts: ExpertBank) -> Tensor:
         # In the experts' dtype: under autocast that is the lower precision, as in the
         # grouped path, and index_add needs one dtype on both sides.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -31,10 +32,17 @@ class ModelOutput:
 
     logits: Tensor
     """[B, S, V] float32 next-token logits."""
-    aux_loss: Tensor
-    """Scalar: sum over MoE layers of MoEOutput.loss (already weighted); 0 for dense models."""
     moe: list[MoEOutput]
     """One MoEOutput per MoE layer, in layer order."""
+
+    @cached_property
+    def aux_loss(self) -> Tensor:
+        """Scalar: sum over MoE layers of MoEOutput.loss (already weighted); 0 for dense models.
+
+        Computed by the forward when grad is enabled; after a no-grad forward (decoding,
+        evaluation) only if read, like the layers' statistics (moekit.routing_stats).
+        """
+        return sum((o.loss for o in self.moe), self.logits.new_zeros(()))
 
 
 class Transformer(nn.Module):
@@ -140,8 +148,10 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(S)
         logits = self.lm_head(self.norm(x_BSD)).float()
-        aux = sum((o.loss for o in outs), logits.new_zeros(()))
-        return ModelOutput(logits=logits, aux_loss=aux, moe=outs)
+        out = ModelOutput(logits=logits, moe=outs)
+        if torch.is_grad_enabled():
+            out.aux_loss  # noqa: B018 - summed in the forward's grad mode
+        return out
 
     def moe_layers(self) -> list[MoE]:
         """The MoE layers, in layer order."""
