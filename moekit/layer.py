@@ -23,7 +23,8 @@ class MoEOutput:
     `tokens_per_expert`, `token_ids` and `expert_ids` are tensors from the start. The
     losses and the other statistics are computed on first read, in the forward's grad
     mode, and then kept (moekit.routing_stats says why and when they are computed
-    eagerly instead).
+    eagerly instead). Until then it holds the call's routing ([T, E] probabilities and
+    logits among it): across many batches keep the numbers you need, not the outputs.
     """
 
     def __init__(
