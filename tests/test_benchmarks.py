@@ -197,3 +197,14 @@ def test_bench_layer_cuda_quick():
 
 def test_bench_layer_cuda_refuses_an_unknown_dtype():
     assert "--dtypes: unknown ['fp8']" in _refused("bench_layer_cuda.py", "--dtypes", "fp8")
+
+
+@pytest.mark.timeout(120)
+def test_bench_decode_quick_reports_both_batches():
+    stdout, result = _run("bench_decode.py", "--quick")
+    assert result["benchmark"] == "decode" and result["new_tokens"] == 8
+    assert [r["batch"] for r in result["results"]] == [1, 8]
+    for r in result["results"]:
+        ratio = r["dense_ms_per_token"] / r["moe_ms_per_token"]
+        assert math.isclose(r["ratio_moe_over_dense"], ratio, rel_tol=1e-9)
+    assert "MoE / dense speed" in stdout
