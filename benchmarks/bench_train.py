@@ -33,6 +33,8 @@ from _common import emit_json, fmt_ms, machine, median, print_table, set_threads
 from moekit.data import ByteTokenizer, TrainBatches, prepare_tokens
 from moekit.model import Transformer, count_parameters, dense_twin, flops_per_token, get_preset
 from moekit.train import TrainConfig
+from moekit.train.config import COMPILE_MODES
+from moekit.train.loop import compile_forward
 from moekit.train.optim import build_optimizer
 
 
@@ -43,6 +45,7 @@ def make_step(model: Transformer, config: TrainConfig, batches: TrainBatches, de
     ends with a synchronization so that a host clock around it times the GPU's work.
     """
     model.to(device)
+    forward = compile_forward(model, config.compile)
     optimizer = build_optimizer(model, config)
     # A few fixed batches, identical for both models, moved to the device once.
     windows = [tuple(t.to(device) for t in batches(i)) for i in range(4)]
@@ -54,7 +57,7 @@ def make_step(model: Transformer, config: TrainConfig, batches: TrainBatches, de
         x, y = windows[state["step"] % len(windows)]
         state["step"] += 1
         with autocast:
-            out = model(x)
+            out = forward(x)
         ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), y.reshape(-1))
         (ce + out.aux_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -84,10 +87,12 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def time_shape(preset: str, batch_size: int, seq_len: int, rounds: int, split, device: str) -> dict:
+def time_shape(
+    preset: str, batch_size: int, seq_len: int, rounds: int, split, device: str, compile: str
+) -> dict:
     """Interleaved step times of the preset and its dense twin at one batch shape, on
     windows of `split` (the embedded corpus's training tokens)."""
-    config = TrainConfig(batch_size=batch_size, seq_len=seq_len, progress=False)
+    config = TrainConfig(batch_size=batch_size, seq_len=seq_len, progress=False, compile=compile)
     batches = TrainBatches(split, seq_len, batch_size, seed=0)
     moe_cfg = get_preset(preset)
     configs = {"moe": moe_cfg, "dense twin": dense_twin(moe_cfg)}
@@ -135,6 +140,12 @@ def main() -> None:
         default="cpu",
         help="cpu (fp32) or cuda (bf16 autocast, as moekit train); default cpu",
     )
+    p.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        default="none",
+        help="torch.compile the forward, as moekit train --compile (default none)",
+    )
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
@@ -151,7 +162,8 @@ def main() -> None:
         val_fraction = TrainConfig().val_fraction
         split = prepare_tokens("embedded", ByteTokenizer(), cache, val_fraction)["train"]
         results = [
-            time_shape(args.preset, b, s, args.rounds, split, args.device) for b, s in shapes
+            time_shape(args.preset, b, s, args.rounds, split, args.device, args.compile)
+            for b, s in shapes
         ]
 
     rows = []
@@ -175,6 +187,8 @@ def main() -> None:
         if args.device == "cuda"
         else f"fp32, {args.threads} threads"
     )
+    if args.compile != "none":
+        where += f", torch.compile mode {args.compile}"
     print(
         f"training step, preset {args.preset}, byte tokens, {where}, "
         f"median of {args.rounds} interleaved rounds per batch shape"
@@ -194,6 +208,7 @@ def main() -> None:
             "benchmark": "train",
             "preset": args.preset,
             "device": args.device,
+            "compile": args.compile,
             "threads": args.threads,
             "rounds": args.rounds,
             "batch_size": head["batch_size"],

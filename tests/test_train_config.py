@@ -22,6 +22,7 @@ from moekit.train.overrides import apply_overrides, field_docs, parse_value
         ({"lr": 0.0}, "lr must be in \\(0.0, 10.0\\], got 0.0"),
         ({"val_fraction": 0.9}, "val_fraction must be in"),
         ({"device": "tpu"}, "device must be one of"),
+        ({"compile": "max"}, "compile must be one of .*, got 'max'"),
         ({"data": ""}, "data must be a non-empty string"),
     ],
 )

@@ -8,9 +8,11 @@ from dataclasses import asdict, dataclass, fields
 from moekit.validate import check_int, check_range
 
 DEVICES = ("auto", "cpu", "cuda")
-# Fields that change no number a run computes: they may differ on --resume.
+COMPILE_MODES = ("none", "default", "reduce-overhead")
+# Fields that say how a run computes, not what: they may differ on --resume (the result is
+# then the same training, though bitwise only on the same device and compile mode).
 RESUMABLE_FIELDS = frozenset(
-    {"eval_every", "checkpoint_every", "keep_checkpoints", "progress", "device"}
+    {"eval_every", "checkpoint_every", "keep_checkpoints", "progress", "device", "compile"}
 )
 
 
@@ -60,6 +62,8 @@ class TrainConfig:
     """auto (cuda when available), cpu or cuda; on cuda the forward runs in bf16 autocast."""
     progress: bool = True
     """Show a progress bar."""
+    compile: str = "none"
+    """torch.compile the training forward: none, default or reduce-overhead (CUDA graphs)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every"):
@@ -88,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if not isinstance(self.progress, bool):
             raise TypeError(f"progress must be a bool, got {self.progress!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
 
     @property
     def micro_batch_size(self) -> int:

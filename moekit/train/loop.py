@@ -77,6 +77,19 @@ def _check_resumable(saved: dict, model_config, train_config: TrainConfig) -> No
         )
 
 
+def compile_forward(model, mode: str):
+    """The model's training forward, through torch.compile unless mode is "none".
+
+    On CUDA the MoE step launches about twice the kernels of its dense twin and is bound
+    by launching them (benchmarks/README.md); the dropless layer has no host
+    synchronization, so a compiled step can run as one CUDA graph ("reduce-overhead").
+    Evaluation and sampling stay eager.
+    """
+    if mode == "none":
+        return model
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
 def _cross_entropy(logits_BSV: Tensor, y_BS: Tensor) -> Tensor:
     return F.cross_entropy(logits_BSV.reshape(-1, logits_BSV.shape[-1]), y_BS.reshape(-1))
 
@@ -103,6 +116,11 @@ def train(
     """
     from moekit.model import Transformer
 
+    if config.compile != "none" and parallel is not None:
+        raise ValueError(
+            f"compile={config.compile!r} is not supported with torch.distributed runs "
+            "(expert or data parallelism); use compile='none'"
+        )
     run_dir = Path(run_dir)
     is_main = parallel is None or parallel.is_main
     device = resolve_device(config.device)
@@ -148,6 +166,7 @@ def train(
         load_initial_weights(base, init_from)
     base = base.to(device)
     model = parallel.prepare(base) if parallel is not None else base
+    forward = compile_forward(model, config.compile)
     optimizer = build_optimizer(base, config)
     start = 0
     if saved is not None:
@@ -213,11 +232,13 @@ def train(
             x = shard(x_BS[m * mb : (m + 1) * mb]).to(device)
             y = shard(y_BS[m * mb : (m + 1) * mb]).to(device)
             with autocast:
-                out = model(x)
+                out = forward(x)
             ce = _cross_entropy(out.logits, y)
             ((ce + out.aux_loss) / config.grad_accum).backward()
             ce_sum, aux_sum = ce_sum + ce.detach(), aux_sum + out.aux_loss.detach()
-            step_loads = [o.tokens_per_expert.detach() for o in out.moe]
+            # Copies: with CUDA graphs (compile='reduce-overhead') the next micro-batch's
+            # replay writes its outputs into the same memory.
+            step_loads = [o.tokens_per_expert.detach().clone() for o in out.moe]
             if loads is None:
                 loads = step_loads
             else:
