@@ -5,8 +5,9 @@ Shapes: T tokens, E experts, A assignments.
 A layer's forward needs few of them: training adds the weighted loss (only the terms with
 a nonzero coefficient) and reads the tokens per expert; decoding reads none. Computing all
 of them on every call cost about half the layer forward's host time on a GPU (1.47 of
-2.74 ms: benchmarks/README.md) and a quarter of a tiny model's decode step on CPU. So each
-is a cached property, computed on first read and then kept:
+2.74 ms) and about a third of a tiny model's decode step on CPU (3.55 ms against 2.41-2.45
+without them; both in benchmarks/README.md). So each is a cached property, computed on
+first read and then kept:
 
 - in the grad mode of the forward that made it, whatever the mode at the read, so a
   statistic read inside `torch.no_grad()` after a training forward still carries its graph,
