@@ -123,6 +123,23 @@ def peak_bytes_of(run: Callable[[], object]) -> int:
     return (_status_kib("VmHWM") - base) * 1024
 
 
+def implausible_dense_peak(dense_peak: int, dense_grads: int) -> str | None:
+    """Why a dense layer's measured peak cannot be its true peak, or None if it can be.
+
+    The dense layer allocates its weight gradients afresh in the measured call, beside
+    its activations, so its peak exceeds their size. A reading at or below it means the
+    peak-RSS counter missed memory (seen on a machine whose probe passed: the quick
+    shapes' dense peak read 0), and a ratio over it would be meaningless or a division
+    by zero.
+    """
+    if dense_peak > dense_grads:
+        return None
+    return (
+        f"the dense layer's measured peak ({dense_peak / 2**10:.0f} KiB) is not above the weight "
+        f"gradients it allocates ({dense_grads / 2**10:.0f} KiB): the counter missed memory"
+    )
+
+
 def run_in_fresh_process(argv: Sequence[str], timeout: float = 900) -> str:
     """stdout's last line of `python argv...` run with the malloc threshold fixed.
 

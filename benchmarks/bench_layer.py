@@ -50,6 +50,7 @@ from _common import (
     emit_json,
     fmt_mib,
     fmt_ms,
+    implausible_dense_peak,
     machine,
     median,
     peak_bytes_of,
@@ -120,6 +121,12 @@ def forward(module, x):
     return out if isinstance(out, tuple) else (out, None)
 
 
+def forward_no_grad(module, x) -> None:
+    """A forward as decoding runs it: no autograd recording."""
+    with torch.no_grad():
+        forward(module, x)
+
+
 def forward_backward(module, x, g) -> None:
     for p in module.parameters():
         p.grad = None
@@ -186,23 +193,6 @@ def touched_weights(moe: MoE, x: torch.Tensor) -> list[torch.Tensor]:
     return slices
 
 
-def implausible_dense_peak(dense_peak: int, dense_grads: int) -> str | None:
-    """Why a dense layer's measured peak cannot be its true peak, or None if it can be.
-
-    The dense layer allocates its weight gradients afresh in the measured call, beside
-    its activations, so its peak exceeds their size. A reading at or below it means the
-    peak-RSS counter missed memory (seen on a machine whose probe passed: the quick
-    shapes' dense peak read 0), and a ratio over it would be meaningless or a division
-    by zero.
-    """
-    if dense_peak > dense_grads:
-        return None
-    return (
-        f"the dense layer's measured peak ({dense_peak / 2**10:.0f} KiB) is not above the weight "
-        f"gradients it allocates ({dense_grads / 2**10:.0f} KiB): the counter missed memory"
-    )
-
-
 def run_training_regime(regime: Regime, args, peaks: dict[str, int]) -> dict[str, object]:
     moe, x, g = build(regime, "moe")
     dense, _, _ = build(regime, "dense")
@@ -254,14 +244,11 @@ def run_decode_regime(regime: Regime, args, peaks: dict[str, int]) -> dict[str, 
         for w in slices:
             w.sum()
 
-    def no_grad(module):
-        def call():
-            with torch.no_grad():
-                forward(module, x)
-
-        return call
-
-    cases = {"moe fwd": no_grad(moe), "dense fwd": no_grad(dense), "weight read floor": floor}
+    cases = {
+        "moe fwd": lambda: forward_no_grad(moe, x),
+        "dense fwd": lambda: forward_no_grad(dense, x),
+        "weight read floor": floor,
+    }
     wall, cpu = time_interleaved(cases, args.repeats * 4, args.warmup)
     t = {k: median(v) for k, v in wall.items()}
     c = {k: median(v) for k, v in cpu.items()}

@@ -45,6 +45,7 @@ from bench_layer import (
     expert_grad_bytes,
     forward,
     forward_backward,
+    forward_no_grad,
     touched_weights,
 )
 
@@ -130,14 +131,8 @@ def decode_regime(
     dense, _, _ = on_cuda(regime, "dense", dtype)
     touched = sum(w.numel() * w.element_size() for w in touched_weights(moe, x))
 
-    def no_grad(module):
-        def call():
-            with torch.no_grad():
-                forward(module, x)
-
-        return call
-
-    t = time_cuda({"moe": no_grad(moe), "dense": no_grad(dense)}, repeats * 4, warmup=3)
+    cases = {"moe": lambda: forward_no_grad(moe, x), "dense": lambda: forward_no_grad(dense, x)}
+    t = time_cuda(cases, repeats * 4, warmup=3)
     floor_ms = touched / bandwidth * 1e3
     return {
         "moe_fwd_ms": t["moe"],

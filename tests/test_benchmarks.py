@@ -17,13 +17,17 @@ from moekit.expert_threads import auto_split
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def _run(script: str, *args: str) -> tuple[str, dict]:
-    done = subprocess.run(
+def _launch(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, str(BENCHMARKS / script), *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
+
+
+def _run(script: str, *args: str) -> tuple[str, dict]:
+    done = _launch(script, *args, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     return done.stdout, json.loads(lines[-1])
@@ -144,12 +148,7 @@ def test_bench_train_quick_reports_each_shape_and_the_headline():
 
 def _refused(script: str, *args: str) -> str:
     """stderr of a benchmark run that must exit 2 (argparse's usage error)."""
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = _launch(script, *args, timeout=60)
     assert done.returncode == 2, done.stderr[-2000:]
     return done.stderr
 
@@ -159,22 +158,16 @@ def test_bench_train_refuses_a_malformed_shape():
     assert "--shapes takes BxS[,BxS...] of positive ints, got '16x0'" in stderr
 
 
-def test_a_dense_peak_below_its_own_gradients_is_not_reported():
+def test_a_dense_peak_below_its_own_gradients_is_not_reported(monkeypatch):
     # A peak-RSS counter that passed its probe can still miss a small case (a quick
     # dense peak once read 0): the benchmark must say so instead of dividing by it.
-    code = (
-        "from bench_layer import implausible_dense_peak as f\n"
-        "print(f(0, 270336)); print(f(270336, 270336)); print(f(400000, 270336))\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(BENCHMARKS)}
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    zero, equal, fine = done.stdout.strip().splitlines()
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from _common import implausible_dense_peak
+
+    zero = implausible_dense_peak(0, 270336)
     assert "(0 KiB) is not above the weight gradients it allocates (264 KiB)" in zero
-    assert "(264 KiB) is not above" in equal
-    assert fine == "None"
+    assert "(264 KiB) is not above" in implausible_dense_peak(270336, 270336)
+    assert implausible_dense_peak(400000, 270336) is None
 
 
 @pytest.mark.timeout(150)
