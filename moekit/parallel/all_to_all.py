@@ -42,6 +42,9 @@ class AllToAllPath:
             would give a different loss for each way of splitting the batch.
     """
 
+    collective_stats = True
+    """group_sum is an all-reduce: every rank computes every statistic, in one order."""
+
     def __init__(
         self,
         group: dist.ProcessGroup,
@@ -91,9 +94,6 @@ class AllToAllPath:
         y_AD = all_to_all(y_ND, recv_splits, send_splits, self.group)
         return unpermute(y_AD, routing.token_A, routing.weight_A, perm, x_TD.shape[0])
 
-    collective_stats = True
-    """group_sum is an all-reduce: every rank computes every statistic, in one order."""
-
     def group_sum(self, t: Tensor) -> Tensor:
         """Sum over the statistics group; gradients are summed back to every rank."""
         return all_reduce_sum(t, self.stats_group)
@@ -106,12 +106,12 @@ class GroupStatsPath:
     losses see the whole global batch.
     """
 
+    collective_stats = True
+    """group_sum is an all-reduce: every rank computes every statistic, in one order."""
+
     def __init__(self, local_path, stats_group: dist.ProcessGroup) -> None:
         self.local_path = local_path
         self.stats_group = stats_group
-
-    collective_stats = True
-    """group_sum is an all-reduce: every rank computes every statistic, in one order."""
 
     def __call__(self, x_TD: Tensor, routing: Routing, experts: ExpertBank) -> Tensor:
         return self.local_path(x_TD, routing, experts)
