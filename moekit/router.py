@@ -67,6 +67,11 @@ def _softmax_experts(logits_TE: Tensor) -> Tensor:
     return logits_TE.t().contiguous().softmax(dim=0).t()
 
 
+def _scaled(weights: Tensor, factor: float) -> Tensor:
+    # x * 1.0 is x exactly: the common factor 1 costs no op forward or backward.
+    return weights if factor == 1.0 else weights * factor
+
+
 def _from_topk(ids_TK: Tensor, weights_TK: Tensor, logits_TE: Tensor, probs_TE: Tensor) -> Routing:
     T, K = ids_TK.shape
     token_A = torch.arange(T, device=ids_TK.device).repeat_interleave(K)
@@ -91,7 +96,10 @@ class Router(nn.Module):
             # Switch Transformer: multiplicative input jitter for exploration.
             noise = torch.empty_like(x_TD).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
             x_TD = x_TD * noise
-        logits_TE = F.linear(x_TD, self.weight.to(x_TD.dtype))
+        weight = self.weight.to(x_TD.dtype)
+        # Autocast would run the matmul in bf16, whatever the inputs' dtype.
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD, weight)
         if self.training and cfg.router_noise > 0:
             # Noisy top-k gating (Shazeer et al. 2017), fixed-std variant.
             logits_TE = logits_TE + torch.randn_like(logits_TE) * cfg.router_noise
@@ -113,7 +121,7 @@ class SoftmaxTopK(Router):
         weights_TK, ids_TK = probs_TE.topk(self.config.top_k, dim=-1)
         if self.config.norm_topk_prob:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        weights_TK = weights_TK * self.config.routed_scaling_factor
+        weights_TK = _scaled(weights_TK, self.config.routed_scaling_factor)
         return _from_topk(ids_TK, weights_TK, logits_TE, probs_TE)
 
 
@@ -127,7 +135,7 @@ class TopKSoftmax(Router):
     def forward(self, x_TD: Tensor) -> Routing:
         logits_TE = self.logits(x_TD)
         top_logits_TK, ids_TK = logits_TE.topk(self.config.top_k, dim=-1)
-        weights_TK = top_logits_TK.softmax(dim=-1) * self.config.routed_scaling_factor
+        weights_TK = _scaled(top_logits_TK.softmax(dim=-1), self.config.routed_scaling_factor)
         return _from_topk(ids_TK, weights_TK, logits_TE, _softmax_experts(logits_TE))
 
 
@@ -165,7 +173,7 @@ class SigmoidBias(Router):
         if cfg.norm_topk_prob:
             # The epsilon guards all-zero sigmoid scores, which underflow in float32.
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        weights_TK = weights_TK * cfg.routed_scaling_factor
+        weights_TK = _scaled(weights_TK, cfg.routed_scaling_factor)
         probs_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
         return _from_topk(ids_TK, weights_TK, logits_TE, probs_TE)
 
@@ -205,7 +213,7 @@ class ExpertChoice(Router):
         E = self.config.num_experts
         weights_EC, token_EC = probs_TE.t().topk(C, dim=-1)
         expert_A = torch.arange(E, device=x_TD.device).repeat_interleave(C)
-        weights_A = weights_EC.reshape(-1) * self.config.routed_scaling_factor
+        weights_A = _scaled(weights_EC.reshape(-1), self.config.routed_scaling_factor)
         slot_A = torch.zeros_like(expert_A)
         return Routing(token_EC.reshape(-1), expert_A, weights_A, slot_A, logits_TE, probs_TE)
 

@@ -53,6 +53,16 @@ def test_permute_then_unpermute_is_identity():
     assert torch.equal(inv[perm.order_A], torch.arange(T))
 
 
+@pytest.mark.parametrize(("num_ids", "num_experts"), [(0, 5), (1, 1), (37, 5), (500, 16), (300, 64)])
+def test_sort_by_expert_is_a_stable_sort(num_ids, num_experts):
+    # Within an expert, assignments keep their order (many ties: few distinct ids), and
+    # the counts are bincount's, experts without assignments included.
+    expert_A = torch.randint(0, min(num_experts, 4), (num_ids,)) * (num_experts // 4 or 1)
+    perm = sort_by_expert(expert_A, num_experts)
+    assert torch.equal(perm.order_A, torch.sort(expert_A, stable=True).indices)
+    assert torch.equal(perm.counts_E, torch.bincount(expert_A, minlength=num_experts))
+
+
 @pytest.mark.parametrize(("num_ids", "n"), [(0, 5), (1, 1), (37, 5), (1000, 3), (64, 200)])
 def test_scatter_count_equals_bincount(num_ids, n):
     # The count the CUDA path uses instead of bincount (no host synchronization), checked

@@ -179,3 +179,51 @@ def test_bias_stays_float32_in_a_bf16_layer():
     assert_close(moe.router.expert_bias, expected, rtol=0, atol=1e-6)
     y, _ = moe(torch.randn(5, D, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.5])
+@pytest.mark.parametrize("num_experts", [1, 5, 8, 9, 16])
+@pytest.mark.parametrize("router", ["softmax_topk", "topk_softmax"])
+def test_routers_equal_the_textbook_formulas(num_experts, router, factor):
+    # Up to 8 experts the CPU softmax runs on the [E, T] transpose, beyond on [T, E]; a
+    # scaling factor other than 1 multiplies the weights, 1 skips the product. Each must
+    # give what the plain formula gives, forward and backward.
+    k = min(2, num_experts)
+    moe = _layer(num_experts=num_experts, top_k=k, router=router, routed_scaling_factor=factor)
+    x = torch.randn(37, D, dtype=torch.float64, requires_grad=True)
+    routing = moe.router(x)
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref = moe.router.weight.detach().clone().requires_grad_()
+    logits = x_ref @ w_ref.t()
+    probs = logits.softmax(dim=-1)
+    if router == "softmax_topk":
+        weights, ids = probs.topk(k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    else:
+        top, ids = logits.topk(k, dim=-1)
+        weights = top.softmax(dim=-1)
+    assert torch.equal(routing.expert_A, ids.reshape(-1))
+    assert_close(routing.logits_TE, logits)
+    assert_close(routing.probs_TE, probs)
+    assert_close(routing.weight_A, factor * weights.reshape(-1))
+
+    probe = torch.randn(routing.weight_A.shape, dtype=torch.float64)
+    z = routing.logits_TE.logsumexp(dim=-1).square().mean()
+    ((routing.weight_A * probe).sum() + routing.probs_TE[:, 0].sum() + z).backward()
+    z_ref = logits.logsumexp(dim=-1).square().mean()
+    ((factor * weights.reshape(-1) * probe).sum() + probs[:, 0].sum() + z_ref).backward()
+    assert_close(x.grad, x_ref.grad)
+    assert_close(moe.router.weight.grad, w_ref.grad)
+
+
+@pytest.mark.parametrize("num_experts", [4, 16])
+def test_router_logits_stay_float32_under_autocast(num_experts):
+    # Autocast would run the router's matmul in bf16, which collapses top-k margins.
+    moe = MoE(MoEConfig(d_model=D, d_ff=16, num_experts=num_experts, top_k=2))
+    x = torch.randn(29, D)
+    plain = moe.router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = moe.router(x)
+    assert cast.logits_TE.dtype == torch.float32
+    assert torch.equal(cast.logits_TE, plain.logits_TE)
+    assert torch.equal(cast.expert_A, plain.expert_A)
