@@ -53,7 +53,9 @@ def test_permute_then_unpermute_is_identity():
     assert torch.equal(inv[perm.order_A], torch.arange(T))
 
 
-@pytest.mark.parametrize(("num_ids", "num_experts"), [(0, 5), (1, 1), (37, 5), (500, 16), (300, 64)])
+@pytest.mark.parametrize(
+    ("num_ids", "num_experts"), [(0, 5), (1, 1), (37, 5), (500, 16), (300, 64)]
+)
 def test_sort_by_expert_is_a_stable_sort(num_ids, num_experts):
     # Within an expert, assignments keep their order (many ties: few distinct ids), and
     # the counts are bincount's, experts without assignments included.
