@@ -72,7 +72,8 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     in fp32 (on torch 2.11 through a path that synchronizes per call) while every
     nn.Linear, the reference path's experts and the dense twin run in bf16.
     """
-    if torch.is_autocast_enabled(x.device.type):
+    # Autocast leaves float64 alone, as it does for nn.Linear.
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
@@ -110,14 +111,8 @@ class ExpertBank(nn.Module):
         """All experts on rows grouped by expert (counts_E[e] rows for expert e, in order)."""
         if self.uses_grouped_mm(x_ND):
             return self.grouped_mm_experts(x_ND, counts_E)
-        return fused_experts(
-            x_ND,
-            self.w_gate_EFD,
-            self.w_up_EFD,
-            self.w_down_EDF,
-            counts_E.tolist(),
-            step_buffers=self.step_buffers,
-        )
+        x_ND, weights = self._in_compute_dtype(x_ND)
+        return fused_experts(x_ND, *weights, counts_E.tolist(), step_buffers=self.step_buffers)
 
     def grouped_mm_experts(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
         """All experts through torch's grouped GEMM, differentiable by autograd (CUDA).
@@ -151,13 +146,27 @@ class ExpertBank(nn.Module):
         which keeps only the gate and up projections: the fast path wherever grouped_mm
         does not run.
         """
+        x_TD, weights = self._in_compute_dtype(x_TD)
         return fused_experts(
             x_TD,
-            self.w_gate_EFD,
-            self.w_up_EFD,
-            self.w_down_EDF,
+            *weights,
             counts_E.tolist(),
             rows_A=rows_A,
             weight_A=weight_A.to(x_TD.dtype),
             step_buffers=self.step_buffers,
         )
+
+    def _in_compute_dtype(self, x: Tensor) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+        """x and the stacked weights (gate, up, down) in the dtype autocast would compute in.
+
+        Autocast has no say inside the fused loop's autograd Function (its matmuls write
+        into buffers), so under bf16 autocast it would run in fp32 and return fp32 where
+        the reference loop, nn.Linear and grouped_mm return bf16. Casting here, as
+        autocast would, keeps every path in one dtype; the casts' backward returns the
+        gradients to the fp32 weights.
+        """
+        weights = (self.w_gate_EFD, self.w_up_EFD, self.w_down_EDF)
+        dtype = compute_dtype(x)
+        if dtype == x.dtype and not torch.is_autocast_enabled(x.device.type):
+            return x, weights
+        return x.to(dtype), tuple(None if w is None else w.to(dtype) for w in weights)

@@ -192,3 +192,35 @@ def test_router_arithmetic_is_float32_for_bf16(router):
     assert y.dtype == torch.bfloat16
     assert out.z_loss.dtype == torch.float32 and out.aux_loss.dtype == torch.float32
     assert torch.isfinite(y).all() and torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_grouped_equals_reference_under_bf16_autocast(activation):
+    # Under autocast the experts compute in bf16 on every path, with fp32 weights: the
+    # fused CPU loop (also the fallback under expert parallelism on CUDA where grouped_mm
+    # refuses the shapes) casts as autocast casts nn.Linear, and returns what the
+    # reference returns. Router arithmetic stays float32, so both route alike.
+    cfg = MoEConfig(**BASE, activation=activation, impl="reference")
+    ref, fast = MoE(cfg), MoE(cfg.replace(impl="grouped"))
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 9, 24)
+    g = torch.randn(2, 9, 24)
+    results = []
+    for moe in (ref, fast):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, out = moe(xi)
+        ((y.float() * g).sum() + out.loss).backward()
+        results.append((y, xi.grad, {n: p.grad for n, p in moe.named_parameters()}))
+    (y_r, gx_r, grads_r), (y_f, gx_f, grads_f) = results
+    assert y_r.dtype == y_f.dtype == torch.bfloat16
+
+    def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+        # bf16 keeps 8 bits: compare whole tensors, summed in different orders, by norm.
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    assert rel_err(y_f, y_r) < 1e-2
+    assert rel_err(gx_f, gx_r) < 1e-2
+    for name, grad in grads_r.items():
+        assert grads_f[name].dtype == torch.float32, name
+        assert rel_err(grads_f[name], grad) < 2e-2, name
