@@ -166,7 +166,7 @@ class ExpertBank(nn.Module):
         gradients to the fp32 weights.
         """
         weights = (self.w_gate_EFD, self.w_up_EFD, self.w_down_EDF)
-        dtype = compute_dtype(x)
-        if dtype == x.dtype and not torch.is_autocast_enabled(x.device.type):
+        if not torch.is_autocast_enabled(x.device.type):
             return x, weights
+        dtype = compute_dtype(x)
         return x.to(dtype), tuple(None if w is None else w.to(dtype) for w in weights)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-from moekit.validate import check_int, check_range
+from moekit.validate import check_bool, check_choice, check_int, check_range
 
 DEVICES = ("auto", "cpu", "cuda")
 COMPILE_MODES = ("none", "default", "reduce-overhead")
@@ -88,12 +88,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty string, got {value!r}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if not isinstance(self.progress, bool):
-            raise TypeError(f"progress must be a bool, got {self.progress!r}")
-        if self.compile not in COMPILE_MODES:
-            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        check_choice("device", self.device, DEVICES)
+        check_bool("progress", self.progress)
+        check_choice("compile", self.compile, COMPILE_MODES)
 
     @property
     def micro_batch_size(self) -> int:
