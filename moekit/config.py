@@ -43,7 +43,7 @@ class MoEConfig:
     capacity_factor: float | None = None
     """None = dropless. Else each expert takes at most ceil(cf * T * K / E) tokens."""
     drop_policy: str = "probs"
-    """Over capacity, drop the lowest router weights first (probs) or the latest tokens."""
+    """Over capacity, drop the lowest router scores first (probs) or the latest tokens."""
     activation: str = "swiglu"
     """Expert MLP: swiglu (gate, up, down) or gelu (up, down)."""
     num_shared_experts: int = 0

@@ -92,7 +92,7 @@ def capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: flo
 
 def capacity_keep(
     expert_A: Tensor,
-    weight_A: Tensor,
+    score_A: Tensor,
     slot_A: Tensor,
     token_A: Tensor,
     num_experts: int,
@@ -101,13 +101,14 @@ def capacity_keep(
 ) -> Tensor:
     """Which assignments fit: each expert keeps at most `cap`, by policy.
 
-    probs: highest combine weight first (ties by token order).
+    probs: highest router score first (Routing.score_A: the probability or sigmoid score
+        before renormalisation; ties by token order).
     position: first choices before second choices (GShard), then earlier tokens first.
     """
     if policy == "probs":
         # Sort keys from least to most significant, each sort stable.
         order = torch.argsort(token_A, stable=True)
-        order = order[torch.argsort(-weight_A.detach()[order], stable=True)]
+        order = order[torch.argsort(-score_A.detach()[order], stable=True)]
     elif policy == "position":
         order = torch.argsort(token_A, stable=True)
         order = order[torch.argsort(slot_A[order], stable=True)]

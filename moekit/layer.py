@@ -120,7 +120,7 @@ class MoE(nn.Module):
             cap = capacity(T, cfg.top_k, cfg.num_experts, cfg.capacity_factor)
             keep_A = capacity_keep(
                 routing.expert_A,
-                routing.weight_A,
+                routing.score_A,
                 routing.slot_A,
                 routing.token_A,
                 cfg.num_experts,

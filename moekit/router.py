@@ -26,8 +26,11 @@ class Routing:
     """What a router decided for T tokens.
 
     expert_A, token_A, weight_A: one entry per (token, expert) assignment; weight_A is the
-    combine weight (float32). slot_A is the choice rank of a token-choice assignment
-    (0 = the token's first choice), used by the position drop policy.
+    combine weight (float32). score_A is the router's own score of the assignment, before
+    renormalisation and scaling (a softmax probability or a sigmoid score): the probs drop
+    policy keeps the highest, as a renormalised top-1 weight is 1 for every token. slot_A
+    is the choice rank of a token-choice assignment (0 = the token's first choice), used
+    by the position drop policy.
     logits_TE: float32 router logits (z-loss). probs_TE: rows summing to 1, the
     router's distribution used by the balancing losses and entropy.
     """
@@ -35,6 +38,7 @@ class Routing:
     token_A: Tensor
     expert_A: Tensor
     weight_A: Tensor
+    score_A: Tensor
     slot_A: Tensor
     logits_TE: Tensor
     probs_TE: Tensor
@@ -48,6 +52,7 @@ class Routing:
             self.token_A.index_select(0, kept),
             self.expert_A.index_select(0, kept),
             self.weight_A.index_select(0, kept),
+            self.score_A.index_select(0, kept),
             self.slot_A.index_select(0, kept),
             self.logits_TE,
             self.probs_TE,
@@ -72,11 +77,21 @@ def _scaled(weights: Tensor, factor: float) -> Tensor:
     return weights if factor == 1.0 else weights * factor
 
 
-def _from_topk(ids_TK: Tensor, weights_TK: Tensor, logits_TE: Tensor, probs_TE: Tensor) -> Routing:
+def _from_topk(
+    ids_TK: Tensor, weights_TK: Tensor, scores_TK: Tensor, logits_TE: Tensor, probs_TE: Tensor
+) -> Routing:
     T, K = ids_TK.shape
     token_A = torch.arange(T, device=ids_TK.device).repeat_interleave(K)
     slot_A = torch.arange(K, device=ids_TK.device).repeat(T)
-    return Routing(token_A, ids_TK.reshape(-1), weights_TK.reshape(-1), slot_A, logits_TE, probs_TE)
+    return Routing(
+        token_A,
+        ids_TK.reshape(-1),
+        weights_TK.reshape(-1),
+        scores_TK.detach().reshape(-1),
+        slot_A,
+        logits_TE,
+        probs_TE,
+    )
 
 
 class Router(nn.Module):
@@ -118,11 +133,12 @@ class SoftmaxTopK(Router):
     def forward(self, x_TD: Tensor) -> Routing:
         logits_TE = self.logits(x_TD)
         probs_TE = _softmax_experts(logits_TE)
-        weights_TK, ids_TK = probs_TE.topk(self.config.top_k, dim=-1)
+        scores_TK, ids_TK = probs_TE.topk(self.config.top_k, dim=-1)
+        weights_TK = scores_TK
         if self.config.norm_topk_prob:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         weights_TK = _scaled(weights_TK, self.config.routed_scaling_factor)
-        return _from_topk(ids_TK, weights_TK, logits_TE, probs_TE)
+        return _from_topk(ids_TK, weights_TK, scores_TK, logits_TE, probs_TE)
 
 
 class TopKSoftmax(Router):
@@ -136,7 +152,8 @@ class TopKSoftmax(Router):
         logits_TE = self.logits(x_TD)
         top_logits_TK, ids_TK = logits_TE.topk(self.config.top_k, dim=-1)
         weights_TK = _scaled(top_logits_TK.softmax(dim=-1), self.config.routed_scaling_factor)
-        return _from_topk(ids_TK, weights_TK, logits_TE, _softmax_experts(logits_TE))
+        probs_TE = _softmax_experts(logits_TE)
+        return _from_topk(ids_TK, weights_TK, probs_TE.gather(1, ids_TK), logits_TE, probs_TE)
 
 
 class SigmoidBias(Router):
@@ -169,13 +186,13 @@ class SigmoidBias(Router):
             expert_mask = group_mask.repeat_interleave(cfg.experts_per_group, dim=1)
             choice_TE = choice_TE.masked_fill(~expert_mask, float("-inf"))
         ids_TK = choice_TE.topk(cfg.top_k, dim=-1).indices
-        weights_TK = scores_TE.gather(1, ids_TK)
+        weights_TK = chosen_TK = scores_TE.gather(1, ids_TK)
         if cfg.norm_topk_prob:
             # The epsilon guards all-zero sigmoid scores, which underflow in float32.
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         weights_TK = _scaled(weights_TK, cfg.routed_scaling_factor)
         probs_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
-        return _from_topk(ids_TK, weights_TK, logits_TE, probs_TE)
+        return _from_topk(ids_TK, weights_TK, chosen_TK, logits_TE, probs_TE)
 
     def _apply(self, fn, recurse=True):
         # Module.to(torch.bfloat16) casts every floating buffer; the bias keeps at least
@@ -215,7 +232,10 @@ class ExpertChoice(Router):
         expert_A = torch.arange(E, device=x_TD.device).repeat_interleave(C)
         weights_A = _scaled(weights_EC.reshape(-1), self.config.routed_scaling_factor)
         slot_A = torch.zeros_like(expert_A)
-        return Routing(token_EC.reshape(-1), expert_A, weights_A, slot_A, logits_TE, probs_TE)
+        scores_A = weights_EC.detach().reshape(-1)
+        return Routing(
+            token_EC.reshape(-1), expert_A, weights_A, scores_A, slot_A, logits_TE, probs_TE
+        )
 
 
 ROUTERS: dict[str, type[Router]] = {

@@ -180,18 +180,18 @@ def test_capacity_is_ceil_of_cf_t_k_over_e(T, K, E, cf, C):
 def _hand_routing():
     """Four tokens, K=2, three experts; expert 0 is wanted four times, capacity is 2.
 
-    token: (expert, slot, weight) of its two choices
+    token: (expert, slot, score) of its two choices
     t0: (1, 0, .6) (0, 1, .4)   t1: (0, 0, .6) (2, 1, .4)
     t2: (0, 0, .5) (1, 1, .5)   t3: (0, 0, .9) (2, 1, .1)
     """
     token_A = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     expert_A = torch.tensor([1, 0, 0, 2, 0, 1, 0, 2])
     slot_A = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
-    weight_A = torch.tensor([0.6, 0.4, 0.6, 0.4, 0.5, 0.5, 0.9, 0.1])
-    return expert_A, weight_A, slot_A, token_A
+    score_A = torch.tensor([0.6, 0.4, 0.6, 0.4, 0.5, 0.5, 0.9, 0.1])
+    return expert_A, score_A, slot_A, token_A
 
 
-def test_probs_policy_drops_the_lowest_weights():
+def test_probs_policy_drops_the_lowest_scores():
     keep = capacity_keep(*_hand_routing(), num_experts=3, cap=2, policy="probs")
     # Expert 0 keeps t3 (.9) and t1 (.6); drops t2 (.5) and t0's second choice (.4).
     assert keep.tolist() == [True, False, True, True, False, True, True, True]
@@ -205,23 +205,28 @@ def test_position_policy_drops_second_choices_then_the_latest_tokens():
 
 def test_probs_policy_breaks_ties_by_token_order():
     expert_A = torch.zeros(5, dtype=torch.long)
-    weight_A = torch.tensor([0.3, 0.5, 0.5, 0.2, 0.5])
+    score_A = torch.tensor([0.3, 0.5, 0.5, 0.2, 0.5])
     keep = capacity_keep(
-        expert_A, weight_A, torch.zeros(5, dtype=torch.long), torch.arange(5), 1, 2, "probs"
+        expert_A, score_A, torch.zeros(5, dtype=torch.long), torch.arange(5), 1, 2, "probs"
     )
     assert keep.tolist() == [False, True, True, False, False]
 
 
 @pytest.mark.parametrize("impl", ["reference", "grouped"])
+@pytest.mark.parametrize("router", TOKEN_CHOICE)
+@pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize(("policy", "kept"), [("probs", [1, 3, 4]), ("position", [0, 1, 2])])
-def test_layer_drop_policy_on_a_hand_built_router(policy, kept, impl):
-    # K=1, E=2, every token prefers expert 0 with a probability growing with x[:, 0].
+def test_layer_drop_policy_on_a_hand_built_router(policy, kept, norm, router, impl):
+    # K=1, E=2, every token prefers expert 0 with a score growing with x[:, 0]. With
+    # renormalisation (Switch's usual top-1 setting) every combine weight is 1: the probs
+    # policy must still rank by the router's score, not fall back to token order.
     cfg = MoEConfig(
         d_model=2,
         d_ff=3,
         num_experts=2,
         top_k=1,
-        norm_topk_prob=False,
+        router=router,
+        norm_topk_prob=norm,
         capacity_factor=1.0,  # C = ceil(6 * 1 / 2) = 3
         drop_policy=policy,
         impl=impl,
