@@ -159,6 +159,26 @@ def test_export_refuses_what_the_family_cannot_express(checkpoint, tmp_path):
         save_pretrained(model, tmp_path / "y", family="qwen3_moe")
 
 
+@pytest.mark.parametrize("first_shards", [True, False])
+def test_reexport_leaves_no_earlier_weight_files(checkpoint, tmp_path, first_shards):
+    # A leftover index would make readers load the old shards; a leftover single file is
+    # what transformers reads when the new save is sharded.
+    old, _ = checkpoint
+    torch.manual_seed(1)
+    new = Transformer(old.config).eval()
+    out = tmp_path / "out"
+    save_pretrained(old, out, family="mixtral", max_shard_bytes=20_000 if first_shards else None)
+    save_pretrained(new, out, family="mixtral", max_shard_bytes=None if first_shards else 20_000)
+    names = sorted(p.name for p in out.iterdir())
+    if first_shards:
+        assert names == ["config.json", "model.safetensors"]
+    else:
+        assert "model.safetensors" not in names and "model.safetensors.index.json" in names
+    ids = torch.randint(0, 53, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(moekit.from_pretrained(out)(ids).logits, new(ids).logits)
+
+
 def test_compare_logits_fails_loudly():
     a = torch.zeros(2, 3, 5)
     b = a.clone()

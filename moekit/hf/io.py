@@ -23,6 +23,7 @@ from moekit.errors import CheckpointError
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
+_SHARD_GLOB = "model-*-of-*.safetensors"
 _MAX_LISTED = 12
 
 
@@ -187,9 +188,16 @@ def save_tensors(
     tensors: dict[str, torch.Tensor],
     max_shard_bytes: int | None = None,
 ) -> list[Path]:
-    """Write tensors as `model.safetensors`, or as shards plus an index past max_shard_bytes."""
+    """Write tensors as `model.safetensors`, or as shards plus an index past max_shard_bytes.
+
+    Weight files of an earlier save in `directory` are deleted first: a leftover index
+    would make readers (this one included) load the old shards, and a leftover single
+    file is what transformers reads when the new save is sharded.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in [directory / SINGLE_FILE, directory / INDEX_FILE, *directory.glob(_SHARD_GLOB)]:
+        stale.unlink(missing_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
