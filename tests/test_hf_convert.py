@@ -56,3 +56,12 @@ def test_convert_refuses_unrepresentable_family(hf_dir, tmp_path, capsys):
     code = main(["convert", str(run_dir), str(tmp_path / "x"), "--family", "mixtral"])
     assert code == 2
     assert "qk_norm" in capsys.readouterr().err
+
+
+def test_convert_refuses_a_run_directory_with_checkpoints(hf_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["convert", str(hf_dir), str(run_dir)]) == 0
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert main(["convert", str(hf_dir), str(run_dir)]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before

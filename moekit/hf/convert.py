@@ -71,10 +71,14 @@ def _copy_tokenizer(src_dirs: list[Path], dst: Path) -> None:
 def hf_to_moekit(src: str | Path, dst: str | Path, dtype: str | None = None) -> Path:
     """Write the Hugging Face checkpoint src as a moekit run directory dst; returns the
     checkpoint directory inside it."""
-    from moekit.train.checkpoint import save_checkpoint
+    from moekit.train.checkpoint import list_checkpoints, save_checkpoint
     from moekit.train.config import TrainConfig
 
     src, dst = Path(src), Path(dst)
+    if list_checkpoints(dst):
+        # Step 0 would be pruned at once as the oldest of the run's checkpoints, and the
+        # run's tokenizer replaced by the converted model's.
+        raise ValueError(f"{dst} already holds checkpoints; convert into a new directory")
     model = from_pretrained(src, dtype=dtype)
     dst.mkdir(parents=True, exist_ok=True)
     _copy_tokenizer([src], dst)
