@@ -65,6 +65,28 @@ def test_export_reloads_in_transformers(checkpoint, tmp_path):
     torch.testing.assert_close(hf_models.hf_logits(back, ids), hf_models.hf_logits(hf, ids), **TOL)
 
 
+@pytest.mark.parametrize("placement", [dict(moe_every=2), dict(dense_layers=(1,))])
+def test_export_of_dense_layers_at_the_default_width(placement, tmp_path):
+    # dense_d_ff None means the MoE's active width; the export writes it out.
+    config = moekit.ModelConfig(
+        vocab_size=hf_models.VOCAB,
+        d_model=32,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=64,
+        qk_norm="head",
+        moe=moekit.MoEConfig(d_model=32, d_ff=24, num_experts=4, top_k=2),
+        **placement,
+    )
+    model = moekit.Transformer(config).eval()
+    save_pretrained(model, tmp_path / "out")
+    back = hf_models.load_hf(tmp_path / "out")
+    assert back.config.model_type == "qwen3_moe"
+    ids = _ids(seed=5)
+    torch.testing.assert_close(hf_models.hf_logits(back, ids), _logits(model, ids), **TOL)
+
+
 def test_cached_decoding_equals_full_forward(checkpoint):
     # One token at a time through the KV cache (MLA caches the latent) equals one pass.
     _, directory, _ = checkpoint

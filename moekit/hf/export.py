@@ -62,6 +62,12 @@ def roundtrip_mismatch(family: Family, config: ModelConfig) -> list[str]:
         config = config.replace(num_kv_heads=None)
     if config.moe.shared_d_ff == config.moe.d_ff:
         config = config.replace(moe=config.moe.replace(shared_d_ff=None))
+    # The dense width compares resolved (None means the MoE's active width) and only where
+    # some layer is dense: elsewhere the field is unused and not written.
+    has_dense = len(config.moe_layer_ids) < config.num_layers
+    config, back = (
+        c.replace(dense_d_ff=c.dense_width if has_dense else None) for c in (config, back)
+    )
     diffs = []
     for f in fields(ModelConfig):
         mine, theirs = getattr(config, f.name), getattr(back, f.name)
