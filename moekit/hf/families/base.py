@@ -11,8 +11,8 @@ dropout, cache flags, tensor-parallel plans) are ignored.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from moekit.model.config import ModelConfig
 
@@ -101,7 +101,7 @@ def rope_parameters(config: ModelConfig) -> dict:
 
 
 def common_fields(hf: dict, family: str, default_theta: float) -> dict:
-    """ModelConfig fields every family reads the same way."""
+    """ModelConfig fields every family reads the same way; hf has the family's defaults."""
     if hf.get("hidden_act", "silu") != "silu":
         raise unsupported(family, "hidden_act", hf["hidden_act"], "experts are SwiGLU with silu")
     if hf.get("quantization_config"):
@@ -120,8 +120,8 @@ def common_fields(hf: dict, family: str, default_theta: float) -> dict:
         num_heads=num_heads,
         num_kv_heads=None if kv_heads in (None, num_heads) else int(kv_heads),
         head_dim=None if head_dim is None else int(head_dim),
-        max_seq_len=int(hf.get("max_position_embeddings", 4096)),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_seq_len=int(hf["max_position_embeddings"]),
+        norm_eps=float(hf["rms_norm_eps"]),
         **rope_fields(hf, family, default_theta),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         activation="swiglu",
@@ -171,6 +171,19 @@ def dense_width_if_used(config_fields: dict, intermediate_size: int | None) -> i
     return intermediate_size
 
 
+def with_defaults(hf: dict, defaults: dict) -> dict:
+    """config.json with each key it leaves out at the family's default.
+
+    A key left out means transformers' config-class default, which differs by family
+    (rms_norm_eps 1e-5 in Mixtral and OLMoE, 1e-6 in Qwen; DeepSeek-V3's
+    routed_scaling_factor 2.5, 8 groups of which 4 are kept): read with any other default,
+    the checkpoint would load into a model that computes something else. A key present
+    with null keeps its null. tests/test_hf_defaults.py checks every family's defaults
+    against the installed transformers.
+    """
+    return {**defaults, **hf}
+
+
 @dataclass(frozen=True)
 class Family:
     """One Hugging Face model type and how it maps onto moekit."""
@@ -189,5 +202,7 @@ class Family:
     """Per-expert tensor names of gate, up and down (w1, w3, w2 in Mixtral)."""
     shared_key: str | None = None
     """Module name of the shared expert(s) inside the MoE block, if any."""
+    defaults: Mapping[str, object] = field(default_factory=dict)
+    """transformers' defaults for the config keys the family reads (see with_defaults)."""
     extra_layers: Callable[[dict], int] = lambda hf: 0
     """Decoder layers stored after the last one that next-token logits never use (MTP)."""

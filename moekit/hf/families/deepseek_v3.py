@@ -18,10 +18,26 @@ from moekit.hf.families.base import (
     common_hf,
     require,
     unsupported,
+    with_defaults,
 )
 from moekit.model.config import ModelConfig
 
 NAME = "deepseek_v3"
+DEFAULTS = {
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "norm_topk_prob": True,
+    "n_group": 8,
+    "topk_group": 4,
+    "routed_scaling_factor": 2.5,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 3,
+    "q_lora_rank": 1536,
+    "rope_interleave": True,
+    "attention_bias": False,
+}
+"""transformers' DeepseekV3Config defaults of the keys read here (num_key_value_heads: MLA
+has one key per query head whatever it says)."""
 
 
 def _check(hf: dict) -> None:
@@ -37,6 +53,7 @@ def _check(hf: dict) -> None:
 
 
 def to_model_config(hf: dict) -> ModelConfig:
+    hf = with_defaults(hf, DEFAULTS)
     _check(hf)
     fields = common_fields(hf, NAME, default_theta=10000.0)
     fields.update(num_kv_heads=None, head_dim=None)
@@ -48,18 +65,18 @@ def to_model_config(hf: dict) -> ModelConfig:
         num_experts=E,
         top_k=int(require(hf, NAME, "num_experts_per_tok")),
         router="sigmoid_bias",
-        norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-        num_groups=int(hf.get("n_group") or 1),
-        topk_groups=int(hf.get("topk_group") or 1),
-        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-        num_shared_experts=int(hf.get("n_shared_experts") or 0),
+        norm_topk_prob=bool(hf["norm_topk_prob"]),
+        num_groups=int(hf["n_group"] or 1),
+        topk_groups=int(hf["topk_group"] or 1),
+        routed_scaling_factor=float(hf["routed_scaling_factor"]),
+        num_shared_experts=int(hf["n_shared_experts"] or 0),
         shared_d_ff=None,  # each shared expert is moe_intermediate_size wide, as routed ones
         aux_loss_coef=0.0,
         z_loss_coef=0.0,
     )
-    first_dense = int(hf.get("first_k_dense_replace") or 0)
-    bias = bool(hf.get("attention_bias", False))
-    q_rank = hf.get("q_lora_rank")
+    first_dense = int(hf["first_k_dense_replace"] or 0)
+    bias = bool(hf["attention_bias"])
+    q_rank = hf["q_lora_rank"]
     return ModelConfig(
         **fields,
         moe=moe,
@@ -71,7 +88,7 @@ def to_model_config(hf: dict) -> ModelConfig:
         qk_nope_head_dim=int(require(hf, NAME, "qk_nope_head_dim")),
         qk_rope_head_dim=int(require(hf, NAME, "qk_rope_head_dim")),
         v_head_dim=int(require(hf, NAME, "v_head_dim")),
-        rope_interleave=bool(hf.get("rope_interleave", True)),
+        rope_interleave=bool(hf["rope_interleave"]),
         qkv_bias=bias,
         o_bias=bias,
     )
@@ -119,4 +136,5 @@ DEEPSEEK_V3 = Family(
     to_hf_config=to_hf_config,
     shared_key="shared_experts",
     extra_layers=_mtp_layers,
+    defaults=DEFAULTS,
 )

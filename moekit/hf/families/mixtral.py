@@ -10,13 +10,23 @@ from moekit.hf.families.base import (
     refuse_sliding_window,
     require,
     unsupported,
+    with_defaults,
 )
 from moekit.model.config import ModelConfig
 
 NAME = "mixtral"
+DEFAULTS = {
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 4096 * 32,
+    "rms_norm_eps": 1e-5,
+    "num_experts_per_tok": 2,
+    "router_aux_loss_coef": 0.001,
+}
+"""transformers' MixtralConfig defaults of the keys read here."""
 
 
 def to_model_config(hf: dict) -> ModelConfig:
+    hf = with_defaults(hf, DEFAULTS)
     refuse_sliding_window(hf, NAME)
     if hf.get("router_jitter_noise"):
         # Mixtral jitters the experts' input as well as the router's; moekit only the router's.
@@ -26,10 +36,10 @@ def to_model_config(hf: dict) -> ModelConfig:
         d_model=fields["d_model"],
         d_ff=int(require(hf, NAME, "intermediate_size")),
         num_experts=int(hf.get("num_local_experts", hf.get("num_experts", 8))),
-        top_k=int(hf.get("num_experts_per_tok", 2)),
+        top_k=int(hf["num_experts_per_tok"]),
         router="softmax_topk",
         norm_topk_prob=True,
-        aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+        aux_loss_coef=float(hf["router_aux_loss_coef"]),
         z_loss_coef=0.0,
     )
     return ModelConfig(**fields, moe=moe)
@@ -55,4 +65,5 @@ MIXTRAL = Family(
     to_hf_config=to_hf_config,
     moe_key="block_sparse_moe",
     expert_names=("w1", "w3", "w2"),
+    defaults=DEFAULTS,
 )

@@ -4,13 +4,23 @@ key projections, optional clamping of q, k and v (clip_qkv)."""
 from __future__ import annotations
 
 from moekit.config import MoEConfig
-from moekit.hf.families.base import Family, common_fields, common_hf, require
+from moekit.hf.families.base import Family, common_fields, common_hf, require, with_defaults
 from moekit.model.config import ModelConfig
 
 NAME = "olmoe"
+DEFAULTS = {
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "norm_topk_prob": False,
+    "router_aux_loss_coef": 0.01,
+    "attention_bias": False,
+}
+"""transformers' OlmoeConfig defaults of the keys read here (num_key_value_heads: as many
+as num_attention_heads)."""
 
 
 def to_model_config(hf: dict) -> ModelConfig:
+    hf = with_defaults(hf, DEFAULTS)
     fields = common_fields(hf, NAME, default_theta=10000.0)
     moe = MoEConfig(
         d_model=fields["d_model"],
@@ -18,11 +28,11 @@ def to_model_config(hf: dict) -> ModelConfig:
         num_experts=int(require(hf, NAME, "num_experts")),
         top_k=int(require(hf, NAME, "num_experts_per_tok")),
         router="softmax_topk",
-        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-        aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.01)),
+        norm_topk_prob=bool(hf["norm_topk_prob"]),
+        aux_loss_coef=float(hf["router_aux_loss_coef"]),
         z_loss_coef=0.0,
     )
-    bias = bool(hf.get("attention_bias", False))
+    bias = bool(hf["attention_bias"])
     clip = hf.get("clip_qkv")
     return ModelConfig(
         **fields,
@@ -53,4 +63,5 @@ OLMOE = Family(
     architecture="OlmoeForCausalLM",
     to_model_config=to_model_config,
     to_hf_config=to_hf_config,
+    defaults=DEFAULTS,
 )

@@ -11,13 +11,26 @@ from moekit.hf.families.base import (
     dense_width_if_used,
     refuse_sliding_window,
     require,
+    with_defaults,
 )
 from moekit.model.config import ModelConfig
 
 NAME = "qwen2_moe"
+DEFAULTS = {
+    "num_key_value_heads": 16,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "norm_topk_prob": False,
+    "router_aux_loss_coef": 0.001,
+    # Qwen2-MoE checkpoints predate the qkv_bias field; their q/k/v always had biases.
+    "qkv_bias": True,
+    "decoder_sparse_step": 1,
+}
+"""transformers' Qwen2MoeConfig defaults of the keys read here."""
 
 
 def to_model_config(hf: dict) -> ModelConfig:
+    hf = with_defaults(hf, DEFAULTS)
     refuse_sliding_window(hf, NAME)
     fields = common_fields(hf, NAME, default_theta=10000.0)
     moe_ff = int(require(hf, NAME, "moe_intermediate_size"))
@@ -28,18 +41,17 @@ def to_model_config(hf: dict) -> ModelConfig:
         num_experts=int(require(hf, NAME, "num_experts")),
         top_k=int(require(hf, NAME, "num_experts_per_tok")),
         router="softmax_topk",
-        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        norm_topk_prob=bool(hf["norm_topk_prob"]),
         num_shared_experts=1,
         shared_d_ff=None if shared_ff == moe_ff else shared_ff,
         shared_expert_gate=True,
-        aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+        aux_loss_coef=float(hf["router_aux_loss_coef"]),
         z_loss_coef=0.0,
     )
     fields.update(
         moe=moe,
-        # Qwen2-MoE checkpoints predate the qkv_bias field; their q/k/v always had biases.
-        qkv_bias=bool(hf.get("qkv_bias", True)),
-        moe_every=int(hf.get("decoder_sparse_step", 1)),
+        qkv_bias=bool(hf["qkv_bias"]),
+        moe_every=int(hf["decoder_sparse_step"]),
         dense_layers=tuple(sorted(int(i) for i in hf.get("mlp_only_layers") or [])),
     )
     return ModelConfig(
@@ -71,4 +83,5 @@ QWEN2_MOE = Family(
     to_model_config=to_model_config,
     to_hf_config=to_hf_config,
     shared_key="shared_expert",
+    defaults=DEFAULTS,
 )

@@ -11,13 +11,25 @@ from moekit.hf.families.base import (
     dense_width_if_used,
     refuse_sliding_window,
     require,
+    with_defaults,
 )
 from moekit.model.config import ModelConfig
 
 NAME = "qwen3_moe"
+DEFAULTS = {
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "norm_topk_prob": False,
+    "router_aux_loss_coef": 0.001,
+    "attention_bias": False,
+    "decoder_sparse_step": 1,
+}
+"""transformers' Qwen3MoeConfig defaults of the keys read here."""
 
 
 def to_model_config(hf: dict) -> ModelConfig:
+    hf = with_defaults(hf, DEFAULTS)
     refuse_sliding_window(hf, NAME)
     fields = common_fields(hf, NAME, default_theta=10000.0)
     # Hub configs say num_experts; transformers 5 writes its alias num_local_experts.
@@ -30,17 +42,17 @@ def to_model_config(hf: dict) -> ModelConfig:
         num_experts=int(num_experts),
         top_k=int(require(hf, NAME, "num_experts_per_tok")),
         router="softmax_topk",
-        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-        aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+        norm_topk_prob=bool(hf["norm_topk_prob"]),
+        aux_loss_coef=float(hf["router_aux_loss_coef"]),
         z_loss_coef=0.0,
     )
-    bias = bool(hf.get("attention_bias", False))
+    bias = bool(hf["attention_bias"])
     fields.update(
         moe=moe,
         qk_norm="head",
         qkv_bias=bias,
         o_bias=bias,
-        moe_every=int(hf.get("decoder_sparse_step", 1)),
+        moe_every=int(hf["decoder_sparse_step"]),
         dense_layers=tuple(sorted(int(i) for i in hf.get("mlp_only_layers") or [])),
     )
     return ModelConfig(
@@ -71,4 +83,5 @@ QWEN3_MOE = Family(
     architecture="Qwen3MoeForCausalLM",
     to_model_config=to_model_config,
     to_hf_config=to_hf_config,
+    defaults=DEFAULTS,
 )
