@@ -90,6 +90,29 @@ def test_transposed_tensor_is_named(checkpoint):
     assert f"{EXPERT}: shape (24, 40), config implies (40, 24) (transposed?)" in str(err.value)
 
 
+def test_integer_tensor_is_named(checkpoint):
+    _, directory = checkpoint
+    _rewrite(directory, lambda t: t.update({EXPERT: t[EXPERT].to(torch.int32)}))
+    with pytest.raises(CheckpointError, match=f"{EXPERT}: dtype I32, expected a float dtype"):
+        moekit.from_pretrained(directory)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "match"),
+    [
+        ("config.json", "[1, 2]", "must hold a JSON object, got list"),
+        ("config.json", "\udcff", "not valid JSON"),
+        ("model.safetensors.index.json", '{"weight_map": ["a"]}', "not a valid index"),
+        ("model.safetensors.index.json", '{"weight_map": {"a": 3}}', "not a valid index"),
+    ],
+)
+def test_malformed_json_files_are_named(checkpoint, name, text, match):
+    _, directory = checkpoint
+    (directory / name).write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(CheckpointError, match=match):
+        moekit.from_pretrained(directory)
+
+
 def test_config_disagreeing_with_shapes(checkpoint):
     _, directory = checkpoint
     _edit_config(directory, intermediate_size=36)

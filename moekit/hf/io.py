@@ -24,6 +24,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 _SHARD_GLOB = "model-*-of-*.safetensors"
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _MAX_LISTED = 12
 
 
@@ -33,9 +34,12 @@ def read_config(directory: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object, got {type(config).__name__}")
+    return config
 
 
 def _listing(items: list[str]) -> str:
@@ -108,8 +112,14 @@ class TensorFiles:
     def _read_index(self, index: Path) -> None:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index}: not a valid index (needs a 'weight_map')") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            weight_map = None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise CheckpointError(
+                f"{index}: not a valid index (needs a 'weight_map' of tensor name -> file)"
+            )
         problems = []
         for shard in sorted(set(weight_map.values())):
             path = self.directory / shard
@@ -140,6 +150,10 @@ class TensorFiles:
     def shape(self, key: str) -> tuple[int, ...]:
         return self._info[key][0]
 
+    def dtype(self, key: str) -> str:
+        """The safetensors dtype name of a tensor (F32, BF16, I64, ...)."""
+        return self._info[key][1]
+
     def get(self, key: str) -> torch.Tensor:
         """One tensor, read from its file (memory-mapped by safetensors)."""
         with safe_open(self._file_of[key], framework="pt") as f:
@@ -166,6 +180,10 @@ class Ledger:
         if got != tuple(shape):
             hint = " (transposed?)" if got == tuple(shape)[::-1] and len(got) == 2 else ""
             self.misshapen.append(f"{key}: shape {got}, config implies {tuple(shape)}{hint}")
+            return None
+        if self.files.dtype(key) not in _FLOAT_DTYPES:
+            # Integer or bool data of the right shape is not a weight: quantized or broken.
+            self.misshapen.append(f"{key}: dtype {self.files.dtype(key)}, expected a float dtype")
             return None
         return self.files.get(key)
 
