@@ -64,7 +64,7 @@ def make_step(model: Transformer, config: TrainConfig, batches: TrainBatches, de
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if out.moe:
-            model.update_bias([o.tokens_per_expert for o in out.moe])
+            model.update_bias([o.routed_tokens_per_expert for o in out.moe])
         if cuda:
             torch.cuda.synchronize()
 

@@ -28,11 +28,20 @@ class MoEOutput:
     """
 
     def __init__(
-        self, stats: RoutingStats, tokens_per_expert: Tensor, token_ids: Tensor, expert_ids: Tensor
+        self,
+        stats: RoutingStats,
+        tokens_per_expert: Tensor,
+        routed_tokens_per_expert: Tensor,
+        token_ids: Tensor,
+        expert_ids: Tensor,
     ) -> None:
         self._stats = stats
         self.tokens_per_expert = tokens_per_expert
         """[E] float32: assignments each expert computed (after capacity drops)."""
+        self.routed_tokens_per_expert = routed_tokens_per_expert
+        """[E] float32: assignments the router chose for each expert, before capacity drops
+        (the same tensor when dropless): the load `MoE.update_bias` takes. After drops every
+        overloaded expert sits at the capacity, which hides how overloaded it is."""
         self.token_ids = token_ids
         """[A] long: flat input position (index into x.reshape(-1, D)) of each kept assignment."""
         self.expert_ids = expert_ids
@@ -147,7 +156,8 @@ class MoE(nn.Module):
     def update_bias(self, tokens_per_expert: Tensor) -> None:
         """Auxiliary-loss-free balancing step (sigmoid_bias router); a no-op for others.
 
-        Call after each optimizer step with the load observed since the last call.
+        Call after each optimizer step with the load routed since the last call
+        (`MoEOutput.routed_tokens_per_expert`, summed over the calls).
         """
         if isinstance(self.router, SigmoidBias):
             self.router.update_bias(tokens_per_expert)
@@ -195,9 +205,11 @@ class MoE(nn.Module):
             stats.loss  # noqa: B018 - computed now, while the router's graph is whole
         with torch.no_grad():
             tokens_per_expert = gs(kept_E.float())
+            routed = tokens_per_expert if routing is routed else gs(routed_E.float())
         return MoEOutput(
             stats,
             tokens_per_expert=tokens_per_expert,
+            routed_tokens_per_expert=routed,
             token_ids=routing.token_A.detach(),
             expert_ids=routing.expert_A.detach(),
         )

@@ -60,7 +60,7 @@ def test_grouped_mm_equals_reference_on_cuda(dtype, capacity_factor):
 def _layer_step(moe: MoE, x: torch.Tensor) -> None:
     y, out = moe(x)
     (y.float().square().sum() + out.loss).backward()
-    moe.update_bias(out.tokens_per_expert)
+    moe.update_bias(out.routed_tokens_per_expert)
 
 
 @pytest.mark.parametrize("router", ["softmax_topk", "sigmoid_bias", "expert_choice"])

@@ -41,12 +41,36 @@ def test_bias_updates_balance_a_skewed_router():
     before = _imbalance(moe(batch(4096))[1].tokens_per_expert)
     for _ in range(300):
         _, out = moe(batch())
-        moe.update_bias(out.tokens_per_expert)
+        assert out.routed_tokens_per_expert is out.tokens_per_expert  # dropless
+        moe.update_bias(out.routed_tokens_per_expert)
     after = _imbalance(moe(batch(4096))[1].tokens_per_expert)
     assert before > 2.5
     assert after < 1.3
     assert moe.router.expert_bias.dtype == torch.float64  # followed .double()
     assert moe.router.expert_bias[:2].max() < moe.router.expert_bias[2:].min()
+
+
+def test_bias_follows_the_routed_load_not_the_capped_one():
+    # Routed 50/14/8/8 (mean 20) with capacity 10: after drops the load reads 10/10/8/8,
+    # where expert 1 looks overloaded although it is under the mean.
+    cfg = MoEConfig(
+        d_model=4,
+        d_ff=8,
+        num_experts=4,
+        top_k=1,
+        router="sigmoid_bias",
+        capacity_factor=0.5,
+        bias_update_rate=0.1,
+    )
+    moe = MoE(cfg).double()
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(4))
+    want = torch.tensor([0] * 50 + [1] * 14 + [2] * 8 + [3] * 8)
+    _, out = moe(5.0 * torch.nn.functional.one_hot(want, 4).double())
+    assert out.tokens_per_expert.tolist() == [10, 10, 8, 8]
+    assert out.routed_tokens_per_expert.tolist() == [50, 14, 8, 8]
+    moe.update_bias(out.routed_tokens_per_expert)
+    assert moe.router.expert_bias.tolist() == [-0.1, 0.1, 0.1, 0.1]
 
 
 def test_update_bias_is_a_no_op_for_other_routers():

@@ -160,7 +160,8 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def update_bias(self, tokens_per_expert_per_layer: list[Tensor]) -> None:
         """Auxiliary-loss-free balancing step for every MoE layer (sigmoid_bias routers;
-        a no-op for others): one [E] load tensor per MoE layer, in layer order."""
+        a no-op for others): one [E] load tensor per MoE layer, in layer order, the load
+        routed before capacity drops (each layer's `MoEOutput.routed_tokens_per_expert`)."""
         moes = self.moe_layers()
         if len(tokens_per_expert_per_layer) != len(moes):
             raise ValueError(

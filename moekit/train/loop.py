@@ -227,7 +227,7 @@ def train(
         set_lr(optimizer, lr_at(step, config))
         x_BS, y_BS = batches(step)
         ce_sum = aux_sum = 0.0
-        loads = None
+        loads = routed = None
         for m in range(config.grad_accum):
             x = shard(x_BS[m * mb : (m + 1) * mb]).to(device)
             y = shard(y_BS[m * mb : (m + 1) * mb]).to(device)
@@ -238,20 +238,23 @@ def train(
             ce_sum, aux_sum = ce_sum + ce.detach(), aux_sum + out.aux_loss.detach()
             # Copies: with CUDA graphs (compile='reduce-overhead') the next micro-batch's
             # replay writes its outputs into the same memory.
+            # Computed loads are logged; routed ones (before capacity drops) move the bias.
             step_loads = [o.tokens_per_expert.detach().clone() for o in out.moe]
+            step_routed = [o.routed_tokens_per_expert.detach().clone() for o in out.moe]
             if loads is None:
-                loads = step_loads
+                loads, routed = step_loads, step_routed
             else:
                 loads = [a + b for a, b in zip(loads, step_loads, strict=True)]
+                routed = [a + b for a, b in zip(routed, step_routed, strict=True)]
         # Under expert parallelism the norm must count every rank's experts.
         clip = parallel.clip_grad_norm_ if parallel is not None else torch.nn.utils.clip_grad_norm_
         grad_norm = clip(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if loads:
+        if routed:
             if parallel is not None:  # data-parallel ranks must move the bias identically
-                loads = list(parallel.mean(torch.stack(loads)))
-            base.update_bias(loads)
+                routed = list(parallel.mean(torch.stack(routed)))
+            base.update_bias(routed)
         dt = time.perf_counter() - t0
         train_seconds += dt
         last_loss = float(reduce(ce_sum / config.grad_accum))
