@@ -64,10 +64,7 @@ class MoEConfig:
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "top_k", "num_groups", "topk_groups"):
             check_int(name, getattr(self, name))
-        if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
-            raise ValueError(
-                f"num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}"
-            )
+        check_int("num_shared_experts", self.num_shared_experts, minimum=0)
         if self.shared_d_ff is not None:
             check_int("shared_d_ff", self.shared_d_ff)
         check_bool("norm_topk_prob", self.norm_topk_prob)

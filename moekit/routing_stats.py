@@ -10,8 +10,8 @@ without them; both in benchmarks/README.md). So each is a cached property, compu
 first read and then kept:
 
 - in the grad mode of the forward that made it, whatever the mode at the read, so a
-  statistic read inside `torch.no_grad()` after a training forward still carries its graph,
-  and one from a no-grad forward never does;
+  statistic read inside `torch.no_grad()` or `torch.inference_mode()` after a training
+  forward still carries its graph, and one from a no-grad forward never does;
 - eagerly for `loss` when grad is enabled (MoE.forward asks for it): its graph goes through
   the router, which backward of the layer output frees;
 - eagerly for all when the path's statistics need collectives (expert or data parallelism):
@@ -20,6 +20,8 @@ first read and then kept:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 
 import torch
@@ -59,6 +61,16 @@ class RoutingStats:
         self.seq_T, self.num_seqs = seq_T, num_seqs
         self.group_sum = group_sum
         self.grad_enabled = torch.is_grad_enabled()
+        self.inference = torch.is_inference_mode_enabled()
+
+    @contextmanager
+    def _forward_mode(self) -> Iterator[None]:
+        """The forward's autograd mode, whatever the reader's.
+
+        Both: inside inference mode, enabling grad alone records nothing.
+        """
+        with torch.inference_mode(self.inference), torch.set_grad_enabled(self.grad_enabled):
+            yield
 
     def compute_all(self) -> None:
         """Every statistic now, in a fixed order (the order of their collectives)."""
@@ -67,7 +79,7 @@ class RoutingStats:
 
     @cached_property
     def aux_loss(self) -> Tensor:
-        with torch.set_grad_enabled(self.grad_enabled):
+        with self._forward_mode():
             r = self.routed
             return losses.switch_aux_loss(
                 r.probs_TE, r.expert_A, self.config.num_experts, self.group_sum, self.routed_E
@@ -76,7 +88,7 @@ class RoutingStats:
     @cached_property
     def seq_aux_loss(self) -> Tensor:
         cfg, r = self.config, self.routed
-        with torch.set_grad_enabled(self.grad_enabled):
+        with self._forward_mode():
             return losses.sequence_aux_loss(
                 r.probs_TE,
                 r.expert_A,
@@ -90,14 +102,14 @@ class RoutingStats:
 
     @cached_property
     def z_loss(self) -> Tensor:
-        with torch.set_grad_enabled(self.grad_enabled):
+        with self._forward_mode():
             return losses.z_loss(self.routing.logits_TE, self.group_sum)
 
     @cached_property
     def loss(self) -> Tensor:
         cfg = self.config
         coefs = (cfg.aux_loss_coef, cfg.seq_aux_loss_coef, cfg.z_loss_coef)
-        with torch.set_grad_enabled(self.grad_enabled):
+        with self._forward_mode():
             # Terms with a zero coefficient stay out (and are never computed for it), so
             # backward skips their graphs. Adding 0 * finite is exact, so the sum equals
             # the full weighted sum bit for bit.

@@ -46,6 +46,8 @@ CONFIG_ERRORS = [
     (dict(routed_scaling_factor=0.0), ValueError, "routed_scaling_factor", "0"),
     (dict(bias_update_rate=-1e-3), ValueError, "bias_update_rate", "-0.001"),
     (dict(num_shared_experts=-1), ValueError, "num_shared_experts", "-1"),
+    (dict(num_shared_experts=True), TypeError, "num_shared_experts", "True"),
+    (dict(num_shared_experts=2.0), TypeError, "num_shared_experts", "2.0"),
     (dict(num_shared_experts=1, shared_d_ff=0), ValueError, "shared_d_ff", "0"),
     (dict(shared_expert_gate=True), ValueError, "num_shared_experts", "0"),
     (dict(norm_topk_prob="yes"), TypeError, "norm_topk_prob", "'yes'"),

@@ -57,15 +57,26 @@ def test_a_training_forward_computes_only_the_weighted_terms(calls):
     assert out.loss.requires_grad
 
 
-def test_a_statistic_read_under_no_grad_keeps_the_forwards_graph():
-    # Logging inside torch.no_grad() must not strip a loss a caller adds to training later.
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("name", ["seq_aux_loss", "z_loss"])
+def test_a_statistic_read_under_no_grad_keeps_the_forwards_graph(mode, name):
+    # Logging inside torch.no_grad() or inference_mode() must not strip a loss a caller
+    # adds to training later.
     moe = _moe()
     _, out = moe(torch.randn(2, 7, D))
-    with torch.no_grad():
-        seq = out.seq_aux_loss
-    assert seq.requires_grad
-    (grad,) = torch.autograd.grad(seq, moe.router.weight)
+    with mode():
+        value = getattr(out, name)
+    assert value.requires_grad
+    (grad,) = torch.autograd.grad(value, moe.router.weight)
     assert grad.abs().sum() > 0
+
+
+def test_an_inference_mode_forward_computes_statistics_without_graph():
+    moe = _moe()
+    with torch.inference_mode():
+        _, out = moe(torch.randn(2, 7, D))
+    for name in ("loss", "seq_aux_loss", "z_loss"):
+        assert not getattr(out, name).requires_grad
 
 
 @pytest.mark.parametrize(
