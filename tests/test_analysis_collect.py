@@ -24,7 +24,7 @@ def _split(tmp_path, runs):
         pos += len(run)
     path = tmp_path / "val.bin"
     path.write_bytes(bytes(ids))
-    return TokenSplit(path, torch.uint8, len(ids), tuple(domains))
+    return TokenSplit(path, torch.uint8, len(ids), tuple(domains), "")
 
 
 class _EmbedMoE(nn.Module):

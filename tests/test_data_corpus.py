@@ -74,6 +74,36 @@ def test_large_files_are_read_in_blocks_cut_at_line_ends(tmp_path, monkeypatch):
     assert all(d.text.endswith("\n") for d in docs)
 
 
+def test_a_file_without_line_breaks_is_cut_too(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "BLOCK_CHARS", 10)
+    monkeypatch.setattr(sources, "LINE_CHARS", 7)
+    text = "x" * 100
+    (tmp_path / "one_line.txt").write_text(text)
+    docs = list(sources.iter_documents(str(tmp_path / "one_line.txt")))
+    assert "".join(d.text for d in docs) == text
+    assert max(len(d.text) for d in docs) == 17
+
+
+def test_binary_files_in_a_directory_are_skipped(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha\n")
+    (tmp_path / "weights.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    (tmp_path / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    assert [d.name for d in sources.iter_documents(str(tmp_path))] == ["a.txt#0"]
+    (tmp_path / "a.txt").unlink()
+    with pytest.raises(ValueError, match="contains no text"):
+        list(sources.iter_documents(str(tmp_path)))
+
+
+def test_paths_written_by_moekit_must_lie_outside_a_data_directory(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha\n")
+    for inside in (tmp_path, tmp_path / "runs" / "tiny"):
+        with pytest.raises(ValueError, match="inside the data directory"):
+            sources.check_outside(str(tmp_path), inside, "the run directory")
+    sources.check_outside(str(tmp_path), tmp_path.parent / "elsewhere", "the run directory")
+    sources.check_outside(str(tmp_path / "a.txt"), tmp_path / "runs", "the run directory")
+    sources.check_outside("embedded", tmp_path, "the run directory")
+
+
 def test_bad_sources_raise_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="data path not found"):
         list(sources.iter_documents(str(tmp_path / "missing.txt")))

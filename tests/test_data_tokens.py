@@ -51,6 +51,40 @@ def test_cache_is_reused_and_invalidated_by_changes(corpus, tmp_path):
     assert changed.path != first.path
 
 
+def test_cache_inside_the_data_directory_is_refused(corpus):
+    with pytest.raises(ValueError, match="the token cache .* lies inside the data directory"):
+        prepare_tokens(str(corpus), TOK, corpus / "cache", 0.3)
+
+
+def test_editing_the_tokenizer_file_rebuilds_the_cache(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    path = tmp_path / "tokenizer.json"
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "a.txt").write_text("a b c d " * 50)
+
+    def save(vocab):
+        model = tokenizers.models.WordLevel(vocab | {"[UNK]": len(vocab)}, unk_token="[UNK]")
+        tok = tokenizers.Tokenizer(model)
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+        tok.save(str(path))
+
+    def ids():
+        splits = prepare_tokens(str(tmp_path / "t"), load_tokenizer(str(path)), tmp_path / "c", 0.2)
+        return torch.cat([splits[s].tokens() for s in ("train", "val")])[:4].tolist()
+
+    save({"a": 0, "b": 1, "c": 2, "d": 3})
+    assert ids() == [0, 1, 2, 3]
+    save({"a": 3, "b": 2, "c": 1, "d": 0})  # same path, same vocabulary size
+    assert ids() == [3, 2, 1, 0]
+
+
+def test_a_malformed_tokenizer_file_is_a_clear_error(tmp_path):
+    pytest.importorskip("tokenizers")
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not a valid tokenizer.json"):
+        load_tokenizer(str(tmp_path / "tokenizer.json"))
+
+
 def test_single_small_file_is_split_by_position(tmp_path):
     text = "".join(f"line {i}\n" for i in range(100))
     (tmp_path / "one.txt").write_text(text)
@@ -104,7 +138,7 @@ def test_validation_windows_are_fixed_and_respect_domains(tmp_path):
     data = bytes(range(60)) + bytes(range(100, 140))
     path = tmp_path / "v.bin"
     path.write_bytes(data)
-    split = TokenSplit(path, torch.uint8, 100, (("code", 0, 60), ("prose", 60, 100)))
+    split = TokenSplit(path, torch.uint8, 100, (("code", 0, 60), ("prose", 60, 100)), "")
     prose = val_batches(split, seq_len=7, batch_size=4, num_batches=2, domain="prose")
     rows = torch.cat([torch.cat([x, y[:, -1:]], dim=1) for x, y in prose])
     assert rows.shape == (8, 8)

@@ -89,6 +89,21 @@ def test_resume_from_a_checkpoint_with_other_weight_names_names_them(corpus, tmp
     assert name.replace("w_up_EFD", "w_up_EDF") in str(err.value)
 
 
+def test_resume_on_changed_text_is_an_error(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    config = micro_train(corpus, steps=2)
+    train(MICRO, config, tmp_path / "run", plots=False)
+    (corpus / "prose.txt").write_text("Other words entirely, and more of them. " * 60)
+    with pytest.raises(CheckpointError, match="tokens of data .* differ from the checkpoint"):
+        train(MICRO, config, tmp_path / "run", resume=tmp_path / "run", plots=False)
+
+
+def test_a_run_directory_inside_the_data_directory_is_refused(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    with pytest.raises(ValueError, match="the run directory .* inside the data directory"):
+        train(MICRO, micro_train(corpus, steps=2), corpus / "runs" / "micro", plots=False)
+
+
 def test_resume_of_a_finished_run_is_an_error(corpus, tmp_path):
     config = micro_train(corpus, steps=3)
     train(MICRO, config, tmp_path, plots=False)

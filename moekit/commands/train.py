@@ -104,7 +104,7 @@ def build_configs(args: argparse.Namespace, source=None):
         model_config = apply_overrides(get_preset(preset_name(args)), args.overrides)
         if getattr(args, "dense_twin", False):
             model_config = dense_twin(model_config)
-        return model_config, config_from_flags(TrainConfig, args)
+        return model_config, _absolute_tokenizer(config_from_flags(TrainConfig, args))
     if args.preset is not None or args.dense_twin:
         flag = "--preset" if args.preset is not None else "--dense-twin"
         raise ValueError(f"--init-from takes the model from {source.path}; drop {flag}")
@@ -117,7 +117,14 @@ def build_configs(args: argparse.Namespace, source=None):
             )
         base = base.replace(tokenizer=source.tokenizer)
     model_config = apply_overrides(source.config, args.overrides)
-    return model_config, config_from_flags(TrainConfig, args, base=base)
+    return model_config, _absolute_tokenizer(config_from_flags(TrainConfig, args, base=base))
+
+
+def _absolute_tokenizer(config):
+    # The checkpoint records the path; `moekit sample` and `--resume` may run elsewhere.
+    if config.tokenizer == "bytes":
+        return config
+    return config.replace(tokenizer=str(Path(config.tokenizer).resolve()))
 
 
 def run(args: argparse.Namespace) -> int:

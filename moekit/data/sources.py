@@ -5,7 +5,10 @@ or `hf:NAME` / `hf:NAME:CONFIG` for the `text` column of a Hugging Face dataset'
 split, streamed (needs the `datasets` package and a network), e.g.
 `hf:wikitext:wikitext-103-raw-v1`.
 Documents are yielded one at a time so a multi-GB source never has to fit in memory:
-large files are read in blocks of about `BLOCK_CHARS` characters, cut at line ends.
+large files are read in blocks of about `BLOCK_CHARS` characters, cut at a line end within
+`LINE_CHARS` more (a file without line breaks is cut there). In a directory, files whose
+first `PROBE_BYTES` hold a NUL byte are binary (images, checkpoints, archives) and skipped,
+as git decides; hidden files and directories are skipped too.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from pathlib import Path
 from moekit.data.corpus import EMBEDDED, Document, embedded_corpus
 
 BLOCK_CHARS = 1 << 20
+LINE_CHARS = 1 << 16
+PROBE_BYTES = 8192
 HF_PREFIX = "hf:"
 
 
@@ -40,6 +45,22 @@ def iter_documents(data: str) -> Iterator[Document]:
             yield doc
     if not found:
         raise ValueError(f"data path {data} contains no text")
+
+
+def check_outside(data: str, path: str | Path, what: str) -> None:
+    """ValueError when `path` (where moekit writes) lies inside the data directory `data`.
+
+    Its files would be read as training text, and change between runs: a run directory
+    inside `--data .` had its own checkpoints and token cache tokenized into its corpus.
+    """
+    if data == EMBEDDED or data.startswith(HF_PREFIX) or not Path(data).is_dir():
+        return
+    root, inner = Path(data).resolve(), Path(path).resolve()
+    if inner == root or root in inner.parents:
+        raise ValueError(
+            f"{what} {path} lies inside the data directory {data}: its files would be read "
+            f"as training text; put it outside {data}"
+        )
 
 
 def fingerprint(data: str) -> str:
@@ -69,7 +90,12 @@ def _text_files(root: Path) -> list[Path]:
     )
     if not files:
         raise ValueError(f"data directory {root} contains no files")
-    return files
+    return [p for p in files if not _is_binary(p)]
+
+
+def _is_binary(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return b"\0" in f.read(PROBE_BYTES)
 
 
 def _file_blocks(path: Path, root: Path) -> Iterator[Document]:
@@ -80,7 +106,7 @@ def _file_blocks(path: Path, root: Path) -> Iterator[Document]:
             block = f.read(BLOCK_CHARS)
             if not block:
                 return
-            block += f.readline()  # end the block at a line end, not mid-word
+            block += f.readline(LINE_CHARS)  # end the block at a line end, not mid-word
             if block.strip():
                 yield Document(f"{name}#{index}", "text", block)
             index += 1

@@ -5,6 +5,7 @@ V is the vocabulary size. `load_tokenizer("bytes")` or `load_tokenizer("path/tok
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ class ByteTokenizer:
     """UTF-8 bytes as tokens: V = 256, lossless, needs no training or files."""
 
     name = "bytes"
+    fingerprint = "bytes"
     vocab_size = 256
 
     def encode(self, text: str) -> list[int]:
@@ -92,8 +94,15 @@ class HFTokenizer:
             raise ImportError(
                 "a tokenizer.json needs the `tokenizers` package: pip install 'moekit[tokenizers]'"
             ) from err
-        self._tok = Tokenizer.from_file(str(path))
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise ValueError(
+                f"tokenizer file {path} is not a valid tokenizer.json: {err}"
+            ) from None
         self.name = str(path.resolve())
+        # What the token cache's key hashes: edits to the file must rebuild the cache.
+        self.fingerprint = hashlib.sha1(path.read_bytes()).hexdigest()
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:

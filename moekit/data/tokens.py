@@ -3,7 +3,9 @@
 Layout of a cache entry `<cache_dir>/<key>/`: `train.bin` and `val.bin` (token ids,
 native-endian uint8/uint16/uint32 by vocabulary size) and `meta.json`, written last: an
 entry without `meta.json` is incomplete and is rebuilt. The key hashes the source, the
-tokenizer and the split, so changing any of them never reuses stale tokens.
+tokenizer (its file's bytes) and the split, so changing any of them never reuses stale
+tokens. `meta.json` also holds a SHA-1 of each split's tokens: `TokenSplit.digest`, which
+a checkpoint records so that resuming on other text is refused.
 
 Documents go to validation when `stable_fraction(name) < val_fraction` (a stable hash of
 the name, fixed across machines and runs); when that leaves a split empty (a single small
@@ -27,7 +29,7 @@ from moekit.data.corpus import stable_fraction
 from moekit.data.tokenizer import Tokenizer, token_dtype
 
 SPLITS = ("train", "val")
-_FORMAT = 1
+_FORMAT = 2
 _ARRAY_CODES = {torch.uint8: "B", torch.uint16: "H", torch.uint32: "I"}
 _DTYPE_NAMES = {torch.uint8: "uint8", torch.uint16: "uint16", torch.uint32: "uint32"}
 
@@ -41,6 +43,8 @@ class TokenSplit:
     num_tokens: int
     domains: tuple[tuple[str, int, int], ...]
     """(domain, start, end) runs of consecutive documents of the same domain."""
+    digest: str
+    """SHA-1 of the split's token file: equal digests, equal tokens."""
 
     def tokens(self) -> torch.Tensor:
         """The ids as a 1-D tensor memory-mapped from disk (read lazily, never written)."""
@@ -58,11 +62,12 @@ def prepare_tokens(
     """Tokenize `data` into `cache_dir` once (reusing a complete earlier entry) and map it."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    sources.check_outside(data, cache_dir, "the token cache")
     dtype = token_dtype(tokenizer.vocab_size)
     key_src = [
         _FORMAT,
         sources.fingerprint(data),
-        tokenizer.name,
+        tokenizer.fingerprint,
         tokenizer.vocab_size,
         val_fraction,
     ]
@@ -78,6 +83,7 @@ def prepare_tokens(
             dtype,
             meta[split]["num_tokens"],
             tuple(tuple(d) for d in meta[split]["domains"]),
+            meta[split]["sha1"],
         )
         for split in SPLITS
     }
@@ -117,7 +123,10 @@ def _build(entry: Path, data: str, tokenizer: Tokenizer, dtype: torch.dtype, val
         "tokenizer": tokenizer.name,
         "vocab_size": tokenizer.vocab_size,
         "dtype": _DTYPE_NAMES[dtype],
-        **{s: {"num_tokens": counts[s], "domains": domains[s]} for s in SPLITS},
+        **{
+            s: {"num_tokens": counts[s], "domains": domains[s], "sha1": _sha1(tmp / f"{s}.bin")}
+            for s in SPLITS
+        },
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(entry, ignore_errors=True)
@@ -141,6 +150,19 @@ def _split_by_position(tmp: Path, counts, domains, dtype: torch.dtype, val_fract
     counts["train"], counts["val"] = cut, n - cut
     domains["train"] = [[d, s, min(e, cut)] for d, s, e in runs if s < cut]
     domains["val"] = [[d, max(s, cut) - cut, e - cut] for d, s, e in runs if e > cut]
+
+
+def _sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def data_digest(splits: dict[str, TokenSplit]) -> str:
+    """One digest of every split's tokens (what a checkpoint records of its data)."""
+    return hashlib.sha1(" ".join(splits[s].digest for s in SPLITS).encode()).hexdigest()[:16]
 
 
 def _to_bytes(ids: list[int], dtype: torch.dtype) -> bytes:

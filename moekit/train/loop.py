@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moekit.data.batches import TrainBatches, val_batches
+from moekit.data.sources import check_outside
 from moekit.data.tokenizer import load_tokenizer
-from moekit.data.tokens import prepare_tokens
+from moekit.data.tokens import data_digest, prepare_tokens
 from moekit.train import checkpoint as ckpt_io
 from moekit.train import metrics as metrics_io
 from moekit.train import state as state_io
@@ -46,11 +47,16 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """ "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N"; ValueError otherwise."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but no CUDA device is available")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but no CUDA device is available")
+    return device
 
 
 def config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
@@ -68,12 +74,26 @@ def config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
 def _check_resumable(saved: dict, model_config, train_config: TrainConfig) -> None:
     now_train = {k: v for k, v in train_config.to_dict().items() if k not in RESUMABLE_FIELDS}
     old_train = {k: v for k, v in saved["train"].items() if k not in RESUMABLE_FIELDS}
+    # Runs recorded a tokenizer path as typed before `moekit train` made it absolute.
+    for d in (now_train, old_train):
+        if d.get("tokenizer", "bytes") != "bytes":
+            d["tokenizer"] = str(Path(d["tokenizer"]).resolve())
     diffs = config_differences(saved["model"], model_config.to_dict(), "model.")
     diffs += config_differences(old_train, now_train, "train.")
     if diffs:
         raise ckpt_io.CheckpointError(
             "cannot resume: the configuration differs from the checkpoint's in "
             f"{len(diffs)} field(s): " + "; ".join(diffs)
+        )
+
+
+def _check_same_data(saved: str | None, now: str, data: str) -> None:
+    # The data setting can name the same path while the text behind it changed; the
+    # tokens' digest cannot. (None: a checkpoint from before digests were recorded.)
+    if saved is not None and saved != now:
+        raise ckpt_io.CheckpointError(
+            f"cannot resume: the tokens of data {data!r} differ from the checkpoint's "
+            f"(digest {now}, checkpoint {saved}); the text changed since the run began"
         )
 
 
@@ -135,9 +155,11 @@ def train(
             f"tokenizer {config.tokenizer!r} has {tokenizer.vocab_size} tokens, more than the "
             f"model's vocab_size ({model_config.vocab_size})"
         )
+    check_outside(config.data, run_dir, "the run directory")
     splits = prepare_tokens(
         config.data, tokenizer, cache_dir or run_dir / "cache", config.val_fraction
     )
+    digest = data_digest(splits)
     batches = TrainBatches(splits["train"], config.seq_len, config.batch_size, config.seed)
     evals = {"": val_batches(splits["val"], config.seq_len, config.batch_size, config.eval_batches)}
     domains = splits["val"].domain_names()
@@ -151,6 +173,7 @@ def train(
     if resume is not None:
         saved = ckpt_io.load_checkpoint(ckpt_io.resolve(resume))
         _check_resumable(saved.config, model_config, config)
+        _check_same_data(saved.state.get("data_digest"), digest, config.data)
     elif ckpt_io.list_checkpoints(run_dir):
         # A fresh run here would interleave its checkpoints and metrics with the old run's.
         raise ValueError(
@@ -288,7 +311,7 @@ def train(
         )
         every = config.checkpoint_every
         if last_step or (every and (step + 1) % every == 0):
-            _save(run_dir, step + 1, base, optimizer, model_config, config, parallel)
+            _save(run_dir, step + 1, base, optimizer, model_config, config, parallel, digest)
     bar.close()
     if log is not None:
         log.close()
@@ -308,7 +331,7 @@ def train(
     return result
 
 
-def _save(run_dir, step, base, optimizer, model_config, config, parallel) -> None:
+def _save(run_dir, step, base, optimizer, model_config, config, parallel, digest) -> None:
     full = parallel.full_state_dict(base) if parallel is not None else base.state_dict()
     tensors, scalars = state_io.capture(base, optimizer)
     if parallel is not None:  # gather expert moments: a collective, on every rank
@@ -321,7 +344,7 @@ def _save(run_dir, step, base, optimizer, model_config, config, parallel) -> Non
             full,
             {"model": model_config.to_dict(), "train": config.to_dict()},
             tensors,
-            {**scalars, "world_size": world},
+            {**scalars, "world_size": world, "data_digest": digest},
             keep=config.keep_checkpoints,
         )
     if parallel is not None:
