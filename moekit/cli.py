@@ -24,8 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(modules[args.command].run(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        # User errors are reported in one line, not as a traceback.
+    except (ValueError, TypeError, OSError) as err:
+        # User errors (and files that cannot be read or written) are reported in one
+        # line, not as a traceback.
         print(f"moekit {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -46,7 +46,12 @@ def sample_next(
     """One token id per row, [B] long; temperature 0 is greedy (argmax)."""
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
-    logits_BV = filter_logits(logits_BV.float() / temperature, top_k, top_p)
+    # In float64, shifted so the largest is 0 before dividing: a tiny temperature then
+    # sends the others to -inf (probability 0), where unshifted float32 logits overflow to
+    # inf - inf = nan, and a temperature under 1e-45 is 0 in float32.
+    logits_BV = logits_BV.double()
+    logits_BV = (logits_BV - logits_BV.amax(dim=-1, keepdim=True)) / temperature
+    logits_BV = filter_logits(logits_BV, top_k, top_p)
     probs_BV = logits_BV.softmax(dim=-1)
     return torch.multinomial(probs_BV, 1, generator=generator).squeeze(1)
 

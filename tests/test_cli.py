@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 from train_common import MICRO_SETS, micro_flags, one_thread, write_corpus  # noqa: F401
 
 from moekit.cli import main
@@ -41,6 +42,16 @@ def test_train_then_sample(corpus, tmp_path, capsys):
     assert main([*args, "--num-samples", "2", "--top-k", "5", "--seed", "3"]) == 0
     assert capsys.readouterr().out == first  # seeded: reproducible
 
+    bad = [([*args, "--device", "bogus"], "device must be auto, cpu, cuda or cuda:N")]
+    bad += [(["analyze", str(run_dir), "--seq-len", "-5"], "seq_len must be an int >= 1")]
+    if not torch.cuda.is_available():
+        bad += [([*args, "--device", "cuda"], "no CUDA device is available")]
+        bad += [(["analyze", str(run_dir), "--device", "cuda"], "no CUDA device is available")]
+    for argv, message in bad:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
 
 def test_train_resume_flag_continues_the_run(corpus, tmp_path, capsys):
     run_dir = str(tmp_path / "run")
@@ -70,11 +81,14 @@ def test_train_resume_flag_continues_the_run(corpus, tmp_path, capsys):
         (["--data", "{missing}"], "data path not found"),
         (["--data", "{empty}"], "contains no text"),
         (["--seq-len", "64"], "seq_len \\(64\\) must be <= the model's max_seq_len \\(32\\)"),
+        (["--run-dir", "{file}"], "Not a directory"),
     ],
 )
 def test_bad_input_is_a_one_line_error(args, message, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
-    args = [a.format(missing=tmp_path / "nope.txt", empty=tmp_path / "empty.txt") for a in args]
+    files = dict(missing=tmp_path / "nope.txt", empty=tmp_path / "empty.txt", file=tmp_path / "f")
+    (tmp_path / "f").write_text("a file where a directory belongs")
+    args = [a.format(**files) for a in args]
     base = [a for s in ["d_model=24", "max_seq_len=32"] for a in ("--set", s)]
     common = ["--seq-len", "16", "--run-dir", str(tmp_path / "run"), "--progress", "false"]
     rc = main(["train", *base, *common, *args])

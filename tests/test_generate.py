@@ -64,6 +64,16 @@ def test_top_p_keeps_the_smallest_nucleus(top_p, kept) -> None:
     assert sorted(perm[i] for i in finite[1].nonzero().squeeze(1).tolist()) == kept
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-45, 1e-300])
+def test_a_tiny_temperature_samples_the_argmax(temperature) -> None:
+    # Dividing unshifted logits by it overflows to inf, and softmax of inf - inf is nan.
+    logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, -1.0, 0.0], [-2.0, -3.0, -1.5]])
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        got = sample_next(logits, temperature=temperature, generator=gen)
+        assert got.tolist() == [1, 0, 2]
+
+
 def test_sampling_follows_the_filtered_distribution() -> None:
     logits = _logits([0.1, 0.4, 0.05, 0.3, 0.15]).expand(20000, 5)
     gen = torch.Generator().manual_seed(0)

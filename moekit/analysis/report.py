@@ -87,10 +87,14 @@ def analyze_checkpoint(
     summary of `analyze_model` plus "checkpoint", "data" and "out_dir".
     """
     from moekit.data import load_tokenizer, prepare_tokens
+    from moekit.train.loop import resolve_device
 
     for name, value in (("batch_size", batch_size), ("batches_per_domain", batches_per_domain)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if seq_len is not None and (not isinstance(seq_len, int) or seq_len < 1):
+        raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
+    device = str(resolve_device(device))
     model, train, source = _load(Path(path), device)
     data = data or train.get("data", "embedded")
     spec = tokenizer or train.get("tokenizer")

@@ -56,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
     from moekit.data.tokenizer import load_tokenizer
     from moekit.hf.convert import is_hf_dir
     from moekit.train.checkpoint import load_checkpoint, model_from_checkpoint, resolve
+    from moekit.train.loop import resolve_device
 
+    device = resolve_device(args.device)
     if is_hf_dir(args.checkpoint):
         # A Hugging Face checkpoint directory: its own tokenizer.json, via `tokenizers`.
         from pathlib import Path
@@ -64,11 +66,11 @@ def run(args: argparse.Namespace) -> int:
         from moekit.hf import from_pretrained
 
         tokenizer = load_tokenizer(str(Path(args.checkpoint) / "tokenizer.json"))
-        model = from_pretrained(args.checkpoint, device=args.device)
+        model = from_pretrained(args.checkpoint, device=device)
     else:
         ckpt = load_checkpoint(resolve(args.checkpoint))
         tokenizer = load_tokenizer(ckpt.config["train"]["tokenizer"])
-        model = model_from_checkpoint(ckpt, device=args.device)
+        model = model_from_checkpoint(ckpt, device=device)
     texts = sample_text(
         model,
         tokenizer,
