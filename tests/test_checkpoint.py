@@ -126,6 +126,21 @@ def test_truncated_checkpoint_is_detected(run, tmp_path):
         load_checkpoint(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize(
+    "manifest",
+    [b"\xff\xfe not text", b"[]", b'{"files": []}', b'{"files": {"model.safetensors": 5}}'],
+)
+def test_malformed_manifest_is_a_checkpoint_error(run, tmp_path, manifest):
+    import shutil
+
+    run_dir, _ = run
+    latest = tmp_path / "latest"
+    shutil.copytree(list_checkpoints(run_dir)[-1], latest)
+    (latest / "manifest.json").write_bytes(manifest)
+    with pytest.raises(CheckpointError, match=f"{latest} is corrupted: unreadable manifest.json"):
+        load_checkpoint(latest)
+
+
 _KILLED_SAVE = """
 import sys, time, torch
 sys.path.insert(0, {tests!r})

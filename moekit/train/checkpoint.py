@@ -122,10 +122,13 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not manifest_path.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: {MANIFEST} is missing")
     try:
-        manifest = json.loads(manifest_path.read_text())
-        expected = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"checkpoint {path} is corrupted: unreadable {MANIFEST}") from err
+        expected = json.loads(manifest_path.read_text())["files"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        expected = None
+    if not isinstance(expected, dict) or not all(
+        isinstance(expected.get(name, {}), dict) for name in FILES
+    ):
+        raise CheckpointError(f"checkpoint {path} is corrupted: unreadable {MANIFEST}")
     blobs = {}
     for name in FILES:
         file = path / name
