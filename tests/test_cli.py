@@ -125,3 +125,6 @@ def test_compare_trains_both_and_reports(corpus, tmp_path, capsys):
     assert len(summary["curves"]["moe"][0]) == 2  # validation at steps 2 and 4
     # Same tokens, same seed: the two runs read one token cache.
     assert len(list((out_dir / "cache").iterdir())) == 1
+    # Again into the same directory: refused before anything is trained or overwritten.
+    assert main(["compare", *micro_flags(corpus, "--out-dir", str(out_dir))]) == 2
+    assert "already holds a comparison" in capsys.readouterr().err

@@ -19,9 +19,12 @@ from moekit.data.tokens import TokenSplit
 
 def _check_length(split: TokenSplit, seq_len: int, name: str) -> None:
     if split.num_tokens < seq_len + 1:
+        # Validation takes whole documents (moekit.data.tokens): a few files split lumpily.
+        more = ", a larger val_fraction" if name == "validation" else ""
         raise ValueError(
             f"the {name} split has {split.num_tokens} tokens, shorter than the context: "
-            f"it needs at least seq_len + 1 = {seq_len + 1} (use more text or a smaller seq_len)"
+            f"it needs at least seq_len + 1 = {seq_len + 1} (use more text{more} or a "
+            "smaller seq_len)"
         )
 
 

@@ -52,10 +52,17 @@ def compare(
     cache_dir: where token files go (default out_dir/cache).
     """
     from moekit.model import count_parameters, dense_twin
+    from moekit.train.checkpoint import list_checkpoints
 
     if model_config.moe is None or model_config.moe_as_dense:
         raise ValueError("compare needs an MoE model config (moe set, moe_as_dense False)")
     out_dir = Path(out_dir)
+    for name in ("moe", "dense"):
+        if list_checkpoints(out_dir / name):
+            raise ValueError(
+                f"{out_dir} already holds a comparison ({out_dir / name} has checkpoints); "
+                "choose another --out-dir"
+            )
     rows, curves = [], {}
     for name, cfg in (("moe", model_config), ("dense", dense_twin(model_config))):
         result = train(
