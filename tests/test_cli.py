@@ -42,7 +42,10 @@ def test_train_then_sample(corpus, tmp_path, capsys):
     assert main([*args, "--num-samples", "2", "--top-k", "5", "--seed", "3"]) == 0
     assert capsys.readouterr().out == first  # seeded: reproducible
 
-    bad = [([*args, "--device", "bogus"], "device must be auto, cpu, cuda or cuda:N")]
+    bad = [
+        ([*args, "--device", d], "device must be auto, cpu, cuda or cuda:N")
+        for d in ("bogus", "meta")
+    ]
     bad += [(["analyze", str(run_dir), "--seq-len", "-5"], "seq_len must be an int >= 1")]
     if not torch.cuda.is_available():
         bad += [([*args, "--device", "cuda"], "no CUDA device is available")]

@@ -100,6 +100,7 @@ def test_paths_written_by_moekit_must_lie_outside_a_data_directory(tmp_path):
         with pytest.raises(ValueError, match="inside the data directory"):
             sources.check_outside(str(tmp_path), inside, "the run directory")
     sources.check_outside(str(tmp_path), tmp_path.parent / "elsewhere", "the run directory")
+    sources.check_outside(str(tmp_path), tmp_path / ".runs" / "tiny", "the run directory")
     sources.check_outside(str(tmp_path / "a.txt"), tmp_path / "runs", "the run directory")
     sources.check_outside("embedded", tmp_path, "the run directory")
 

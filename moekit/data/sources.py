@@ -52,11 +52,14 @@ def check_outside(data: str, path: str | Path, what: str) -> None:
 
     Its files would be read as training text, and change between runs: a run directory
     inside `--data .` had its own checkpoints and token cache tokenized into its corpus.
+    A hidden path (a part starting with ".") is not read, so it may lie inside.
     """
     if data == EMBEDDED or data.startswith(HF_PREFIX) or not Path(data).is_dir():
         return
     root, inner = Path(data).resolve(), Path(path).resolve()
-    if inner == root or root in inner.parents:
+    inside = inner == root or root in inner.parents
+    # Hidden directories are never read (_text_files): `--run-dir .runs/x` is fine.
+    if inside and not any(part.startswith(".") for part in inner.relative_to(root).parts):
         raise ValueError(
             f"{what} {path} lies inside the data directory {data}: its files would be read "
             f"as training text; put it outside {data}"

@@ -43,8 +43,8 @@ class TokenSplit:
     num_tokens: int
     domains: tuple[tuple[str, int, int], ...]
     """(domain, start, end) runs of consecutive documents of the same domain."""
-    digest: str
-    """SHA-1 of the split's token file: equal digests, equal tokens."""
+    digest: str = ""
+    """SHA-1 of the split's token file: equal digests, equal tokens ("" when not known)."""
 
     def tokens(self) -> torch.Tensor:
         """The ids as a 1-D tensor memory-mapped from disk (read lazily, never written)."""
