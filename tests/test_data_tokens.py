@@ -78,6 +78,12 @@ def test_editing_the_tokenizer_file_rebuilds_the_cache(tmp_path):
     assert ids() == [3, 2, 1, 0]
 
 
+def test_byte_decoding_shows_ids_that_are_no_byte():
+    # A byte-level model may be wider than 256 ids; sampling must not fail on the others.
+    assert TOK.decode([104, 300, 105, 0xE2, 0x82, 0xAC]) == "h\ufffdi\u20ac"
+    assert TOK.decode([0xE2, 0x82]) == "\ufffd"
+
+
 def test_a_malformed_tokenizer_file_is_a_clear_error(tmp_path):
     pytest.importorskip("tokenizers")
     (tmp_path / "tokenizer.json").write_text("{not json")

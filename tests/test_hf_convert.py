@@ -65,3 +65,32 @@ def test_convert_refuses_a_run_directory_with_checkpoints(hf_dir, tmp_path, caps
     assert main(["convert", str(hf_dir), str(run_dir)]) == 2
     assert "already holds checkpoints" in capsys.readouterr().err
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+
+
+def test_export_takes_the_tokenizer_file_the_run_recorded(hf_dir, tmp_path):
+    from moekit.hf.convert import moekit_to_hf
+    from moekit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+
+    assert main(["convert", str(hf_dir), str(tmp_path / "run")]) == 0
+    ckpt = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])
+    elsewhere = tmp_path / "tokenizers" / "mine.json"  # not beside the run, not so named
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes((hf_dir / "tokenizer.json").read_bytes())
+    config = {**ckpt.config, "train": {**ckpt.config["train"], "tokenizer": str(elsewhere)}}
+    config.pop("format")
+    save_checkpoint(
+        tmp_path / "moved", ckpt.step, ckpt.model_state, config, ckpt.state_tensors, {}, keep=1
+    )
+    out = moekit_to_hf(tmp_path / "moved", tmp_path / "hf")
+    assert (out / "tokenizer.json").read_bytes() == elsewhere.read_bytes()
+
+
+def test_a_hf_directory_without_tokenizer_is_refused(hf_dir, tmp_path, capsys):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(hf_dir, bare)
+    (bare / "tokenizer.json").unlink()
+    assert main(["convert", str(bare), str(tmp_path / "run")]) == 2
+    assert "has no tokenizer.json to say what its token ids mean" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -22,8 +22,18 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
-        # A sampled byte sequence need not be valid UTF-8; show the damage, don't raise.
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        # A sampled byte sequence need not be valid UTF-8, and a model wider than 256 ids
+        # may sample ids that are no byte: show the damage (U+FFFD), don't raise.
+        parts, run = [], bytearray()
+        for i in ids:
+            i = int(i)
+            if 0 <= i < 256:
+                run.append(i)
+                continue
+            parts += [run.decode("utf-8", errors="replace"), "\ufffd"]
+            run = bytearray()
+        parts.append(run.decode("utf-8", errors="replace"))
+        return "".join(parts)
 
     def encode_to_tensor(self, text: str) -> torch.Tensor:
         return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)

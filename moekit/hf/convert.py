@@ -75,6 +75,13 @@ def hf_to_moekit(src: str | Path, dst: str | Path, dtype: str | None = None) -> 
     from moekit.train.config import TrainConfig
 
     src, dst = Path(src), Path(dst)
+    if not (src / "tokenizer.json").is_file():
+        # A run records what its token ids mean; guessing bytes would let sample, analyze
+        # and --init-from read a 32k-id model's ids as bytes.
+        raise ValueError(
+            f"{src} has no tokenizer.json to say what its token ids mean; put the model's "
+            "tokenizer.json beside its config.json"
+        )
     if list_checkpoints(dst):
         # Step 0 would be pruned at once as the oldest of the run's checkpoints, and the
         # run's tokenizer replaced by the converted model's.
@@ -83,8 +90,7 @@ def hf_to_moekit(src: str | Path, dst: str | Path, dtype: str | None = None) -> 
     dst.mkdir(parents=True, exist_ok=True)
     _copy_tokenizer([src], dst)
     # The run's tokenizer is the checkpoint's own, so `moekit sample DST` decodes right.
-    tokenizer = dst / "tokenizer.json"
-    train = TrainConfig(tokenizer=str(tokenizer.resolve()) if tokenizer.is_file() else "bytes")
+    train = TrainConfig(tokenizer=str((dst / "tokenizer.json").resolve()))
     config = {"model": model.config.to_dict(), "train": train.to_dict()}
     return save_checkpoint(
         dst, 0, model.state_dict(), config, {}, {"converted_from": str(src.resolve())}, keep=1
@@ -108,7 +114,13 @@ def moekit_to_hf(
         model_from_checkpoint(ckpt), dst, family=family, max_shard_bytes=max_shard_bytes
     )
     _copy_tokenizer([src, ckpt_dir, ckpt_dir.parent.parent], dst)
-    if ckpt.config["train"]["tokenizer"] == "bytes":
+    recorded = ckpt.config["train"]["tokenizer"]
+    if recorded != "bytes" and not (dst / "tokenizer.json").is_file():
+        # The file the run was trained with, wherever it lies.
+        if not Path(recorded).is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {recorded} (recorded by {src})")
+        shutil.copyfile(recorded, dst / "tokenizer.json")
+    if recorded == "bytes":
         # A byte-level run has no tokenizer file to copy: write the byte tokenizer as one,
         # so `moekit sample`, `tokenizers` and transformers' AutoTokenizer read DST as
         # moekit does.
