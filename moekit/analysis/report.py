@@ -133,7 +133,7 @@ def analyze_checkpoint(
 def format_table(layers: list[dict]) -> str:
     """A per-layer text table of a summary's "layers" (LayerSummary dicts)."""
     head = (
-        f"{'layer':>5}  {'imbalance':>9}  {'cv':>6}  {'load H':>6}  {'router H':>8}  "
+        f"{'MoE':>5}  {'imbalance':>9}  {'cv':>6}  {'load H':>6}  {'router H':>8}  "
         f"{'dropped':>7}  {'special.':>8}  dead experts"
     )
     lines = [head, "-" * len(head)]
@@ -154,8 +154,9 @@ def format_summary(summary: dict) -> str:
         f"routing of {summary['checkpoint']} on {summary['data']} validation: "
         f"{summary['num_tokens']} tokens, domains: {domains}",
         format_table(summary["layers"]),
-        "imbalance = max/mean load (1 balanced); cv = std/mean; load H, router H = entropy "
-        "of the load (/ log E) and of the router (nats)",
+        "MoE = index among the MoE layers (dense layers not counted); imbalance = max/mean "
+        "load (1 balanced); cv = std/mean; load H, router H = entropy of the load (/ log E) "
+        "and of the router (nats)",
         "special. = I(domain; expert) / H(domain): 0 = experts ignore the domain, 1 = they "
         f"reveal it; dead = under {summary['dead_threshold']:g} x fair share (1/E)",
         f"figures and routing.json in {summary['out_dir']}:",
