@@ -50,6 +50,17 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine_to_the_floor():
     assert lr_at(0, no_warmup) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize(("steps", "warmup"), [(21, 20), (10, 20), (2, 20), (1, 0), (1, 5)])
+def test_the_last_step_is_at_the_floor_whatever_the_lengths(steps, warmup):
+    # A one-step decay (steps = warmup + 1) held the peak; a run shorter than its warm-up
+    # ended part-way up.
+    cfg = TrainConfig(steps=steps, warmup_steps=warmup, lr=1e-3, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg) for s in range(steps)]
+    assert lrs[-1] == pytest.approx(1e-4)
+    if steps > 1:
+        assert max(lrs) == pytest.approx(1e-3)  # the warm-up, shortened, still reaches the peak
+
+
 def test_no_weight_decay_on_norms_biases_or_the_router_bias():
     cfg = MICRO.replace(qkv_bias=True, moe=MICRO.moe.replace(router="sigmoid_bias"))
     model = Transformer(cfg)

@@ -68,3 +68,30 @@ def test_gradient_accumulation_matches_one_big_batch(corpus, tmp_path):
     init = Transformer(cfg).state_dict()
     moved = [n for n, t in states[0].items() if (t - init[n]).abs().max() > 1e-4]
     assert len(moved) > len(init) // 2  # two steps really moved the weights
+
+
+def test_validation_loss_is_the_mean_over_tokens_of_the_windows(tmp_path):
+    # 45 windows in batches of 4: the last batch holds one, which a mean of batch means
+    # would weigh as much as four.
+    from moekit.data import val_batches
+    from moekit.train import load_model
+
+    text = "".join(f"line {i:03d} of a small file\n" for i in range(12))
+    (tmp_path / "one.txt").write_text(text)
+    config = micro_train(
+        tmp_path / "one.txt", steps=1, grad_accum=1, batch_size=4, seq_len=15, eval_every=1,
+        eval_batches=100, checkpoint_every=1,
+    )  # fmt: skip
+    train(MICRO, config, tmp_path / "run", plots=False)
+    (record,) = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "val"]
+
+    split = prepare_tokens(str(tmp_path / "one.txt"), ByteTokenizer(), tmp_path / "c", 0.2)
+    batches = val_batches(split["val"], 15, 4, 100)
+    assert [x.shape[0] for x, _ in batches][-2:] == [4, 1]
+    model = load_model(tmp_path / "run")
+    with torch.no_grad():
+        ce = [
+            F.cross_entropy(model(x).logits.transpose(1, 2), y, reduction="sum") for x, y in batches
+        ]
+    tokens = sum(y.numel() for _, y in batches)
+    assert record["val_loss"] == pytest.approx((sum(ce) / tokens).item(), rel=1e-6)

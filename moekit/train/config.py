@@ -33,7 +33,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     """The cosine schedule decays to lr * min_lr_ratio at the last step."""
     warmup_steps: int = 20
-    """Steps of linear warm-up from 0 to lr."""
+    """Steps of linear warm-up from 0 to lr (at most steps - 1: the last step is the floor)."""
     weight_decay: float = 0.1
     """AdamW weight decay on matrices (never on norms, biases or the router bias)."""
     beta1: float = 0.9

@@ -114,8 +114,10 @@ def compile_forward(model, mode: str):
     return torch.compile(model, mode=None if mode == "default" else mode)
 
 
-def _cross_entropy(logits_BSV: Tensor, y_BS: Tensor) -> Tensor:
-    return F.cross_entropy(logits_BSV.reshape(-1, logits_BSV.shape[-1]), y_BS.reshape(-1))
+def _cross_entropy(logits_BSV: Tensor, y_BS: Tensor, reduction: str = "mean") -> Tensor:
+    return F.cross_entropy(
+        logits_BSV.reshape(-1, logits_BSV.shape[-1]), y_BS.reshape(-1), reduction=reduction
+    )
 
 
 def train(
@@ -230,13 +232,14 @@ def train(
             for name, batches_ in evals.items():
                 if not batches_:
                     continue
-                losses = [
-                    _cross_entropy(model(shard(x).to(device)).logits, shard(y).to(device))
-                    for x, y in batches_
-                ]
-                out[f"val_loss_{name}" if name else "val_loss"] = float(
-                    reduce(torch.stack(losses).mean())
-                )
+                # A mean over tokens, not over batches: the last batch may be short.
+                total = torch.zeros(2, dtype=torch.float64, device=device)
+                for x, y in batches_:
+                    y = shard(y).to(device)
+                    ce = _cross_entropy(model(shard(x).to(device)).logits, y, "sum")
+                    total += torch.stack([ce.double(), total.new_tensor(y.numel())])
+                total = reduce(total)  # the mean over ranks of both: their ratio is the sum's
+                out[f"val_loss_{name}" if name else "val_loss"] = float(total[0] / total[1])
         model.train()
         return out
 

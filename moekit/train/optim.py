@@ -47,13 +47,17 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 def lr_at(step: int, config: TrainConfig) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine decay.
 
-    A pure function of the step, so the schedule has no state beyond the step counter.
+    The last step runs at the floor, lr * min_lr_ratio, whatever the lengths: warm-up takes
+    at most steps - 1 steps (a run shorter than warmup_steps would otherwise end mid-way
+    up), and a decay of one step is that floor. A pure function of the step, so the
+    schedule has no state beyond the step counter.
     """
     peak, floor = config.lr, config.lr * config.min_lr_ratio
-    if step < config.warmup_steps:
-        return peak * (step + 1) / config.warmup_steps
-    span = max(1, config.steps - config.warmup_steps - 1)
-    progress = min(1.0, (step - config.warmup_steps) / span)
+    warmup = min(config.warmup_steps, config.steps - 1)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    span = config.steps - warmup - 1
+    progress = 1.0 if span <= 0 else min(1.0, (step - warmup) / span)
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
