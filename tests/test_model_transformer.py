@@ -179,7 +179,9 @@ def test_meta_build_materialises_with_init_weights() -> None:
         (torch.tensor([[1, V]]), ValueError, rf"vocab_size={V}.*\[1, {V}\]"),
         (torch.tensor([[-1, 2]]), ValueError, "vocab_size"),
         (torch.zeros(1, 17, dtype=torch.long), ValueError, "max_seq_len.*16.*17"),
-        (torch.zeros(1, 3), TypeError, "integer"),
+        (torch.zeros(1, 3), TypeError, "int64 or int32"),
+        (torch.zeros(1, 3, dtype=torch.uint8), TypeError, "int64 or int32.*uint8"),
+        (torch.zeros(1, 3, dtype=torch.int16), TypeError, "int64 or int32.*int16"),
         (torch.zeros(3, dtype=torch.long), ValueError, r"\[B, S\]"),
     ],
 )

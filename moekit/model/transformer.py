@@ -184,8 +184,8 @@ class Transformer(nn.Module):
     def _check_ids(self, ids_BS: Tensor) -> tuple[int, int]:
         if not isinstance(ids_BS, Tensor):
             raise TypeError(f"ids must be a torch.Tensor, got {type(ids_BS).__name__}")
-        if ids_BS.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"ids must be an integer tensor, got dtype {ids_BS.dtype}")
+        if ids_BS.dtype not in (torch.long, torch.int32):  # what nn.Embedding takes
+            raise TypeError(f"ids must be an int64 or int32 tensor, got dtype {ids_BS.dtype}")
         if ids_BS.dim() != 2 or ids_BS.shape[1] == 0:
             raise ValueError(f"ids must have shape [B, S] with S >= 1, got {tuple(ids_BS.shape)}")
         V = self.config.vocab_size
