@@ -15,6 +15,7 @@ A path also says how to sum statistics over the processes that share its experts
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from moekit.dispatch import permute, sort_by_expert, unpermute
@@ -54,6 +55,8 @@ class GroupedPath(ReferencePath):
     """Sort by expert, run every expert on its rows, scatter back weighted."""
 
     def __call__(self, x_TD: Tensor, routing: Routing, experts: ExpertBank) -> Tensor:
+        if _under_torch_func():
+            return super().__call__(x_TD, routing, experts)
         perm = sort_by_expert(routing.expert_A, experts.num_experts)
         if experts.uses_grouped_mm(x_TD):
             x_AD = permute(x_TD, routing.token_A, perm)
@@ -68,6 +71,16 @@ class GroupedPath(ReferencePath):
         rows_A = routing.token_A.index_select(0, perm.order_A)
         weight_A = routing.weight_A.index_select(0, perm.order_A)
         return experts.forward_combined(x_TD, rows_A, weight_A, perm.counts_E)
+
+
+def _under_torch_func() -> bool:
+    """Whether a torch.func transform (grad, vjp, jvp, ...) is tracing this call.
+
+    They need autograd Functions written with setup_context, which the fused CPU loop is
+    not (its forward keeps buffers of its own): the reference loop runs there instead.
+    """
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active is not None and active())
 
 
 PATHS = {"reference": ReferencePath, "grouped": GroupedPath}
