@@ -285,9 +285,10 @@ def train(
             if parallel is not None:  # data-parallel ranks must move the bias identically
                 routed = list(parallel.mean(torch.stack(routed)))
             base.update_bias(routed)
+        # Read before the clock stops: on CUDA it waits for the step's queued kernels.
+        last_loss = float(reduce(ce_sum / config.grad_accum))
         dt = time.perf_counter() - t0
         train_seconds += dt
-        last_loss = float(reduce(ce_sum / config.grad_accum))
         record = {
             "kind": "train",
             "step": step + 1,
