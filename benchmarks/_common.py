@@ -6,7 +6,9 @@ median of its rounds, and comparisons are ratios of medians taken in the same ru
 Wall time is the measure; process CPU time is recorded beside it as a check that is
 far less sensitive to other processes' load.
 
-Peak memory (CPU): the cases run once each in a fresh Python process. There glibc's
+Peak memory (CPU): the cases run one after another in one fresh Python process, each
+measured once after a warm-up call (every buffer of one is unmapped before the next
+starts). There glibc's
 MALLOC_MMAP_THRESHOLD_ is fixed at 64 KiB, so every tensor buffer above that size is its
 own mmap, mapped when allocated and unmapped when freed: resident memory follows the
 live tensors instead of a heap that keeps freed pages. After the case's set-up (weights,

@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small shapes, for a smoke test")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 2, quick 1)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7, quick 3)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7, quick 2)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--regimes", default="coarse,fine,decode", help="comma-separated subset")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")

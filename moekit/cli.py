@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from moekit.errors import MissingDependency
+
 COMMANDS = ("demo", "convert", "analyze", "train", "sample", "compare")
 
 
@@ -24,9 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(modules[args.command].run(args) or 0)
-    except (ValueError, TypeError, OSError) as err:
-        # User errors (and files that cannot be read or written) are reported in one
-        # line, not as a traceback.
+    except (ValueError, TypeError, OSError, MissingDependency) as err:
+        # User errors (files that cannot be read or written, an optional package not
+        # installed) are reported in one line, not as a traceback.
         print(f"moekit {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,6 +1,10 @@
-"""The one error class moekit adds to ValueError/TypeError, for callers to catch by kind."""
+"""The error classes moekit adds to the built-in ones, for callers to catch by kind."""
 
 from __future__ import annotations
+
+
+class MissingDependency(ImportError):
+    """An optional package a feature needs is not installed; the message says how to get it."""
 
 
 class CheckpointError(ValueError):

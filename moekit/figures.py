@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moekit.errors import MissingDependency
+
 
 def new_figure(
     width: float, height: float, nrows: int = 1, ncols: int = 1, layout: str | None = None
@@ -20,7 +22,7 @@ def new_figure(
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as err:
-        raise ImportError("plots need matplotlib: pip install 'moekit[plots]'") from err
+        raise MissingDependency("plots need matplotlib: pip install 'moekit[plots]'") from err
     fig = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False)

@@ -6,6 +6,7 @@ import pytest
 
 from moekit.data import sources
 from moekit.data.corpus import embedded_corpus, stable_fraction
+from moekit.errors import MissingDependency
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_bad_sources_raise_clear_errors(tmp_path):
         list(sources.iter_documents(str(tmp_path / "d")))
 
 
-def test_hf_dataset_without_the_datasets_package_says_how_to_install(monkeypatch):
+def test_hf_dataset_without_the_datasets_package_says_how_to_install(monkeypatch, capsys, tmp_path):
     import builtins
 
     real_import = builtins.__import__
@@ -127,5 +128,12 @@ def test_hf_dataset_without_the_datasets_package_says_how_to_install(monkeypatch
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_datasets)
-    with pytest.raises(ImportError, match="hf:someone/corpus needs the `datasets` package"):
+    with pytest.raises(MissingDependency, match="hf:someone/corpus needs the `datasets` package"):
         list(sources.iter_documents("hf:someone/corpus"))
+    # The command line reports it in one line, as any user error.
+    from moekit.cli import main
+
+    argv = ["train", "--data", "hf:someone/corpus", "--run-dir", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "needs the `datasets` package" in err and err.count("\n") == 1

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from moekit.data.corpus import EMBEDDED, Document, embedded_corpus
+from moekit.errors import MissingDependency
 
 BLOCK_CHARS = 1 << 20
 LINE_CHARS = 1 << 16
@@ -125,7 +126,7 @@ def _hf_documents(spec: str) -> Iterator[Document]:
     try:
         import datasets
     except ImportError as err:
-        raise ImportError(
+        raise MissingDependency(
             f"--data {HF_PREFIX}{spec} needs the `datasets` package: pip install datasets"
         ) from err
     try:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from moekit.errors import MissingDependency
+
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens: V = 256, lossless, needs no training or files."""
@@ -101,7 +103,7 @@ class HFTokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError as err:
-            raise ImportError(
+            raise MissingDependency(
                 "a tokenizer.json needs the `tokenizers` package: pip install 'moekit[tokenizers]'"
             ) from err
         try:

@@ -15,6 +15,7 @@ file), the last `val_fraction` of the tokens becomes validation instead.
 from __future__ import annotations
 
 import array
+import contextlib
 import hashlib
 import json
 import os
@@ -95,23 +96,24 @@ def _build(entry: Path, data: str, tokenizer: Tokenizer, dtype: torch.dtype, val
     tmp.mkdir(parents=True)
     counts = {s: 0 for s in SPLITS}
     domains: dict[str, list[list]] = {s: [] for s in SPLITS}
-    files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}  # noqa: SIM115 - closed below
     try:
-        for doc in sources.iter_documents(data):
-            split = "val" if stable_fraction(doc.name) < val_fraction else "train"
-            ids = tokenizer.encode(doc.text)
-            if not ids:
-                continue
-            files[split].write(_to_bytes(ids, dtype))
-            start, counts[split] = counts[split], counts[split] + len(ids)
-            runs = domains[split]
-            if runs and runs[-1][0] == doc.domain and runs[-1][2] == start:
-                runs[-1][2] = counts[split]
-            else:
-                runs.append([doc.domain, start, counts[split]])
-    finally:
-        for f in files.values():
-            f.close()
+        with contextlib.ExitStack() as stack:
+            files = {s: stack.enter_context(open(tmp / f"{s}.bin", "wb")) for s in SPLITS}
+            for doc in sources.iter_documents(data):
+                split = "val" if stable_fraction(doc.name) < val_fraction else "train"
+                ids = tokenizer.encode(doc.text)
+                if not ids:
+                    continue
+                files[split].write(_to_bytes(ids, dtype))
+                start, counts[split] = counts[split], counts[split] + len(ids)
+                runs = domains[split]
+                if runs and runs[-1][0] == doc.domain and runs[-1][2] == start:
+                    runs[-1][2] = counts[split]
+                else:
+                    runs.append([doc.domain, start, counts[split]])
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves no half-written entry
+        raise
     if counts["train"] + counts["val"] == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ValueError(f"data {data} contains no text")
