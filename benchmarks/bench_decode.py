@@ -5,7 +5,8 @@ tokens sampled one at a time (temperature 1, seed 0), for a batch of 1 and of 8 
 fp32 on CPU, a fixed thread count (1 unless --threads: decoding a small model is a chain
 of tiny ops that a second thread hardly helps). Both models have random weights (speed
 does not depend on them) and the same active FLOPs per token; the ratio is the dense
-twin's ms per token over the MoE's, from interleaved rounds in one process.
+twin's ms per token over the MoE's, from interleaved rounds in one process. "ms per token"
+is a whole `generate` call (the prompt's pass and the --new steps) over --new.
 
     python benchmarks/bench_decode.py               # tiny preset
     python benchmarks/bench_decode.py --quick       # a few tokens (the smoke test)
@@ -76,7 +77,7 @@ def main() -> None:
         ]
         for r in results
     ]
-    print_table(["batch", "MoE ms/token", "dense ms/token", "MoE / dense speed"], rows)
+    print_table(["batch", "MoE ms/new token", "dense ms/new token", "MoE / dense speed"], rows)
     runtime = time.perf_counter() - started
     print(f"runtime {runtime:.1f} s")
     emit_json(

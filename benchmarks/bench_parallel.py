@@ -68,7 +68,9 @@ def bench_worker(rank: int, world_size: int, shapes: dict, tokens: list[int], re
     for T in tokens:
         torch.manual_seed(0)
         local = MoE(cfg)
-        sharded = apply_expert_parallel(MoE(cfg))
+        same = MoE(cfg)
+        same.load_state_dict(local.state_dict())  # the same weights: the same routing
+        sharded = apply_expert_parallel(same)
         gen = torch.Generator().manual_seed(1 + rank)
         x = torch.randn(T, cfg.d_model, generator=gen).requires_grad_(True)
         row = {"tokens_per_rank": T}

@@ -100,7 +100,9 @@ def time_shape(
     for name, cfg in configs.items():
         torch.manual_seed(0)
         steps[name] = make_step(Transformer(cfg), config, batches, device)
-    times, cpu_times = time_interleaved(steps, repeats=rounds, warmup=2)
+    # A compiled step recompiles over its first rounds (dynamic shapes, then guards).
+    warmup = 2 if compile == "none" else 6
+    times, cpu_times = time_interleaved(steps, repeats=rounds, warmup=warmup)
     tokens = batch_size * seq_len
     result: dict = {"batch_size": batch_size, "seq_len": seq_len}
     for name, cfg in configs.items():
