@@ -69,12 +69,16 @@ class MoEConfig:
             check_int("shared_d_ff", self.shared_d_ff)
         check_bool("norm_topk_prob", self.norm_topk_prob)
         check_bool("shared_expert_gate", self.shared_expert_gate)
-        if self.shared_expert_gate and not self.num_shared_experts:
-            # A gate with nothing to gate would be built, never used, and never trained.
-            raise ValueError(
-                "shared_expert_gate=True needs num_shared_experts >= 1, "
-                f"got num_shared_experts={self.num_shared_experts!r}"
-            )
+        # Shared-expert settings without shared experts would be silently ignored.
+        for name, value in (
+            ("shared_expert_gate", self.shared_expert_gate),
+            ("shared_d_ff", self.shared_d_ff),
+        ):
+            if value not in (False, None) and not self.num_shared_experts:
+                raise ValueError(
+                    f"{name}={value!r} needs num_shared_experts >= 1, "
+                    f"got num_shared_experts={self.num_shared_experts!r}"
+                )
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"top_k must be <= num_experts ({self.num_experts}), got {self.top_k!r}"

@@ -50,6 +50,7 @@ CONFIG_ERRORS = [
     (dict(num_shared_experts=2.0), TypeError, "num_shared_experts", "2.0"),
     (dict(num_shared_experts=1, shared_d_ff=0), ValueError, "shared_d_ff", "0"),
     (dict(shared_expert_gate=True), ValueError, "num_shared_experts", "0"),
+    (dict(shared_d_ff=16), ValueError, "shared_d_ff=16 needs num_shared_experts", "0"),
     (dict(norm_topk_prob="yes"), TypeError, "norm_topk_prob", "'yes'"),
 ]
 
