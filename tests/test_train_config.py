@@ -115,3 +115,20 @@ def test_help_text_comes_from_field_docstrings():
     assert set(docs) == set(TrainConfig.__dataclass_fields__)
     assert parse_value(TrainConfig, "progress", "false") is False
     assert parse_value(TrainConfig, "lr", "2e-3") == 2e-3
+
+
+def test_optimizer_takes_the_configs_betas_in_order():
+    cfg = TrainConfig(beta1=0.8, beta2=0.95)
+    optimizer = build_optimizer(Transformer(MICRO), cfg)
+    assert {g["betas"] for g in optimizer.param_groups} == {(0.8, 0.95)}
+
+
+def test_cuda_rng_states_are_restored_in_device_order():
+    import torch
+
+    from moekit.train.state import cuda_rng_states
+
+    # Sorted as strings, rng.cuda.10 would come before rng.cuda.2.
+    tensors = {f"rng.cuda.{i}": torch.tensor([i]) for i in range(12)}
+    tensors["rng.cpu"] = torch.tensor([-1])
+    assert [int(t) for t in cuda_rng_states(tensors)] == list(range(12))

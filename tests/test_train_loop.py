@@ -95,3 +95,46 @@ def test_validation_loss_is_the_mean_over_tokens_of_the_windows(tmp_path):
         ]
     tokens = sum(y.numel() for _, y in batches)
     assert record["val_loss"] == pytest.approx((sum(ce) / tokens).item(), rel=1e-6)
+
+
+def test_gradient_clipping_limits_the_update(corpus, tmp_path):
+    # AdamW divides by the gradient's scale, so clipping shows once the clipped gradient
+    # nears eps (1e-8): clipped to 1e-12, the first update all but vanishes (no decay).
+    moved = {}
+    for clip in (0.0, 1e-12):
+        config = micro_train(
+            corpus, steps=1, grad_accum=1, grad_clip=clip, warmup_steps=0, weight_decay=0.0
+        )
+        torch.manual_seed(config.seed)
+        before = Transformer(MICRO).state_dict()
+        train(MICRO, config, tmp_path / f"clip{clip}", plots=False)
+        after = load_checkpoint(list_checkpoints(tmp_path / f"clip{clip}")[-1]).model_state
+        name = "layers.0.attn.q_proj.weight"
+        moved[clip] = (after[name] - before[name]).norm().item()
+    assert moved[1e-12] < 1e-3 * moved[0.0]
+
+
+def test_validation_runs_at_the_last_step_off_the_interval(corpus, tmp_path):
+    train(MICRO, micro_train(corpus, steps=5, eval_every=3), tmp_path, plots=False)
+    assert [r["step"] for r in read_metrics(tmp_path) if r["kind"] == "val"] == [3, 5]
+
+
+def test_bias_update_in_training_follows_the_routed_load(corpus, tmp_path):
+    # With capacity the computed load saturates at the capacity; the bias must move by
+    # the load the router chose, before drops.
+    moe = MICRO.moe.replace(router="sigmoid_bias", bias_update_rate=0.25, capacity_factor=0.5)
+    cfg = MICRO.replace(moe=moe)
+    config = micro_train(corpus, steps=1, grad_accum=1)
+    train(cfg, config, tmp_path, plots=False)
+    torch.manual_seed(config.seed)
+    model = Transformer(cfg)
+    split = prepare_tokens(str(corpus), ByteTokenizer(), tmp_path / "cache", config.val_fraction)
+    x, _ = TrainBatches(split["train"], config.seq_len, config.batch_size, config.seed)(0)
+    out = model(x)
+    state = load_checkpoint(list_checkpoints(tmp_path)[-1]).model_state
+    for layer, o in enumerate(out.moe):
+        routed, kept = o.routed_tokens_per_expert, o.tokens_per_expert
+        assert not torch.equal(routed, kept)  # capacity dropped some
+        expected = 0.25 * torch.sign(routed.mean() - routed)
+        bias = state[f"layers.{layer}.ffn.router.expert_bias"]
+        torch.testing.assert_close(bias, expected, rtol=0, atol=0)

@@ -66,6 +66,12 @@ def restore(
         group.update({k: tuple(v) if k == "betas" else v for k, v in saved_group.items()})
     optimizer.load_state_dict(sd)
     torch.set_rng_state(tensors["rng.cpu"])
-    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    cuda_states = cuda_rng_states(tensors)
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
+
+
+def cuda_rng_states(tensors: dict[str, Tensor]) -> list[Tensor]:
+    """The saved CUDA RNG states in device order: by index, so rng.cuda.10 follows .9."""
+    found = {int(k.rsplit(".", 1)[1]): t for k, t in tensors.items() if k.startswith("rng.cuda.")}
+    return [found[i] for i in sorted(found)]
