@@ -137,3 +137,23 @@ def test_hf_dataset_without_the_datasets_package_says_how_to_install(monkeypatch
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "needs the `datasets` package" in err and err.count("\n") == 1
+
+
+def test_hidden_directories_and_late_nul_bytes(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha\n")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "x.txt").write_text("never read\n")
+    (tmp_path / "late_nul.bin").write_bytes(b"x" * 100 + b"\x00" + b"y" * 100)
+    assert [d.name for d in sources.iter_documents(str(tmp_path))] == ["a.txt#0"]
+
+
+def test_a_same_size_edit_changes_the_fingerprint(tmp_path):
+    import os
+
+    path = tmp_path / "a.txt"
+    path.write_text("alpha\n")
+    before = sources.fingerprint(str(tmp_path))
+    path.write_text("bravo\n")  # same size
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert sources.fingerprint(str(tmp_path)) != before

@@ -160,3 +160,26 @@ def test_corpus_shorter_than_the_context_is_an_error(tmp_path):
     splits = prepare_tokens(str(tmp_path / "short.txt"), TOK, tmp_path / "cache", 0.1)
     with pytest.raises(ValueError, match=r"train split has 27 tokens.*seq_len \+ 1 = 65"):
         TrainBatches(splits["train"], seq_len=64, batch_size=2, seed=0)
+
+
+def test_val_fraction_is_part_of_the_cache_key(corpus, tmp_path):
+    small = prepare_tokens(str(corpus), TOK, tmp_path / "cache", 0.1)["val"]
+    large = prepare_tokens(str(corpus), TOK, tmp_path / "cache", 0.5)["val"]
+    assert large.num_tokens > small.num_tokens
+
+
+def test_a_split_of_exactly_one_window(tmp_path):
+    text = "0123456789abcdef"  # 16 tokens
+    (tmp_path / "one.txt").write_text(text * 10)
+    split = prepare_tokens(str(tmp_path / "one.txt"), TOK, tmp_path / "c", 0.1)["train"]
+    seq_len = split.num_tokens - 1
+    x, y = TrainBatches(split, seq_len, 2, seed=0)(0)  # the only window, twice
+    tokens = split.tokens().long()
+    assert torch.equal(x[0], tokens[:-1]) and torch.equal(y[0], tokens[1:])
+    with pytest.raises(ValueError, match="seq_len \\+ 1"):
+        TrainBatches(split, seq_len + 1, 2, seed=0)
+
+
+def test_step_seeds_do_not_collide_across_seed_and_step():
+    assert step_seed(1, 23) != step_seed(12, 3)
+    assert len({step_seed(s, t) for s in range(20) for t in range(20)}) == 400
