@@ -158,3 +158,25 @@ def test_cuda_matches_cpu_and_seeds_reproduce(model) -> None:
     assert_close(gpu(prompt.cuda()).logits.cpu(), cpu(prompt).logits, atol=1e-4, rtol=1e-4)
     a = generate(gpu, prompt.cuda(), 6, seed=3)
     assert torch.equal(a, generate(gpu, prompt.cuda(), 6, seed=3))
+
+
+def test_top_p_drops_a_token_once_the_mass_before_it_reaches_top_p() -> None:
+    # Two equal logits: probabilities exactly 0.5, so the boundary is exact.
+    finite = torch.isfinite(filter_logits(torch.zeros(1, 2), top_p=0.5))
+    assert finite.tolist() == [[True, False]]
+    assert torch.isfinite(filter_logits(torch.zeros(1, 2), top_p=1.0)).all()
+
+
+def test_generate_accepts_top_p_one_and_restores_the_mode(model) -> None:
+    prompt = torch.randint(0, V, (1, 3))
+    for training in (True, False):
+        model.train(training)
+        generate(model, prompt, 2, top_p=1.0, seed=0)
+        assert model.training is training
+    model.eval()
+
+
+def test_a_cache_refuses_another_batch_size(model) -> None:
+    cache = model.new_cache(2, 8)
+    with pytest.raises(ValueError, match="batch size 2"), torch.no_grad():
+        model(torch.randint(0, V, (1, 3)), cache=cache)

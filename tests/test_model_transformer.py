@@ -242,3 +242,21 @@ def test_overfits_a_repeated_string() -> None:
     ids = torch.stack([data[s : s + 49] for s in starts])
     losses = _train(model, ids, steps=120, lr=1e-2)
     assert losses[-1] < 0.1, losses[-10:]
+
+
+def test_padding_given_in_a_later_chunk_and_after_reset() -> None:
+    model = _model(_cfg())
+    ids = torch.randint(0, V, (2, 8))
+    pad = torch.zeros(2, 8, dtype=torch.bool)
+    pad[1, 4:6] = True  # padding inside the second chunk only
+    with torch.no_grad():
+        full = model(ids, padding_mask=pad).logits
+        cache = model.new_cache(2, 8)
+        first = model(ids[:, :4], cache=cache).logits
+        second = model(ids[:, 4:], padding_mask=pad[:, 4:], cache=cache).logits
+        real = ~pad
+        assert_close(torch.cat([first, second], dim=1)[real], full[real])
+        # After a reset the cache forgets that padding: as a fresh cache.
+        cache.reset()
+        again = model(ids, cache=cache).logits
+        assert_close(again, model(ids, cache=model.new_cache(2, 8)).logits)
