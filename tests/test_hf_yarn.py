@@ -241,3 +241,29 @@ def test_release_sized_yarn_matches_transformers_tables_and_scale(family):
         small = cfg.replace(d_model=24, num_heads=1, kv_lora_rank=4, q_lora_rank=None)
         assert MultiHeadLatentAttention(small, 0).scale == want_scale
         assert want_scale != cfg.qk_head_dim**-0.5
+
+
+@pytest.mark.parametrize(
+    ("params", "top"),
+    [
+        (dict(original_max_position_embeddings=4096), {}),  # ramp end past the last pair
+        (dict(mscale=0.707, mscale_all_dim=1.0), {}),
+        (dict(truncate=False), {}),
+        (dict(beta_fast=None, beta_slow=0), {}),  # transformers' defaults for null and 0
+        ({}, dict(original_max_position_embeddings=8)),  # the top-level value wins
+    ],
+)
+def test_yarn_edge_settings_match_transformers(params, top):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from moekit.hf.families import FAMILIES
+
+    rope = dict(QWEN_YARN, factor=4.0, original_max_position_embeddings=16, rope_theta=1e4)
+    rope.update(params)
+    hf_cfg = hf_models.hf_config(
+        "qwen3_moe", rope_parameters=rope, max_position_embeddings=64, head_dim=16, **top
+    )
+    want_inv_freq, want_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_cfg)
+    cfg = FAMILIES["qwen3_moe"].to_model_config(hf_cfg.to_dict())
+    assert torch.equal(cfg.yarn.inv_freq(cfg.rope_dim, cfg.rope_theta), want_inv_freq)
+    assert cfg.yarn.table_scale == pytest.approx(want_factor, rel=1e-12)
