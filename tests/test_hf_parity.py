@@ -171,3 +171,25 @@ def test_config_variants(family, overrides, tmp_path):
     save_pretrained(model, tmp_path / "out")
     back = hf_models.load_hf(tmp_path / "out")
     torch.testing.assert_close(hf_models.hf_logits(back, ids), hf_models.hf_logits(hf, ids), **TOL)
+
+
+def test_export_records_the_dtype_and_skips_training_only_settings(tmp_path):
+    # Router jitter is a training setting: the export drops it rather than refusing.
+    moe = moekit.MoEConfig(d_model=32, d_ff=24, num_experts=4, top_k=2, router_jitter=0.1)
+    config = moekit.ModelConfig(
+        vocab_size=hf_models.VOCAB, d_model=32, num_layers=2, num_heads=4, moe=moe
+    )
+    model = moekit.Transformer(config).to(torch.bfloat16).eval()
+    save_pretrained(model, tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["dtype"] == "bfloat16"
+    back = moekit.from_pretrained(tmp_path / "out")
+    assert back.embed.weight.dtype == torch.bfloat16
+
+
+def test_mixtral_reads_num_experts_when_num_local_experts_is_absent(tmp_path):
+    hf_models.build("mixtral", tmp_path / "src", seed=2)
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    config["num_experts"] = config.pop("num_local_experts")
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    assert moekit.from_pretrained(tmp_path / "src").config.moe.num_experts == 5

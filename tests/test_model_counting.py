@@ -126,3 +126,15 @@ def test_large_presets_match_published_sizes(name) -> None:
     want_total, want_active = PUBLISHED[name]
     assert total / 1e9 == pytest.approx(want_total, rel=0.01)
     assert active / 1e9 == pytest.approx(want_active, rel=0.03)
+
+
+@pytest.mark.parametrize("name", ["moe", "mla"])
+def test_attention_score_flops_count_the_causal_pairs(name) -> None:
+    # torch's flop counter does not count CPU attention: count the query-key pairs. A
+    # causal sequence of S tokens has 1 + 2 + ... + S of them, each a q.k product of
+    # qk_head_dim and a weighted sum of value_head_dim per head (MLA: 10 and 5).
+    cfg, S = CONFIGS[name], 9
+    pairs = sum(p + 1 for p in range(S))
+    per_pair = 2 * (cfg.qk_head_dim + cfg.value_head_dim)
+    want = cfg.num_layers * cfg.num_heads * pairs * per_pair / S
+    assert flops(cfg, seq_len=S).attention_scores == pytest.approx(want)
