@@ -246,3 +246,11 @@ def test_torch_func_transforms_see_the_grouped_layer_as_the_reference():
     tangent = torch.randn_like(x)
     _, dy = torch.func.jvp(lambda x: objective(params, x), (x,), (tangent,))
     assert_close(dy, (gx_r * tangent).sum())
+
+
+@pytest.mark.parametrize("router", ROUTER_NAMES)
+def test_grouped_equals_reference_when_d_model_exceeds_d_ff(router):
+    # The fused loop scales whichever of h [N, F] or y [N, D] is narrower by the router
+    # weights: with D > F the other branch, in forward and in the down weight's gradient.
+    ref, fast = _twins(d_ff=8, router=router)
+    _assert_paths_equal(ref, fast, torch.randn(2, 7, 24, dtype=torch.float64), None)
