@@ -87,7 +87,7 @@ def analyze_checkpoint(
     summary of `analyze_model` plus "checkpoint", "data" and "out_dir".
     """
     from moekit.data import load_tokenizer, prepare_tokens
-    from moekit.train.loop import resolve_device
+    from moekit.devices import resolve_device
 
     for name, value in (("batch_size", batch_size), ("batches_per_domain", batches_per_domain)):
         if not isinstance(value, int) or value < 1:

@@ -54,9 +54,9 @@ def sample_text(
 
 def run(args: argparse.Namespace) -> int:
     from moekit.data.tokenizer import load_tokenizer
+    from moekit.devices import resolve_device
     from moekit.hf.convert import is_hf_dir
     from moekit.train.checkpoint import load_checkpoint, model_from_checkpoint, resolve
-    from moekit.train.loop import resolve_device
 
     device = resolve_device(args.device)
     if is_hf_dir(args.checkpoint):

@@ -22,6 +22,7 @@ from moekit.data.batches import TrainBatches, val_batches
 from moekit.data.sources import check_outside
 from moekit.data.tokenizer import load_tokenizer
 from moekit.data.tokens import data_digest, prepare_tokens
+from moekit.devices import resolve_device
 from moekit.train import checkpoint as ckpt_io
 from moekit.train import metrics as metrics_io
 from moekit.train import state as state_io
@@ -44,23 +45,6 @@ class TrainResult:
     """Training tokens per second of pure training time (evaluation and saving excluded)."""
     train_seconds: float
     plots: list[Path] = field(default_factory=list)
-
-
-def resolve_device(name: str) -> torch.device:
-    """ "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N"; ValueError otherwise."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but no CUDA device is available")
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device={name!r} but there are {torch.cuda.device_count()} CUDA devices")
-    return device
 
 
 def config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
