@@ -91,6 +91,36 @@ def test_keeps_the_newest_n(tmp_path):
     assert resolve(tmp_path).name == "step_00000004"
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fds through /proc")
+def test_every_file_is_synced_before_the_rename_and_the_rename_after(tmp_path, monkeypatch):
+    # Without the syncs a power cut after the rename could leave a complete-looking
+    # directory of empty files; without the last one, the rename itself could be lost.
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    model, optimizer = _trained_model_and_optimizer()
+    final = _save(tmp_path, 1, model, optimizer)
+    root = str(final.parent)
+    renames = [i for i, e in enumerate(events) if e[0] == "rename"]
+    assert len(renames) == 1
+    _, tmp, dst = events[renames[0]]
+    assert dst == str(final)
+    synced_before = {e[1] for e in events[: renames[0]]}
+    names = sorted(p.name for p in final.iterdir())
+    assert len(names) == 5 and synced_before == {tmp, *(f"{tmp}/{n}" for n in names)}
+    assert ("sync", root) in events[renames[0] :]
+
+
 def test_corrupted_checkpoint_is_detected_and_previous_still_loads(run, tmp_path):
     import shutil
 

@@ -125,7 +125,12 @@ def test_compare_trains_both_and_reports(corpus, tmp_path, capsys):
     assert moe["active_params"] < moe["total_params"]
     assert dense["active_params"] == dense["total_params"]
     assert (out_dir / "compare.png").read_bytes()[:4] == b"\x89PNG"
-    assert len(summary["curves"]["moe"][0]) == 2  # validation at steps 2 and 4
+    # Validation at steps 2 and 4, placed at the FLOPs spent by then; the last point is the
+    # table's row.
+    for row in (moe, dense):
+        flops, losses = summary["curves"][row["name"]]
+        assert flops == pytest.approx([row["train_flops"] / 2, row["train_flops"]])
+        assert losses[-1] == row["val_loss"]
     # Same tokens, same seed: the two runs read one token cache.
     assert len(list((out_dir / "cache").iterdir())) == 1
     # Again into the same directory: refused before anything is trained or overwritten.

@@ -51,6 +51,28 @@ def test_missing_stdlib_gives_a_clear_error(tmp_path, monkeypatch):
         embedded_corpus()
 
 
+def test_code_skips_tests_vendored_huge_and_empty_modules(tmp_path, monkeypatch):
+    from moekit.data import corpus as corpus_mod
+
+    files = {
+        "argparse.py": "import sys\n",
+        "json/decoder.py": "def f():\n    pass\n",
+        "test/test_x.py": "def test(): pass\n",
+        "idlelib/run.py": "x = 1\n",
+        "site-packages/pkg/mod.py": "y = 2\n",
+        "huge.py": "#" * (128 * 1024) + "\n",  # one byte over the limit
+        "limit.py": "#" * (128 * 1024 - 1) + "\n",  # exactly at it
+        "blank.py": "\n\n",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    monkeypatch.setattr(corpus_mod, "stdlib_root", lambda: tmp_path)
+    code = [d for d in embedded_corpus(code_bytes=10**9) if d.domain == "code"]
+    assert [d.name for d in code] == ["code/argparse.py", "code/json/decoder.py", "code/limit.py"]
+    assert code[1].text == files["json/decoder.py"]
+
+
 def test_file_and_directory_sources(tmp_path):
     (tmp_path / "a.txt").write_text("alpha\n" * 3)
     (tmp_path / "sub").mkdir()

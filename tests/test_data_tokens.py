@@ -100,6 +100,31 @@ def test_single_small_file_is_split_by_position(tmp_path):
     assert len(val) == round(len(text) * 0.1)
 
 
+@pytest.mark.parametrize("landed_in", ["train", "val"])
+def test_split_by_position_keeps_each_domains_tokens(tmp_path, monkeypatch, landed_in):
+    # Three documents of two domains, all hashed into one split: the cut at 75 of 100
+    # tokens falls inside the prose document, which is then in both splits.
+    from moekit.data import tokens as tokens_mod
+    from moekit.data.corpus import Document
+
+    docs = [Document("a", "code", "a" * 60), Document("b", "prose", "b" * 30)]
+    docs.append(Document("c", "code", "c" * 10))
+    monkeypatch.setattr(tokens_mod.sources, "iter_documents", lambda data: iter(docs))
+    fraction = 0.9 if landed_in == "train" else 0.0
+    monkeypatch.setattr(tokens_mod, "stable_fraction", lambda name: fraction)
+    (tmp_path / "src.txt").write_text("stand-in")
+    splits = prepare_tokens(str(tmp_path / "src.txt"), TOK, tmp_path / "cache", 0.25)
+    train, val = splits["train"], splits["val"]
+    assert TOK.decode(train.tokens().tolist()) == "a" * 60 + "b" * 15
+    assert TOK.decode(val.tokens().tolist()) == "b" * 15 + "c" * 10
+    assert train.domains == (("code", 0, 60), ("prose", 60, 75))
+    assert val.domains == (("prose", 0, 15), ("code", 15, 25))
+    # A cut on a document boundary leaves no empty run on either side.
+    splits = prepare_tokens(str(tmp_path / "src.txt"), TOK, tmp_path / "cache", 0.4)
+    assert splits["train"].domains == (("code", 0, 60),)
+    assert splits["val"].domains == (("prose", 0, 30), ("code", 30, 40))
+
+
 def test_hf_tokenizer_writes_uint16_tokens(corpus, tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     model = tokenizers.models.WordLevel(

@@ -139,3 +139,20 @@ def test_bias_update_in_training_follows_the_routed_load(corpus, tmp_path):
         expected = 0.25 * torch.sign(routed.mean() - routed)
         bias = state[f"layers.{layer}.ffn.router.expert_bias"]
         torch.testing.assert_close(bias, expected, rtol=0, atol=0)
+
+
+def test_metrics_reach_the_file_record_by_record(tmp_path):
+    from moekit.train.metrics import MetricsLog, truncate_after
+
+    log = MetricsLog(tmp_path)
+    records = [{"kind": "train", "step": s, "loss": 5.0 - s} for s in (1, 2, 3)]
+    for i, record in enumerate(records):
+        log.write(record)
+        # Readable before the log is closed: a crash loses at most the line being written.
+        assert read_metrics(tmp_path) == records[: i + 1]
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')  # a line cut short
+    assert read_metrics(tmp_path) == records
+    truncate_after(tmp_path, 2)  # resuming at step 2 repeats step 3
+    assert read_metrics(tmp_path / "metrics.jsonl") == records[:2]

@@ -63,6 +63,11 @@ def test_resumed_run_is_bitwise_equal(corpus, tmp_path, monkeypatch):
     for name, t in a.state_tensors.items():
         assert torch.equal(t, b.state_tensors[name]), name
     assert _history(tmp_path / "full") == _history(tmp_path / "cut")
+    # The resumed run's throughput is over the steps it ran (4-6), not the whole run.
+    ran = [r for r in read_metrics(tmp_path / "cut") if r["kind"] == "train" and r["step"] > 3]
+    seconds = [config.tokens_per_step / r["tokens_per_s"] for r in ran]
+    assert len(ran) == 3 and resumed.train_seconds == pytest.approx(sum(seconds))
+    assert resumed.tokens_per_s == pytest.approx(3 * config.tokens_per_step / sum(seconds))
 
 
 def test_resume_with_a_different_config_names_the_fields(corpus, tmp_path):
