@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from moekit.errors import MissingDependency
 
@@ -25,12 +26,23 @@ def main(argv: list[str] | None = None) -> int:
         modules[name] = module
     args = parser.parse_args(argv)
     try:
-        return int(modules[args.command].run(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(args.command)
+            return int(modules[args.command].run(args) or 0)
     except (ValueError, TypeError, OSError, MissingDependency) as err:
         # User errors (files that cannot be read or written, an optional package not
         # installed) are reported in one line, not as a traceback.
         print(f"moekit {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _one_line_warning(command: str):
+    """Warnings as `moekit CMD: warning: ...`, like errors, without a source line."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"moekit {command}: warning: {message}", file=file or sys.stderr)
+
+    return show
 
 
 if __name__ == "__main__":

@@ -13,6 +13,17 @@ from pathlib import Path
 
 from moekit.errors import MissingDependency
 
+INSTALL_HINT = "pip install 'moekit[plots]'"
+
+
+def have_matplotlib() -> bool:
+    """Whether figures can be drawn; training skips its plots, with a warning, when not."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
 
 def new_figure(
     width: float, height: float, nrows: int = 1, ncols: int = 1, layout: str | None = None
@@ -22,7 +33,7 @@ def new_figure(
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as err:
-        raise MissingDependency("plots need matplotlib: pip install 'moekit[plots]'") from err
+        raise MissingDependency(f"plots need matplotlib: {INSTALL_HINT}") from err
     fig = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False)

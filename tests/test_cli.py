@@ -101,6 +101,29 @@ def test_bad_input_is_a_one_line_error(args, message, tmp_path, capsys):
     assert re.search(message, err), err
 
 
+def test_without_matplotlib_train_and_compare_finish_and_skip_their_plots(
+    corpus, tmp_path, capsys, monkeypatch
+):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    run_dir = tmp_path / "run"
+    assert main(["train", *micro_flags(corpus, "--run-dir", str(run_dir))]) == 0
+    captured = capsys.readouterr()
+    assert "plot:" not in captured.out and not list(run_dir.glob("*.png"))
+    warning = "moekit train: warning: plots skipped: matplotlib is not installed"
+    assert captured.err.startswith(warning) and captured.err.count("\n") == 1
+    assert load_model(run_dir).config.d_model == 24
+    out_dir = tmp_path / "cmp"
+    assert main(["compare", *micro_flags(corpus, "--out-dir", str(out_dir))]) == 0
+    captured = capsys.readouterr()
+    assert "plot:" not in captured.out and "moekit compare: warning: plots skipped" in captured.err
+    assert (out_dir / "compare.json").is_file() and not list(out_dir.rglob("*.png"))
+    # analyze is all figures: there a missing matplotlib stays an error.
+    assert main(["analyze", str(run_dir), "--out", str(tmp_path / "an"), "--batches", "1"]) == 2
+    assert "analyze draws figures and needs matplotlib" in capsys.readouterr().err
+
+
 def test_corpus_shorter_than_the_context_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "short.txt").write_text("x = 1\n" * 4)
     flags = [a for s in MICRO_SETS for a in ("--set", s)]

@@ -55,7 +55,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moekit.analysis import analyze_checkpoint, format_summary
+    from moekit.errors import MissingDependency
+    from moekit.figures import INSTALL_HINT, have_matplotlib
 
+    if not have_matplotlib():  # before minutes of forward passes, not after
+        raise MissingDependency(f"analyze draws figures and needs matplotlib: {INSTALL_HINT}")
     summary = analyze_checkpoint(
         args.checkpoint,
         out_dir=args.out,

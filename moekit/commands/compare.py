@@ -69,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
         f"{moe.tokens_per_s / dense.tokens_per_s:.2f}x the dense twin's (runs one after the "
         "other; benchmarks/bench_train.py interleaves them for a fairer ratio)"
     )
-    print(f"plot: {plot}\ntable: {out_dir / 'compare.json'}")
+    if plot is not None:
+        print(f"plot: {plot}")
+    print(f"table: {out_dir / 'compare.json'}")
     return 0
 
 

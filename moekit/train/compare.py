@@ -15,7 +15,7 @@ from pathlib import Path
 from moekit.train.config import TrainConfig
 from moekit.train.loop import train
 from moekit.train.metrics import read_metrics
-from moekit.train.plots import plot_compare
+from moekit.train.plots import can_plot, plot_compare
 
 
 @dataclass
@@ -44,11 +44,12 @@ def compare(
     out_dir: str | Path,
     parallel=None,
     cache_dir: str | Path | None = None,
-) -> tuple[list[CompareRow], Path]:
+) -> tuple[list[CompareRow], Path | None]:
     """Train `model_config` and its dense twin into out_dir/{moe,dense}.
 
     Returns the table rows (MoE first) and the path of `compare.png`, validation loss
-    against training FLOPs; also writes `compare.json` with the rows and the curves.
+    against training FLOPs (None without matplotlib); also writes `compare.json` with the
+    rows and the curves.
     cache_dir: where token files go (default out_dir/cache).
     """
     from moekit.model import count_parameters, dense_twin
@@ -83,7 +84,7 @@ def compare(
                 active_params=active,
             )
         )
-    plot = plot_compare(curves, out_dir / "compare.png")
+    plot = plot_compare(curves, out_dir / "compare.png") if can_plot() else None
     summary = {"rows": [asdict(r) for r in rows], "curves": curves, "train": config.to_dict()}
     (out_dir / "compare.json").write_text(json.dumps(summary, indent=1))
     return rows, plot

@@ -29,7 +29,7 @@ from moekit.train import state as state_io
 from moekit.train.config import RESUMABLE_FIELDS, TrainConfig
 from moekit.train.init_from import InitSource, load_initial_weights
 from moekit.train.optim import build_optimizer, lr_at, set_lr
-from moekit.train.plots import plot_run
+from moekit.train.plots import can_plot, plot_run
 
 
 @dataclass
@@ -318,7 +318,7 @@ def train(
         tokens_per_s=config.tokens_per_step * (config.steps - start) / max(train_seconds, 1e-9),
         train_seconds=train_seconds,
     )
-    if plots and is_main:
+    if plots and is_main and can_plot():
         result.plots = plot_run(run_dir)
     return result
 

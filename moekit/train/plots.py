@@ -6,12 +6,25 @@ and no display or pyplot state is involved.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
-from moekit.figures import new_figure, save_figure
+from moekit.figures import INSTALL_HINT, have_matplotlib, new_figure, save_figure
 from moekit.train.metrics import read_metrics
 
 _DPI = 110
+
+
+def can_plot() -> bool:
+    """Whether training's figures can be drawn; warns when matplotlib is missing.
+
+    Training and comparing do not need matplotlib: a finished run without its figures is
+    better than one that ends in an error after its last checkpoint.
+    """
+    if have_matplotlib():
+        return True
+    warnings.warn(f"plots skipped: matplotlib is not installed ({INSTALL_HINT})", stacklevel=3)
+    return False
 
 
 def _figure(width: float, height: float, nrows: int = 1, ncols: int = 1):
