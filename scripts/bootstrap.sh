@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv inside the repository (git-ignored) if missing and installs moekit into it.
-# torch is pinned to the CPU build that a fresh machine has on disk: no multi-GB CUDA download.
+# torch is pinned to 2.13.0. Our machines' pip finds the CPU build on disk; elsewhere PyPI's
+# Linux wheel is the multi-GB CUDA build, so MOEKIT_TORCH_INDEX can name an index to take
+# torch from (https://download.pytorch.org/whl/cpu for the CPU build).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -13,7 +15,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q "torch==2.13.0"
+    .venv/bin/python -m pip install -q ${MOEKIT_TORCH_INDEX:+--index-url "$MOEKIT_TORCH_INDEX"} \
+        "torch==2.13.0"
     .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}" "torch==2.13.0"
     touch "$stamp"
 fi

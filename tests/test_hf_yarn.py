@@ -267,3 +267,22 @@ def test_yarn_edge_settings_match_transformers(params, top):
     cfg = FAMILIES["qwen3_moe"].to_model_config(hf_cfg.to_dict())
     assert torch.equal(cfg.yarn.inv_freq(cfg.rope_dim, cfg.rope_theta), want_inv_freq)
     assert cfg.yarn.table_scale == pytest.approx(want_factor, rel=1e-12)
+
+
+def test_legacy_rope_scaling_wins_over_rope_parameters_as_in_transformers():
+    from moekit.hf.families import FAMILIES
+    from moekit.hf.families.base import UnsupportedConfig
+
+    hf_cfg = hf_models.hf_config("qwen3_moe", max_position_embeddings=64, head_dim=16)
+    base = hf_cfg.to_dict()
+    assert base["rope_parameters"]["rope_type"] == "default"
+    legacy = dict(base, rope_scaling=dict(QWEN_YARN))
+    want = type(hf_cfg)(**legacy).rope_parameters
+    assert want["rope_type"] == "yarn"
+    cfg = FAMILIES["qwen3_moe"].to_model_config(legacy)
+    assert (cfg.rope_type, cfg.rope_factor) == ("yarn", want["factor"])
+    assert cfg.rope_original_max_seq_len == want["original_max_position_embeddings"]
+    linear = dict(base, rope_scaling={"type": "linear", "factor": 2.0})
+    assert type(hf_cfg)(**linear).rope_parameters["rope_type"] == "linear"
+    with pytest.raises(UnsupportedConfig, match="'linear'"):
+        FAMILIES["qwen3_moe"].to_model_config(linear)

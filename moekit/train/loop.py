@@ -3,8 +3,9 @@
 Shapes: B batch, S sequence, V vocab, E experts.
 
 One process by default; with a `parallel` context (moekit.parallel.ParallelContext) it
-calls only that object's methods (prepare, shard_batch, mean, full_state_dict,
-load_state_dict, barrier) and never torch.distributed itself.
+uses only that object (prepare, shard_batch, mean, clip_grad_norm_, full_state_dict,
+load_state_dict, shard_optimizer_state, full_optimizer_state, barrier, is_main,
+world_size) and never torch.distributed itself.
 """
 
 from __future__ import annotations

@@ -50,7 +50,9 @@ _YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}
 def rope_fields(hf: dict, family: str, default_theta: float) -> dict:
     """rope_theta and the rope_* fields. Plain RoPE and YaRN over the full rotary width are
     run; other scaled variants (linear, dynamic, llama3, longrope, ...) are refused."""
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    # A non-empty legacy rope_scaling wins over rope_parameters, as in transformers'
+    # convert_rope_params_to_dict: older configs carry both, the new one at its default.
+    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
         raise unsupported(family, "rope_parameters", params, "per-layer RoPE settings")
     kind = params.get("rope_type", params.get("type", "default"))
