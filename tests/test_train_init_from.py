@@ -197,3 +197,21 @@ def test_either_kind_of_broken_checkpoint_raises_the_one_checkpoint_error(source
         load_init_source(hf_dir)
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         load_init_source(tmp_path / "empty")
+
+
+def test_resuming_a_warm_started_run_does_not_need_the_source(corpus, source_run, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(source_run, src)
+    run_dir = tmp_path / "ft"
+    args = ["train", "--init-from", str(src), *_cli_args(corpus, run_dir)]
+    args += ["--checkpoint-every", "1"]
+    assert main(args) == 0
+    shutil.rmtree(src)
+    # The same command, longer and resumed: weights, config and tokenizer are all in the
+    # checkpoint.
+    first = list_checkpoints(run_dir)[0]
+    assert first.name == "step_00000001"
+    assert main([*args, "--resume", str(first)]) == 0
+    assert load_checkpoint(list_checkpoints(run_dir)[-1]).step == 2

@@ -114,3 +114,34 @@ def test_resume_of_a_finished_run_is_an_error(corpus, tmp_path):
     train(MICRO, config, tmp_path, plots=False)
     with pytest.raises(ValueError, match="nothing left"):
         train(MICRO, config, tmp_path, resume=tmp_path, plots=False)
+
+
+def test_resuming_another_runs_checkpoint_into_a_run_directory_is_refused(corpus, tmp_path):
+    config = micro_train(corpus)  # 6 steps, checkpoints at 3 and 6
+    cache = tmp_path / "cache"
+    train(MICRO, config, tmp_path / "a", cache_dir=cache, plots=False)
+    train(MICRO, config.replace(seed=7), tmp_path / "b", cache_dir=cache, plots=False)
+    before = (list_checkpoints(tmp_path / "a"), read_metrics(tmp_path / "a"))
+    other = list_checkpoints(tmp_path / "b")[0]
+    with pytest.raises(ValueError, match=r"holds the checkpoints of another run.*--run-dir"):
+        train(MICRO, config.replace(seed=7), tmp_path / "a", resume=other, cache_dir=cache)
+    assert (list_checkpoints(tmp_path / "a"), read_metrics(tmp_path / "a")) == before
+    # Into an empty directory it continues the other run: a branch of it.
+    train(MICRO, config.replace(seed=7), tmp_path / "c", resume=other, cache_dir=cache)
+    assert [p.name for p in list_checkpoints(tmp_path / "c")] == ["step_00000006"]
+
+
+def test_resume_of_a_checkpoint_continues_in_its_own_run_directory(corpus, tmp_path, monkeypatch):
+    from train_common import micro_flags
+
+    from moekit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    flags = micro_flags(corpus, "--checkpoint-every", "2")
+    assert main(["train", *flags, "--run-dir", "exp"]) == 0
+    first = list_checkpoints("exp")[0]
+    assert first.name == "step_00000002"
+    # Without --run-dir the run continues in exp, not in the preset's runs/tiny.
+    assert main(["train", *flags, "--resume", str(first)]) == 0
+    assert not (tmp_path / "runs").exists()
+    assert [r["step"] for r in read_metrics("exp") if r["kind"] == "train"] == [1, 2, 3, 4]

@@ -84,7 +84,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         const="latest",
         default=None,
         metavar="CHECKPOINT",
-        help="continue exactly from a checkpoint (default: the run directory's newest)",
+        help="continue exactly from a checkpoint (default: the run directory's newest); a "
+        "CHECKPOINT continues in its own run directory unless --run-dir names an empty one "
+        "(--init-from SRC is then not read: the checkpoint holds the weights)",
     )
     add_threads_argument(p)
     add_config_flags(p, TrainConfig)
@@ -127,6 +129,39 @@ def _absolute_tokenizer(config):
     return config.replace(tokenizer=str(Path(config.tokenizer).resolve()))
 
 
+def _run_dir_and_resume(args: argparse.Namespace, default: Path) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to resume (None for a new run).
+
+    `--resume CHECKPOINT` without --run-dir continues in the checkpoint's own run directory,
+    not the preset's default, which may hold another run.
+    """
+    from moekit.train.checkpoint import resolve, run_dir_of
+
+    if args.resume is None:
+        return default, None
+    if args.resume == "latest":
+        return default, resolve(default)
+    checkpoint = resolve(args.resume)
+    if args.run_dir is not None:
+        return Path(args.run_dir), checkpoint
+    return run_dir_of(checkpoint) or default, checkpoint
+
+
+def _init_source(src: str, resume: Path | None):
+    """What --init-from gives: SRC's weights for a new run. A resumed run's weights, model
+    config and tokenizer are all in its checkpoint, so SRC is not read (it may be gone)."""
+    from moekit.hf.convert import load_init_source
+    from moekit.model import ModelConfig
+    from moekit.train.checkpoint import load_checkpoint
+    from moekit.train.init_from import InitSource
+
+    if resume is None:
+        return load_init_source(src)
+    saved = load_checkpoint(resume).config
+    model = ModelConfig.from_dict(saved["model"])
+    return InitSource(Path(src), model, {}, saved["train"]["tokenizer"])
+
+
 def run(args: argparse.Namespace) -> int:
     from moekit.parallel.flags import context_from_args
 
@@ -143,19 +178,17 @@ def _train(args: argparse.Namespace, parallel) -> int:
     from moekit.train.loop import train
 
     apply_threads(args)
-    source = None
-    if args.init_from is not None:
-        from moekit.hf.convert import load_init_source
-
-        source = load_init_source(args.init_from)
-    model_config, train_config = build_configs(args, source)
-    if source is None:
+    if args.init_from is None:
         name = preset_name(args) + (" (dense twin)" if args.dense_twin else "")
         default_dir = f"runs/{preset_name(args)}"
     else:
-        name = f"from {source.path}"
-        default_dir = f"runs/from-{source.path.resolve().name}"
-    run_dir = Path(args.run_dir or default_dir)
+        name = f"from {args.init_from}"
+        default_dir = f"runs/from-{Path(args.init_from).resolve().name}"
+    run_dir, resume = _run_dir_and_resume(args, Path(args.run_dir or default_dir))
+    source = None
+    if args.init_from is not None:
+        source = _init_source(args.init_from, resume)
+    model_config, train_config = build_configs(args, source)
     # Under torchrun every rank runs this; one of them reports.
     say = print if parallel is None or parallel.is_main else (lambda *a, **k: None)
     if parallel is not None:
@@ -169,9 +202,6 @@ def _train(args: argparse.Namespace, parallel) -> int:
                 train_config.data, tokenizer, run_dir / "cache", train_config.val_fraction
             )
         parallel.barrier()
-    resume = None
-    if args.resume is not None:
-        resume = run_dir if args.resume == "latest" else Path(args.resume)
     total, active = count_parameters(model_config)
     say(
         f"training {name}: "

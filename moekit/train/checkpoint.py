@@ -57,6 +57,12 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def run_dir_of(checkpoint: str | Path) -> Path | None:
+    """The run directory a checkpoint directory lies in (None if not under checkpoints/)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run (renamed into place), oldest first."""
     root = checkpoint_dir(run_dir)

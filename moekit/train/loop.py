@@ -76,6 +76,19 @@ def _check_resumable(saved: dict, model_config, train_config: TrainConfig) -> No
         )
 
 
+def _check_resume_target(checkpoint: Path, run_dir: Path) -> None:
+    # Resuming rewrites the run directory's later checkpoints and metrics: those must be the
+    # resumed run's own. An empty run directory may continue a run from elsewhere.
+    owner = ckpt_io.run_dir_of(checkpoint)
+    own = ckpt_io.list_checkpoints(run_dir)
+    if own and (owner is None or owner.resolve() != run_dir.resolve()):
+        raise ValueError(
+            f"cannot resume {checkpoint} into run directory {run_dir}: it holds the checkpoints "
+            f"of another run, which resuming would overwrite; pass --run-dir "
+            f"{owner if owner is not None else 'DIR'} (the checkpoint's run) or a new directory"
+        )
+
+
 def _check_same_data(saved: str | None, now: str, data: str) -> None:
     # The data setting can name the same path while the text behind it changed; the
     # tokens' digest cannot. (None: a checkpoint from before digests were recorded.)
@@ -162,7 +175,9 @@ def train(
 
     saved = None
     if resume is not None:
-        saved = ckpt_io.load_checkpoint(ckpt_io.resolve(resume))
+        resume = ckpt_io.resolve(resume)
+        _check_resume_target(resume, run_dir)
+        saved = ckpt_io.load_checkpoint(resume)
         _check_resumable(saved.config, model_config, config)
         _check_same_data(saved.state.get("data_digest"), digest, config.data)
     elif ckpt_io.list_checkpoints(run_dir):
