@@ -156,3 +156,14 @@ def test_metrics_reach_the_file_record_by_record(tmp_path):
     assert read_metrics(tmp_path) == records
     truncate_after(tmp_path, 2)  # resuming at step 2 repeats step 3
     assert read_metrics(tmp_path / "metrics.jsonl") == records[:2]
+
+
+def test_a_model_larger_than_memory_is_refused_before_anything_is_written(corpus, tmp_path):
+    from moekit.devices import memory_bytes
+    from moekit.model import get_preset
+
+    big = get_preset("deepseek-v3")  # 671B parameters: 10 TiB to train in fp32
+    assert memory_bytes(torch.device("cpu")) < 16 * 671e9
+    with pytest.raises(ValueError, match=r"671\.03B-parameter model .* needs about 9999\.\d GiB"):
+        train(big, micro_train(corpus), tmp_path / "run", plots=False)
+    assert not (tmp_path / "run").exists()

@@ -23,7 +23,7 @@ from moekit.data.batches import TrainBatches, val_batches
 from moekit.data.sources import check_outside
 from moekit.data.tokenizer import load_tokenizer
 from moekit.data.tokens import data_digest, prepare_tokens
-from moekit.devices import resolve_device
+from moekit.devices import check_fits, resolve_device
 from moekit.train import checkpoint as ckpt_io
 from moekit.train import metrics as metrics_io
 from moekit.train import state as state_io
@@ -74,6 +74,21 @@ def _check_resumable(saved: dict, model_config, train_config: TrainConfig) -> No
             "cannot resume: the configuration differs from the checkpoint's in "
             f"{len(diffs)} field(s): " + "; ".join(diffs)
         )
+
+
+def _check_memory(model_config, device: torch.device, parallel) -> None:
+    # fp32 weights, gradients and AdamW's two moments: 16 bytes a parameter. Under
+    # torch.distributed every rank builds the full model before its experts are sharded.
+    from moekit.model import count_parameters
+
+    total, _ = count_parameters(model_config)
+    per_param = 16 if parallel is None else 4
+    check_fits(
+        f"training this {total / 1e9:.2f}B-parameter model (weights, gradients and AdamW "
+        "state; the large presets are for counting parameters: shrink one with --set)",
+        per_param * total,
+        device,
+    )
 
 
 def _check_resume_target(checkpoint: Path, run_dir: Path) -> None:
@@ -148,6 +163,7 @@ def train(
     run_dir = Path(run_dir)
     is_main = parallel is None or parallel.is_main
     device = resolve_device(config.device)
+    _check_memory(model_config, device, parallel)
     if config.seq_len > model_config.max_seq_len:
         raise ValueError(
             f"seq_len ({config.seq_len}) must be <= the model's max_seq_len "
