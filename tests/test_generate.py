@@ -180,3 +180,42 @@ def test_a_cache_refuses_another_batch_size(model) -> None:
     cache = model.new_cache(2, 8)
     with pytest.raises(ValueError, match="batch size 2"), torch.no_grad():
         model(torch.randint(0, V, (1, 3)), cache=cache)
+
+
+def _metaspace_tokenizer(words: list[str], tmp_path):
+    """A word-level tokenizer.json with SentencePiece's Metaspace pre-tokenizer and decoder."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from moekit.data.tokenizer import load_tokenizer
+
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, "<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    tok.decoder = tokenizers.decoders.Metaspace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    return load_tokenizer(str(tmp_path / "tokenizer.json"))
+
+
+def test_continuations_keep_the_space_a_metaspace_decoder_puts_before_a_word(tmp_path) -> None:
+    from moekit.commands.sample import continuation
+    from moekit.data.tokenizer import ByteTokenizer
+
+    words = ["<unk>", "▁the", "▁quick", "▁brown", "▁fox", "▁jumps"]
+    words += [f"▁w{i}" for i in range(V - len(words))]
+    meta = _metaspace_tokenizer(words, tmp_path)
+    prompt = meta.encode("the quick")
+    assert prompt == [1, 2] and meta.decode([3, 4]) == "brown fox"  # alone: no space
+    assert continuation(meta, prompt, [3, 4]) == " brown fox"
+    # Byte tokens decode the same with the prompt or without it.
+    byte = ByteTokenizer()
+    assert continuation(byte, byte.encode("caf"), list("é!".encode())) == "é!"
+
+
+def test_sampled_text_is_the_continuation_of_the_prompt(model, tmp_path) -> None:
+    from moekit.commands.sample import sample_text
+
+    words = ["<unk>", *(f"▁w{i}" for i in range(V - 1))]
+    meta = _metaspace_tokenizer(words, tmp_path)
+    (text,) = sample_text(model, meta, "w1 w2", 5, temperature=0.0, seed=0)
+    # Every generated word is one "▁w.." piece, so the continuation is five " w.." words.
+    assert text.startswith(" w") and len(text.split()) == 5
+    assert meta.decode(meta.encode("w1 w2" + text)) == "w1 w2" + text

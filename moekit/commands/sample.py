@@ -49,7 +49,18 @@ def sample_text(
     device = next(model.parameters()).device
     prompt_ids = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     out = generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed)
-    return [tokenizer.decode(row[len(ids) :].tolist()) for row in out.cpu()]
+    return [continuation(tokenizer, ids, row[len(ids) :].tolist()) for row in out.cpu()]
+
+
+def continuation(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text `new_ids` add after the prompt.
+
+    Decoded with the prompt, then the prompt's text cut off: decoded alone, a
+    SentencePiece-style decoder (Metaspace, "▁the") drops the first piece's leading space.
+    """
+    head = tokenizer.decode(prompt_ids)
+    full = tokenizer.decode(prompt_ids + new_ids)
+    return full[len(head) :] if full.startswith(head) else tokenizer.decode(new_ids)
 
 
 def run(args: argparse.Namespace) -> int:
