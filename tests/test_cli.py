@@ -159,3 +159,24 @@ def test_compare_trains_both_and_reports(corpus, tmp_path, capsys):
     # Again into the same directory: refused before anything is trained or overwritten.
     assert main(["compare", *micro_flags(corpus, "--out-dir", str(out_dir))]) == 2
     assert "already holds a comparison" in capsys.readouterr().err
+
+
+def test_demo_trains_samples_and_replaces_only_its_own_runs(corpus, tmp_path, capsys):
+    demo = ["demo", "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--no-progress"]
+    run_dir = tmp_path / "demo"
+    assert main([*demo, "--run-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "samples (temperature 0.8, top-k 40):" in out and "--- 'def '" in out
+    assert (run_dir / "loss.png").is_file() and (run_dir / "analysis" / "load.png").is_file()
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000002"]
+    # Again: the demo's own run is replaced, not refused as `moekit train` would.
+    assert main([*demo, "--steps", "1", "--run-dir", str(run_dir)]) == 0
+    assert f"removing the previous demo run in {run_dir}" in capsys.readouterr().out
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000001"]
+    # A run the demo did not write is left alone.
+    other = tmp_path / "mine"
+    assert main(["train", *micro_flags(corpus, "--run-dir", str(other))]) == 0
+    capsys.readouterr()
+    assert main([*demo, "--run-dir", str(other)]) == 2
+    assert "moekit demo did not write" in capsys.readouterr().err
+    assert [p.name for p in (other / "checkpoints").iterdir()] == ["step_00000004"]

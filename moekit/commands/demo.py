@@ -28,6 +28,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_threads_argument(p, default=1)
 
 
+MARKER = ".moekit-demo"
+"""Written into a demo's run directory: only such a directory's run is removed by the next demo."""
+
+
+def _start_over(run_dir: Path) -> None:
+    """The demo always starts over (`moekit train` refuses to mix two runs instead), but
+    removes only a run it wrote itself: --run-dir may name any directory."""
+    import shutil
+
+    from moekit.train.checkpoint import checkpoint_dir
+
+    checkpoints = checkpoint_dir(run_dir)
+    if checkpoints.is_dir():
+        if not (run_dir / MARKER).is_file():
+            raise ValueError(
+                f"{run_dir} holds checkpoints of a run that moekit demo did not write; "
+                "choose another --run-dir (or delete that run yourself)"
+            )
+        print(f"removing the previous demo run in {run_dir}")
+        shutil.rmtree(checkpoints)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / MARKER).write_text("a moekit demo run: the next demo here replaces it\n")
+
+
 def run(args: argparse.Namespace) -> int:
     import time
 
@@ -52,12 +76,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     run_dir = Path(args.run_dir)
-    if (run_dir / "checkpoints").is_dir():
-        import shutil
-
-        # The demo always starts over; `moekit train` refuses to mix two runs instead.
-        print(f"removing the previous demo run in {run_dir}")
-        shutil.rmtree(run_dir / "checkpoints")
+    _start_over(run_dir)
     total, active = count_parameters(model_config)
     moe = model_config.moe
     print(
