@@ -180,3 +180,25 @@ def test_demo_trains_samples_and_replaces_only_its_own_runs(corpus, tmp_path, ca
     assert main([*demo, "--run-dir", str(other)]) == 2
     assert "moekit demo did not write" in capsys.readouterr().err
     assert [p.name for p in (other / "checkpoints").iterdir()] == ["step_00000004"]
+
+
+def test_a_run_records_its_data_path_absolute(corpus, tmp_path, monkeypatch):
+    import shutil
+
+    from moekit.train.checkpoint import list_checkpoints, load_checkpoint
+
+    work = tmp_path / "work"
+    shutil.copytree(corpus, work / "text")
+    monkeypatch.chdir(work)
+    flags = [a if a != str(corpus) else "text" for a in micro_flags(corpus)]
+    assert main(["train", *flags, "--run-dir", "run", "--checkpoint-every", "2"]) == 0
+    first = list_checkpoints("run")[0]
+    assert load_checkpoint(first).config["train"]["data"] == str(work / "text")
+    # From elsewhere, where `text` names other text, the same data spelt absolute resumes
+    # (the recorded path is compared, and the tokens' digest).
+    (tmp_path / "other" / "text").mkdir(parents=True)
+    (tmp_path / "other" / "text" / "a.txt").write_text("other words " * 200)
+    monkeypatch.chdir(tmp_path / "other")
+    absolute = [a if a != "text" else str(work / "text") for a in flags]
+    run_dir = str(work / "run")
+    assert main(["train", *absolute, "--run-dir", run_dir, "--resume", str(work / first)]) == 0

@@ -106,7 +106,7 @@ def build_configs(args: argparse.Namespace, source=None):
         model_config = apply_overrides(get_preset(preset_name(args)), args.overrides)
         if getattr(args, "dense_twin", False):
             model_config = dense_twin(model_config)
-        return model_config, _absolute_tokenizer(config_from_flags(TrainConfig, args))
+        return model_config, _absolute_paths(config_from_flags(TrainConfig, args))
     if args.preset is not None or args.dense_twin:
         flag = "--preset" if args.preset is not None else "--dense-twin"
         raise ValueError(f"--init-from takes the model from {source.path}; drop {flag}")
@@ -119,14 +119,17 @@ def build_configs(args: argparse.Namespace, source=None):
             )
         base = base.replace(tokenizer=source.tokenizer)
     model_config = apply_overrides(source.config, args.overrides)
-    return model_config, _absolute_tokenizer(config_from_flags(TrainConfig, args, base=base))
+    return model_config, _absolute_paths(config_from_flags(TrainConfig, args, base=base))
 
 
-def _absolute_tokenizer(config):
-    # The checkpoint records the path; `moekit sample` and `--resume` may run elsewhere.
-    if config.tokenizer == "bytes":
-        return config
-    return config.replace(tokenizer=str(Path(config.tokenizer).resolve()))
+def _absolute_paths(config):
+    # The checkpoint records the paths; sample, analyze and --resume may run elsewhere.
+    from moekit.data.sources import absolute
+
+    tokenizer = config.tokenizer
+    if tokenizer != "bytes":
+        tokenizer = str(Path(tokenizer).resolve())
+    return config.replace(data=absolute(config.data), tokenizer=tokenizer)
 
 
 def _run_dir_and_resume(args: argparse.Namespace, default: Path) -> tuple[Path, Path | None]:

@@ -143,3 +143,11 @@ def _hf_documents(spec: str) -> Iterator[Document]:
             yield Document(f"{spec}#{index}", "text", text)
     if not found:
         raise ValueError(f"dataset {spec!r} contains no text in its train split")
+
+
+def absolute(data: str) -> str:
+    """`data` with a file or directory path made absolute: a run records it, and sampling,
+    analysis and --resume may run from another working directory."""
+    if data == EMBEDDED or data.startswith(HF_PREFIX):
+        return data
+    return str(Path(data).resolve())

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moekit.data.batches import TrainBatches, val_batches
-from moekit.data.sources import check_outside
+from moekit.data.sources import absolute, check_outside
 from moekit.data.tokenizer import load_tokenizer
 from moekit.data.tokens import data_digest, prepare_tokens
 from moekit.devices import check_fits, resolve_device
@@ -63,10 +63,13 @@ def config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
 def _check_resumable(saved: dict, model_config, train_config: TrainConfig) -> None:
     now_train = {k: v for k, v in train_config.to_dict().items() if k not in RESUMABLE_FIELDS}
     old_train = {k: v for k, v in saved["train"].items() if k not in RESUMABLE_FIELDS}
-    # Runs recorded a tokenizer path as typed before `moekit train` made it absolute.
+    # Runs recorded data and tokenizer paths as typed before `moekit train` made them
+    # absolute: such a path is read from the working directory, as it was then.
     for d in (now_train, old_train):
         if d.get("tokenizer", "bytes") != "bytes":
             d["tokenizer"] = str(Path(d["tokenizer"]).resolve())
+        if "data" in d:
+            d["data"] = absolute(d["data"])
     diffs = config_differences(saved["model"], model_config.to_dict(), "model.")
     diffs += config_differences(old_train, now_train, "train.")
     if diffs:
