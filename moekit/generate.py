@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from moekit.model.transformer import Transformer
+from moekit.validate import check_seed
 
 
 def filter_logits(
@@ -111,6 +112,7 @@ def generate(
         raise ValueError("padding_mask: pad prompts on the left; the last column must be real")
     generator = None
     if seed is not None:
+        check_seed("seed", seed)
         generator = torch.Generator(device=prompt_ids.device)
         generator.manual_seed(seed)
     was_training = model.training

@@ -5,12 +5,21 @@ from __future__ import annotations
 import difflib
 import math
 
+SEED_MAX = 2**64 - 1
+"""The largest seed torch's generators take."""
 
-def check_int(name: str, value: object, minimum: int = 1) -> None:
+
+def check_int(name: str, value: object, minimum: int = 1, maximum: int | None = None) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value!r}")
+
+
+def check_seed(name: str, value: object) -> None:
+    check_int(name, value, minimum=0, maximum=SEED_MAX)
 
 
 def check_number(name: str, value: object) -> None:
@@ -30,13 +39,22 @@ def check_positive(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def check_range(name: str, value: object, low: float, high: float, *, low_open: bool = False):
-    """low <= value <= high (low < value with low_open)."""
+def check_range(
+    name: str,
+    value: object,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+):
+    """low <= value <= high (low < value with low_open, value < high with high_open)."""
     check_number(name, value)
     bad_low = value <= low if low_open else value < low
-    if not math.isfinite(value) or bad_low or value > high:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value!r}")
+    bad_high = value >= high if high_open else value > high
+    if not math.isfinite(value) or bad_low or bad_high:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"{name} must be in {left}{low}, {high}{right}, got {value!r}")
 
 
 def check_bool(name: str, value: object) -> None:

@@ -85,3 +85,22 @@ def test_repeated_or_empty_seeds_are_an_error_before_any_training(corpus, tmp_pa
     assert main(["compare", *micro_flags(corpus, "--out-dir", str(out_dir), "--seeds", seeds)]) == 2
     assert "seeds must be distinct and at least one" in capsys.readouterr().err
     assert not out_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "seeds"), [("0-6", list(range(7))), ("0,2,5", [0, 2, 5]), ("0-2,7", [0, 1, 2, 7])]
+)
+def test_seed_lists_parse(text, seeds):
+    from moekit.commands.compare import parse_seeds
+
+    assert parse_seeds(text) == seeds
+
+
+@pytest.mark.parametrize("text", ["0-", "-", "a", "1,,2", "0-x"])
+def test_malformed_seed_lists_are_refused(text):
+    import argparse
+
+    from moekit.commands.compare import parse_seeds
+
+    with pytest.raises(argparse.ArgumentTypeError, match="seeds must look like"):
+        parse_seeds(text)

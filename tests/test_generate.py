@@ -219,3 +219,9 @@ def test_sampled_text_is_the_continuation_of_the_prompt(model, tmp_path) -> None
     # Every generated word is one "▁w.." piece, so the continuation is five " w.." words.
     assert text.startswith(" w") and len(text.split()) == 5
     assert meta.decode(meta.encode("w1 w2" + text)) == "w1 w2" + text
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_a_seed_torch_cannot_take_is_a_clear_error(model, seed) -> None:
+    with pytest.raises(ValueError, match=f"seed must be .*, got {seed}"):
+        generate(model, torch.zeros(1, 2, dtype=torch.long), 2, seed=seed)

@@ -24,6 +24,10 @@ from moekit.train.overrides import apply_overrides, field_docs, parse_value
         ({"device": "tpu"}, "device must be one of"),
         ({"compile": "max"}, "compile must be one of .*, got 'max'"),
         ({"data": ""}, "data must be a non-empty string"),
+        ({"beta1": 1.0}, "beta1 must be in \\[0.0, 1.0\\), got 1.0"),
+        ({"beta2": 1.0}, "beta2 must be in \\[0.0, 1.0\\), got 1.0"),
+        ({"seed": 2**64}, "seed must be <= 18446744073709551615, got 18446744073709551616"),
+        ({"seed": -1}, "seed must be >= 0, got -1"),
     ],
 )
 def test_bad_train_config_names_the_field(changes, message):

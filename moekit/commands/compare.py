@@ -41,8 +41,10 @@ def parse_seeds(text: str) -> list[int]:
     seeds = []
     try:
         for part in text.split(","):
-            lo, _, hi = part.strip().partition("-")
-            seeds += range(int(lo), int(hi if hi else lo) + 1)
+            lo, dash, hi = part.strip().partition("-")
+            if dash and not hi:
+                raise ValueError(part)  # "0-": a range without its end
+            seeds += range(int(lo), int(hi if dash else lo) + 1)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"seeds must look like 0,1,2 or 0-6, got {text!r}"

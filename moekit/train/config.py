@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-from moekit.validate import check_bool, check_choice, check_int, check_range
+from moekit.validate import check_bool, check_choice, check_int, check_range, check_seed
 
 DEVICES = ("auto", "cpu", "cuda")
 COMPILE_MODES = ("none", "default", "reduce-overhead")
@@ -70,8 +70,9 @@ class TrainConfig:
             check_int(name, getattr(self, name))
         for name in ("eval_batches", "keep_checkpoints"):
             check_int(name, getattr(self, name))
-        for name in ("warmup_steps", "seed", "checkpoint_every"):
+        for name in ("warmup_steps", "checkpoint_every"):
             check_int(name, getattr(self, name), minimum=0)
+        check_seed("seed", self.seed)
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be a multiple of grad_accum, "
@@ -80,8 +81,9 @@ class TrainConfig:
         check_range("lr", self.lr, 0.0, 10.0, low_open=True)
         check_range("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         check_range("weight_decay", self.weight_decay, 0.0, 10.0)
-        check_range("beta1", self.beta1, 0.0, 1.0)
-        check_range("beta2", self.beta2, 0.0, 1.0)
+        # AdamW divides by 1 - beta**t: a beta of 1 is refused by torch at the first step.
+        check_range("beta1", self.beta1, 0.0, 1.0, high_open=True)
+        check_range("beta2", self.beta2, 0.0, 1.0, high_open=True)
         check_range("grad_clip", self.grad_clip, 0.0, math.inf)
         check_range("val_fraction", self.val_fraction, 0.0, 0.5, low_open=True)
         for name in ("data", "tokenizer"):
