@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from moekit.data import sources
@@ -139,6 +141,17 @@ def test_bad_sources_raise_clear_errors(tmp_path):
         list(sources.iter_documents(str(tmp_path / "d")))
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes (POSIX)")
+def test_a_path_that_is_neither_file_nor_directory_is_named_as_such(tmp_path):
+    # It had been reported as a directory that "contains no files".
+    os.mkfifo(tmp_path / "pipe")
+    for path in (os.devnull, str(tmp_path / "pipe")):
+        with pytest.raises(ValueError, match=f"{path} is not a regular file or directory"):
+            list(sources.iter_documents(path))
+        with pytest.raises(ValueError, match="not a regular file or directory"):
+            sources.fingerprint(path)
+
+
 def test_hf_dataset_without_the_datasets_package_says_how_to_install(monkeypatch, capsys, tmp_path):
     import builtins
 
@@ -170,8 +183,6 @@ def test_hidden_directories_and_late_nul_bytes(tmp_path):
 
 
 def test_a_same_size_edit_changes_the_fingerprint(tmp_path):
-    import os
-
     path = tmp_path / "a.txt"
     path.write_text("alpha\n")
     before = sources.fingerprint(str(tmp_path))

@@ -87,6 +87,9 @@ def _text_files(root: Path) -> list[Path]:
         raise FileNotFoundError(f"data path not found: {root}")
     if root.is_file():
         return [root]
+    if not root.is_dir():
+        # A device, FIFO or socket: "contains no files" would blame an empty directory.
+        raise ValueError(f"data path {root} is not a regular file or directory")
     files = sorted(
         p
         for p in root.rglob("*")
