@@ -72,6 +72,26 @@ def test_analyze_reports_a_missing_checkpoint_in_one_line(tmp_path, capsys):
     assert "moekit analyze: error:" in err and "nothing" in err
 
 
+def test_a_window_longer_than_the_model_context_is_refused(run_dir, tmp_path, capsys):
+    # It had been cut to max_seq_len (32) without a word.
+    args = ["analyze", str(run_dir), "--out", str(tmp_path / "a"), "--seq-len", "33"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "seq_len 33" in err and "max_seq_len 32" in err and err.count("\n") == 1
+    assert not (tmp_path / "a").exists()  # refused before any text is tokenized
+
+
+def test_the_default_window_is_the_training_length_within_the_context():
+    from moekit.analysis.report import _window
+
+    assert _window(None, {"seq_len": 24}, 32) == 24
+    assert _window(None, {}, 32) == 32  # no training length (HF): 128, cut to the context
+    assert _window(32, {"seq_len": 24}, 32) == 32
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match=f"seq_len must be an int >= 1, got {bad}"):
+            _window(bad, {}, 32)
+
+
 def test_hugging_face_directory_routes_like_the_model_it_came_from(run_dir, tmp_path, capsys):
     from moekit.hf.export import save_pretrained
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -122,6 +123,18 @@ def test_without_matplotlib_train_and_compare_finish_and_skip_their_plots(
     # analyze is all figures: there a missing matplotlib stays an error.
     assert main(["analyze", str(run_dir), "--out", str(tmp_path / "an"), "--batches", "1"]) == 2
     assert "analyze draws figures and needs matplotlib" in capsys.readouterr().err
+
+
+def test_train_warns_of_undecodable_and_binary_text_in_one_line_each(corpus, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    (data / "latin1.txt").write_text("café crème\n" * 20, encoding="latin-1")
+    (data / "notes_utf16.txt").write_text("hello\n", encoding="utf-16")
+    assert main(["train", *micro_flags(data, "--run-dir", str(tmp_path / "run"))]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2, err
+    assert err[0].startswith("moekit train: warning: 1 file was not valid UTF-8: 40 undecodable")
+    assert err[1].startswith("moekit train: warning: 1 file was skipped as binary")
 
 
 def test_corpus_shorter_than_the_context_is_a_clear_error(tmp_path, capsys):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import pytest
 
 from moekit.data import sources
@@ -111,10 +114,55 @@ def test_binary_files_in_a_directory_are_skipped(tmp_path):
     (tmp_path / "a.txt").write_text("alpha\n")
     (tmp_path / "weights.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
     (tmp_path / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
-    assert [d.name for d in sources.iter_documents(str(tmp_path))] == ["a.txt#0"]
+    with pytest.warns(UserWarning, match="2 files were skipped as binary"):
+        assert [d.name for d in sources.iter_documents(str(tmp_path))] == ["a.txt#0"]
     (tmp_path / "a.txt").unlink()
-    with pytest.raises(ValueError, match="contains no text"):
+    with pytest.raises(ValueError, match="contains no text"), pytest.warns(UserWarning):
         list(sources.iter_documents(str(tmp_path)))
+
+
+def _read_warnings(data: str) -> tuple[list, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        docs = list(sources.iter_documents(data))
+    return docs, [str(w.message) for w in caught]
+
+
+def test_undecodable_and_binary_files_are_summed_up_in_one_warning_each(tmp_path):
+    # Both had been silent: a Latin-1 file's accents became U+FFFD, a UTF-16 file was left out.
+    (tmp_path / "a_utf8.txt").write_text("café \ufffd\n", encoding="utf-8")
+    for i in range(3):
+        (tmp_path / f"latin1_{i}.txt").write_text("café crème\n", encoding="latin-1")
+    (tmp_path / "notes_utf16.txt").write_text("hello\n", encoding="utf-16")
+    (tmp_path / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    docs, messages = _read_warnings(str(tmp_path))
+    assert [d.name for d in docs] == ["a_utf8.txt#0"] + [f"latin1_{i}.txt#0" for i in range(3)]
+    assert docs[1].text == "caf\ufffd cr\ufffdme\n"  # replaced, as before
+    assert len(messages) == 2
+    assert messages[0].startswith(
+        f"3 files were not valid UTF-8: 6 undecodable byte(s) read as U+FFFD "
+        f"(first: {tmp_path / 'latin1_0.txt'}); convert them to UTF-8"
+    )
+    assert messages[1].startswith(
+        f"2 files were skipped as binary, with a NUL byte in the first 8192 bytes "
+        f"(first: {tmp_path / 'notes_utf16.txt'}); UTF-16"
+    )
+
+
+def test_undecodable_bytes_are_replaced_as_errors_replace_would(tmp_path):
+    # A truncated sequence, an encoded surrogate (not UTF-8) and bytes UTF-8 never uses.
+    raw = b"ok \xe2\x82 x \xed\xa0\x80 y \xff\xfe z\n" * 3 + "\ufffd\n".encode()
+    (tmp_path / "mixed.txt").write_bytes(raw)
+    docs, messages = _read_warnings(str(tmp_path / "mixed.txt"))
+    assert "".join(d.text for d in docs) == raw.decode("utf-8", "replace")
+    assert messages == [
+        f"1 file was not valid UTF-8: 21 undecodable byte(s) read as U+FFFD (first: "
+        f"{tmp_path / 'mixed.txt'}); convert them to UTF-8 (e.g. iconv -f latin1 -t utf-8) "
+        "to train on their text"
+    ]
+    # A U+FFFD written in valid UTF-8 is text like any other: nothing to warn of.
+    (tmp_path / "mixed.txt").write_text("\ufffd\n", encoding="utf-8")
+    assert _read_warnings(str(tmp_path / "mixed.txt"))[1] == []
 
 
 def test_paths_written_by_moekit_must_lie_outside_a_data_directory(tmp_path):
@@ -137,6 +185,17 @@ def test_bad_sources_raise_clear_errors(tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(ValueError, match="contains no files"):
         list(sources.iter_documents(str(tmp_path / "d")))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes (POSIX)")
+def test_a_path_that_is_neither_file_nor_directory_is_named_as_such(tmp_path):
+    # It had been reported as a directory that "contains no files".
+    os.mkfifo(tmp_path / "pipe")
+    for path in (os.devnull, str(tmp_path / "pipe")):
+        with pytest.raises(ValueError, match=f"{path} is not a regular file or directory"):
+            list(sources.iter_documents(path))
+        with pytest.raises(ValueError, match="not a regular file or directory"):
+            sources.fingerprint(path)
 
 
 def test_hf_dataset_without_the_datasets_package_says_how_to_install(monkeypatch, capsys, tmp_path):
@@ -166,12 +225,11 @@ def test_hidden_directories_and_late_nul_bytes(tmp_path):
     (tmp_path / ".git").mkdir()
     (tmp_path / ".git" / "x.txt").write_text("never read\n")
     (tmp_path / "late_nul.bin").write_bytes(b"x" * 100 + b"\x00" + b"y" * 100)
-    assert [d.name for d in sources.iter_documents(str(tmp_path))] == ["a.txt#0"]
+    with pytest.warns(UserWarning, match="1 file was skipped as binary.*late_nul.bin"):
+        assert [d.name for d in sources.iter_documents(str(tmp_path))] == ["a.txt#0"]
 
 
 def test_a_same_size_edit_changes_the_fingerprint(tmp_path):
-    import os
-
     path = tmp_path / "a.txt"
     path.write_text("alpha\n")
     before = sources.fingerprint(str(tmp_path))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -98,6 +100,17 @@ def test_single_small_file_is_split_by_position(tmp_path):
     train, val = (TOK.decode(splits[s].tokens().tolist()) for s in ("train", "val"))
     assert train + val == text
     assert len(val) == round(len(text) * 0.1)
+
+
+def test_undecodable_text_is_warned_of_when_read_not_when_the_cache_is_reused(tmp_path):
+    root = tmp_path / "text"
+    root.mkdir()
+    (root / "latin1.txt").write_text("café " * 50 + "\n", encoding="latin-1")
+    with pytest.warns(UserWarning, match="1 file was not valid UTF-8: 50 undecodable byte"):
+        prepare_tokens(str(root), TOK, tmp_path / "cache", 0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the cached entry: no text is read, nothing to say
+        prepare_tokens(str(root), TOK, tmp_path / "cache", 0.3)
 
 
 @pytest.mark.parametrize("landed_in", ["train", "val"])

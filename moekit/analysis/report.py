@@ -80,9 +80,10 @@ def analyze_checkpoint(
 
     path: a moekit checkpoint (or run directory: its newest checkpoint) or a Hugging Face
     model directory. data: text to use instead of the one the model was trained on (see
-    moekit.data.sources). Windows of seq_len tokens (default: the training length), the
-    same number from each domain. out_dir: where the PNGs and routing.json go (default:
-    `<run_dir>/analysis` for a checkpoint of a training run, else `<path>/analysis`).
+    moekit.data.sources). Windows of seq_len tokens (default: the training length; longer
+    than the model's max_seq_len is a ValueError), the same number from each domain.
+    out_dir: where the PNGs and routing.json go (default: `<run_dir>/analysis` for a
+    checkpoint of a training run, else `<path>/analysis`).
     tokenizer: "bytes" or a tokenizer.json, instead of the checkpoint's own. Returns the
     summary of `analyze_model` plus "checkpoint", "data" and "out_dir".
     """
@@ -92,10 +93,9 @@ def analyze_checkpoint(
     for name, value in (("batch_size", batch_size), ("batches_per_domain", batches_per_domain)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if seq_len is not None and (not isinstance(seq_len, int) or seq_len < 1):
-        raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
     device = str(resolve_device(device))
     model, train, source = _load(Path(path), device)
+    seq_len = _window(seq_len, train, model.config.max_seq_len)
     data = data or train.get("data", "embedded")
     spec = tokenizer or train.get("tokenizer")
     if spec is None:
@@ -116,7 +116,6 @@ def analyze_checkpoint(
         cache_dir = run_dir / "cache" if run_dir is not None else out_dir / "cache"
     val_fraction = float(train.get("val_fraction", 0.1))
     split = prepare_tokens(data, tok, cache_dir, val_fraction)["val"]
-    seq_len = min(seq_len or int(train.get("seq_len", 128)), model.config.max_seq_len)
     domains, batches = labelled_batches(split, seq_len, batch_size, batches_per_domain)
     summary = analyze_model(
         model,
@@ -215,6 +214,23 @@ def _load_hf(path: Path, device: str) -> tuple[nn.Module, dict]:
     tokenizer = path / "tokenizer.json"
     model = moekit.from_pretrained(path, device=device)
     return model, {"tokenizer": str(tokenizer)} if tokenizer.is_file() else {}
+
+
+def _window(seq_len: int | None, train: dict, max_seq_len: int) -> int:
+    """The window length: seq_len, checked against the model's context, else the training one.
+
+    Only the default is cut to the context (a Hugging Face model has no training length);
+    a longer seq_len asked for is refused, not silently shortened.
+    """
+    if seq_len is None:
+        return min(int(train.get("seq_len", 128)), max_seq_len)
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
+    if seq_len > max_seq_len:
+        raise ValueError(
+            f"seq_len {seq_len} is longer than the model's context (max_seq_len {max_seq_len})"
+        )
+    return seq_len
 
 
 def _run_dir(checkpoint: Path) -> Path | None:

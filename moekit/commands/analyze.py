@@ -31,7 +31,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="directory for the figures and routing.json (default: RUN_DIR/analysis for a "
         "training run's checkpoint, else CHECKPOINT/analysis)",
     )
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: training)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="window length, at most the model's max_seq_len (default: training)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--batches", type=int, default=8, help="batches of windows from each domain")
     p.add_argument(

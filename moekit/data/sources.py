@@ -8,15 +8,22 @@ Documents are yielded one at a time so a multi-GB source never has to fit in mem
 large files are read in blocks of about `BLOCK_CHARS` characters, cut at a line end within
 `LINE_CHARS` more (a file without line breaks is cut there). In a directory, files whose
 first `PROBE_BYTES` hold a NUL byte are binary (images, checkpoints, archives) and skipped,
-as git decides; hidden files and directories are skipped too.
+as git decides; hidden files and directories are skipped too. Text is read as UTF-8 and
+bytes that are not UTF-8 (a Latin-1 file's accents) become U+FFFD. Neither is silent: once
+a source has been read, one warning sums up the files with undecodable bytes and one the
+files skipped as binary (a UTF-16 text file has NUL bytes, so it is skipped), each naming
+the first such file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
+import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from moekit.data.corpus import EMBEDDED, Document, embedded_corpus
@@ -26,12 +33,16 @@ BLOCK_CHARS = 1 << 20
 LINE_CHARS = 1 << 16
 PROBE_BYTES = 8192
 HF_PREFIX = "hf:"
+# Read with errors="surrogateescape", each byte that is not UTF-8 becomes one lone surrogate
+# in U+DC80..U+DCFF, which valid UTF-8 never decodes to: they can be counted, then replaced.
+_ESCAPED = re.compile("[\udc80-\udcff]+")
 
 
 def iter_documents(data: str) -> Iterator[Document]:
     """Yield the documents of `data` (see the module docstring), each labelled by domain.
 
-    Raises FileNotFoundError for a missing path and ValueError when there is no text.
+    Raises FileNotFoundError for a missing path and ValueError when there is no text. Once
+    the last document is read, warns of files with undecodable bytes and of binary files.
     """
     if data == EMBEDDED:
         yield from embedded_corpus()
@@ -39,13 +50,47 @@ def iter_documents(data: str) -> Iterator[Document]:
     if data.startswith(HF_PREFIX):
         yield from _hf_documents(data[len(HF_PREFIX) :])
         return
+    files, binary = _sort_files(Path(data))
+    damage = _Damage(binary=binary)
     found = False
-    for path in _text_files(Path(data)):
-        for doc in _file_blocks(path, Path(data)):
+    for path in files:
+        for doc in _file_blocks(path, Path(data), damage):
             found = True
             yield doc
+    damage.warn()  # here, not per file: a directory can hold thousands
     if not found:
         raise ValueError(f"data path {data} contains no text")
+
+
+@dataclass
+class _Damage:
+    """What reading a source had to change or leave out, for one warning of each kind."""
+
+    undecodable: list[Path] = field(default_factory=list)
+    """Files with bytes that are not UTF-8, read as U+FFFD."""
+    replaced_bytes: int = 0
+    binary: list[Path] = field(default_factory=list)
+    """Files skipped as binary (a NUL byte in their first PROBE_BYTES)."""
+
+    def warn(self) -> None:
+        if self.undecodable:
+            warnings.warn(
+                f"{_count_files(self.undecodable)} not valid UTF-8: {self.replaced_bytes} "
+                f"undecodable byte(s) read as U+FFFD (first: {self.undecodable[0]}); "
+                "convert them to UTF-8 (e.g. iconv -f latin1 -t utf-8) to train on their text",
+                stacklevel=3,
+            )
+        if self.binary:
+            warnings.warn(
+                f"{_count_files(self.binary)} skipped as binary, with a NUL byte in the first "
+                f"{PROBE_BYTES} bytes (first: {self.binary[0]}); UTF-16 or UTF-32 text looks "
+                "binary too: convert it to UTF-8 to train on it",
+                stacklevel=3,
+            )
+
+
+def _count_files(paths: list[Path]) -> str:
+    return "1 file was" if len(paths) == 1 else f"{len(paths)} files were"
 
 
 def check_outside(data: str, path: str | Path, what: str) -> None:
@@ -83,10 +128,18 @@ def fingerprint(data: str) -> str:
 
 
 def _text_files(root: Path) -> list[Path]:
+    return _sort_files(root)[0]
+
+
+def _sort_files(root: Path) -> tuple[list[Path], list[Path]]:
+    """(text files, binary files) of a data path; a file named on its own is read as text."""
     if not root.exists():
         raise FileNotFoundError(f"data path not found: {root}")
     if root.is_file():
-        return [root]
+        return [root], []
+    if not root.is_dir():
+        # A device, FIFO or socket: "contains no files" would blame an empty directory.
+        raise ValueError(f"data path {root} is not a regular file or directory")
     files = sorted(
         p
         for p in root.rglob("*")
@@ -94,7 +147,9 @@ def _text_files(root: Path) -> list[Path]:
     )
     if not files:
         raise ValueError(f"data directory {root} contains no files")
-    return [p for p in files if not _is_binary(p)]
+    binary = [p for p in files if _is_binary(p)]
+    skipped = set(binary)
+    return [p for p in files if p not in skipped], binary
 
 
 def _is_binary(path: Path) -> bool:
@@ -102,18 +157,34 @@ def _is_binary(path: Path) -> bool:
         return b"\0" in f.read(PROBE_BYTES)
 
 
-def _file_blocks(path: Path, root: Path) -> Iterator[Document]:
+def _file_blocks(path: Path, root: Path, damage: _Damage) -> Iterator[Document]:
     name = path.name if root.is_file() else path.relative_to(root).as_posix()
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         index = 0
         while True:
             block = f.read(BLOCK_CHARS)
             if not block:
                 return
             block += f.readline(LINE_CHARS)  # end the block at a line end, not mid-word
+            block = _replace_undecodable(block, path, damage)
             if block.strip():
                 yield Document(f"{name}#{index}", "text", block)
             index += 1
+
+
+def _replace_undecodable(block: str, path: Path, damage: _Damage) -> str:
+    def replace(run: re.Match) -> str:
+        raw = run.group().encode("utf-8", "surrogateescape")
+        damage.replaced_bytes += len(raw)
+        if not damage.undecodable or damage.undecodable[-1] != path:
+            damage.undecodable.append(path)
+        return raw.decode("utf-8", "replace")  # the U+FFFDs errors="replace" would give
+
+    try:
+        block.encode("utf-8")  # fails only on an escaped byte; 10x faster than the regex
+    except UnicodeEncodeError:
+        return _ESCAPED.sub(replace, block)
+    return block
 
 
 def _hf_documents(spec: str) -> Iterator[Document]:
