@@ -34,6 +34,16 @@ def main(argv: list[str] | None = None) -> int:
         # installed) are reported in one line, not as a traceback.
         print(f"moekit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C is a choice, not a crash: no traceback, and how to go on where it helps.
+        hint = _RESUME_HINTS.get(args.command, "")
+        print(f"moekit {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+
+
+_RESUME_HINTS = {
+    "train": "; the same command plus --resume continues from the last checkpoint",
+}
 
 
 def _one_line_warning(command: str):

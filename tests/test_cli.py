@@ -215,3 +215,16 @@ def test_a_run_records_its_data_path_absolute(corpus, tmp_path, monkeypatch):
     absolute = [a if a != "text" else str(work / "text") for a in flags]
     run_dir = str(work / "run")
     assert main(["train", *absolute, "--run-dir", run_dir, "--resume", str(work / first)]) == 0
+
+
+def test_ctrl_c_is_one_line_that_says_how_to_resume(corpus, tmp_path, capsys, monkeypatch):
+    from moekit.train import loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    assert main(["train", *micro_flags(corpus, "--run-dir", str(tmp_path / "run"))]) == 130
+    err = capsys.readouterr().err
+    assert err == "moekit train: interrupted; the same command plus --resume continues from " \
+        "the last checkpoint\n"  # fmt: skip
