@@ -119,6 +119,11 @@ def test_binary_files_in_a_directory_are_skipped(tmp_path):
     (tmp_path / "a.txt").unlink()
     with pytest.raises(ValueError, match="contains no text"), pytest.warns(UserWarning):
         list(sources.iter_documents(str(tmp_path)))
+    # Named on its own, a binary file is an error rather than text full of NUL bytes.
+    (tmp_path / "utf16.txt").write_text("hello\n", encoding="utf-16")
+    for name in ("picture.png", "utf16.txt"):
+        with pytest.raises(ValueError, match=f"{name} looks binary .* convert it to UTF-8"):
+            list(sources.iter_documents(str(tmp_path / name)))
 
 
 def _read_warnings(data: str) -> tuple[list, list[str]]:

@@ -132,10 +132,15 @@ def _text_files(root: Path) -> list[Path]:
 
 
 def _sort_files(root: Path) -> tuple[list[Path], list[Path]]:
-    """(text files, binary files) of a data path; a file named on its own is read as text."""
+    """(text files, binary files) of a data path; a binary file named on its own is refused."""
     if not root.exists():
         raise FileNotFoundError(f"data path not found: {root}")
     if root.is_file():
+        if _is_binary(root):  # named on its own: an error, where a directory skips it
+            raise ValueError(
+                f"data file {root} looks binary (a NUL byte in its first {PROBE_BYTES} "
+                "bytes); UTF-16 or UTF-32 text looks so too: convert it to UTF-8"
+            )
         return [root], []
     if not root.is_dir():
         # A device, FIFO or socket: "contains no files" would blame an empty directory.
