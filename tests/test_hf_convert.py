@@ -9,9 +9,12 @@ pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 import hf_models  # noqa: E402
+from train_common import MICRO  # noqa: E402
 
 from moekit.cli import main  # noqa: E402
-from moekit.train.checkpoint import load_model  # noqa: E402
+from moekit.model import Transformer  # noqa: E402
+from moekit.train.checkpoint import list_checkpoints, load_model, save_checkpoint  # noqa: E402
+from moekit.train.config import TrainConfig  # noqa: E402
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,"
 
@@ -23,6 +26,23 @@ def _write_char_tokenizer(directory) -> tokenizers.Tokenizer:
     tok.decoder = tokenizers.decoders.Fuse()
     tok.save(str(directory / "tokenizer.json"))
     return tok
+
+
+def _micro_run(run_dir, tokenizer: str):
+    """A run directory with one checkpoint of a random micro model that recorded `tokenizer`."""
+    torch.manual_seed(0)
+    config = {"model": MICRO.to_dict(), "train": TrainConfig(tokenizer=tokenizer).to_dict()}
+    save_checkpoint(run_dir, 0, Transformer(MICRO).state_dict(), config, {}, {}, keep=1)
+    return run_dir
+
+
+def _files(directory) -> dict[str, bytes]:
+    """Every file under directory by relative path, with its contents."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +89,7 @@ def test_convert_refuses_a_run_directory_with_checkpoints(hf_dir, tmp_path, caps
 
 def test_export_takes_the_tokenizer_file_the_run_recorded(hf_dir, tmp_path):
     from moekit.hf.convert import moekit_to_hf
-    from moekit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+    from moekit.train.checkpoint import load_checkpoint
 
     assert main(["convert", str(hf_dir), str(tmp_path / "run")]) == 0
     ckpt = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])
@@ -94,3 +114,17 @@ def test_a_hf_directory_without_tokenizer_is_refused(hf_dir, tmp_path, capsys):
     assert main(["convert", str(bare), str(tmp_path / "run")]) == 2
     assert "has no tokenizer.json to say what its token ids mean" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_reexport_replaces_the_tokenizer_of_an_earlier_export(hf_dir, tmp_path):
+    chars = tmp_path / "tokenizers" / "chars.json"  # not beside the run
+    chars.parent.mkdir()
+    chars.write_bytes((hf_dir / "tokenizer.json").read_bytes())
+    byte_run = _micro_run(tmp_path / "bytes", "bytes")
+    char_run = _micro_run(tmp_path / "chars", str(chars))
+    assert main(["convert", str(char_run), str(tmp_path / "fresh")]) == 0
+    used = tmp_path / "used"
+    assert main(["convert", str(byte_run), str(used)]) == 0
+    assert main(["convert", str(char_run), str(used), "--verify"]) == 0
+    assert _files(used) == _files(tmp_path / "fresh")
+    assert (used / "tokenizer.json").read_bytes() == chars.read_bytes()

@@ -4,7 +4,8 @@
   is in the format of moekit.train.checkpoint (so `moekit sample DST`, analysis and
   fine-tuning read it like a trained run); tokenizer files are copied to DST.
 - moekit -> Hugging Face: SRC is a checkpoint or run directory; DST gets config.json and
-  safetensors that transformers loads; a tokenizer.json found beside SRC is copied.
+  safetensors that transformers loads, and the run's own tokenizer (the tokenizer.json it
+  recorded, or the byte tokenizer written as one), replacing any from an earlier export.
 
 `verify=True` runs a probe batch through source and result and raises VerificationError
 on any logit difference above atol.
@@ -68,6 +69,28 @@ def _copy_tokenizer(src_dirs: list[Path], dst: Path) -> None:
                 break
 
 
+def _export_tokenizer_files(recorded: str, beside: list[Path]) -> dict[str, bytes]:
+    """name -> contents of the tokenizer files an export of a run writes: its recorded
+    tokenizer.json (or the byte tokenizer as one) and the configs found beside the run."""
+    files = {}
+    for name in TOKENIZER_FILES[1:]:
+        found = [d / name for d in beside if (d / name).is_file()]
+        if found:
+            files[name] = found[0].read_bytes()
+    if recorded == "bytes":
+        # A byte-level run has no tokenizer file to copy: write the byte tokenizer as one,
+        # so `moekit sample`, `tokenizers` and transformers' AutoTokenizer read DST as
+        # moekit does.
+        files["tokenizer.json"] = (json.dumps(ByteTokenizer.tokenizer_json()) + "\n").encode()
+        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        files["tokenizer_config.json"] = (json.dumps(config, indent=2) + "\n").encode()
+        return files
+    # The file the run was trained with, wherever it lies (not one that happens to be
+    # named tokenizer.json beside it).
+    files["tokenizer.json"] = Path(recorded).read_bytes()
+    return files
+
+
 def hf_to_moekit(src: str | Path, dst: str | Path, dtype: str | None = None) -> Path:
     """Write the Hugging Face checkpoint src as a moekit run directory dst; returns the
     checkpoint directory inside it."""
@@ -110,24 +133,21 @@ def moekit_to_hf(
     src, dst = Path(src), Path(dst)
     ckpt_dir = resolve(src)
     ckpt = load_checkpoint(ckpt_dir)
+    recorded = ckpt.config["train"]["tokenizer"]
+    if recorded != "bytes" and not Path(recorded).is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {recorded} (recorded by {src})")
+    # Read before anything is written: the recorded file may lie in dst itself.
+    tokenizer = _export_tokenizer_files(recorded, [src, ckpt_dir, ckpt_dir.parent.parent])
     save_pretrained(
         model_from_checkpoint(ckpt), dst, family=family, max_shard_bytes=max_shard_bytes
     )
-    _copy_tokenizer([src, ckpt_dir, ckpt_dir.parent.parent], dst)
-    recorded = ckpt.config["train"]["tokenizer"]
-    if recorded != "bytes" and not (dst / "tokenizer.json").is_file():
-        # The file the run was trained with, wherever it lies.
-        if not Path(recorded).is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {recorded} (recorded by {src})")
-        shutil.copyfile(recorded, dst / "tokenizer.json")
-    if recorded == "bytes":
-        # A byte-level run has no tokenizer file to copy: write the byte tokenizer as one,
-        # so `moekit sample`, `tokenizers` and transformers' AutoTokenizer read DST as
-        # moekit does.
-        (dst / "tokenizer.json").write_text(json.dumps(ByteTokenizer.tokenizer_json()) + "\n")
-        (dst / "tokenizer_config.json").write_text(
-            json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n"
-        )
+    # An earlier export's tokenizer goes, whatever this run brings: a byte-level
+    # tokenizer.json left in place would read this model's ids as bytes, and --verify
+    # compares logits only.
+    for name in TOKENIZER_FILES:
+        (dst / name).unlink(missing_ok=True)
+    for name, blob in tokenizer.items():
+        (dst / name).write_bytes(blob)
     return dst
 
 
