@@ -128,3 +128,45 @@ def test_reexport_replaces_the_tokenizer_of_an_earlier_export(hf_dir, tmp_path):
     assert main(["convert", str(char_run), str(used), "--verify"]) == 0
     assert _files(used) == _files(tmp_path / "fresh")
     assert (used / "tokenizer.json").read_bytes() == chars.read_bytes()
+
+
+def test_export_refuses_the_source_and_moekit_directories_as_dst(hf_dir, tmp_path, capsys):
+    run_dir, other = tmp_path / "run", tmp_path / "other"
+    for d in (run_dir, other):
+        assert main(["convert", str(hf_dir), str(d)]) == 0
+    ckpt = list_checkpoints(run_dir)[-1]
+    logs = tmp_path / "logs"  # a run that has written metrics but no checkpoint yet
+    logs.mkdir()
+    (logs / "metrics.jsonl").write_text("")
+    before = _files(tmp_path)
+    for src, dst, message in [
+        (run_dir, run_dir, "is the source itself"),
+        (ckpt, ckpt, "is the source itself"),
+        (run_dir, other, "is a moekit run directory"),
+        (run_dir, logs, "is a moekit run directory"),
+        (ckpt, run_dir, "is a moekit run directory"),
+        (run_dir, ckpt, "is a moekit checkpoint"),
+    ]:
+        assert main(["convert", str(src), str(dst)]) == 2
+        err = capsys.readouterr().err
+        assert f"dst {dst} {message}" in err
+    assert _files(tmp_path) == before
+    # An earlier export may be written over.
+    assert main(["convert", str(run_dir), str(tmp_path / "hf")]) == 0
+    assert main(["convert", str(run_dir), str(tmp_path / "hf")]) == 0
+
+
+def test_import_refuses_a_hugging_face_directory_as_dst(hf_dir, tmp_path, capsys):
+    import shutil
+
+    src, other = tmp_path / "src", tmp_path / "other"
+    shutil.copytree(hf_dir, src)
+    shutil.copytree(hf_dir, other)
+    before = _files(tmp_path)
+    assert main(["convert", str(src), str(src)]) == 2
+    assert f"dst {src} is a Hugging Face checkpoint directory (the source itself)" in (
+        capsys.readouterr().err
+    )
+    assert main(["convert", str(src), str(other)]) == 2
+    assert f"dst {other} is a Hugging Face checkpoint directory;" in capsys.readouterr().err
+    assert _files(tmp_path) == before

@@ -6,6 +6,7 @@
 - moekit -> Hugging Face: SRC is a checkpoint or run directory; DST gets config.json and
   safetensors that transformers loads, and the run's own tokenizer (the tokenizer.json it
   recorded, or the byte tokenizer written as one), replacing any from an earlier export.
+  DST may be an earlier export, never a moekit run or checkpoint directory.
 
 `verify=True` runs a probe batch through source and result and raises VerificationError
 on any logit difference above atol.
@@ -69,6 +70,24 @@ def _copy_tokenizer(src_dirs: list[Path], dst: Path) -> None:
                 break
 
 
+def _check_export_dst(src: Path, dst: Path) -> None:
+    """ValueError unless dst may receive a Hugging Face export of the checkpoint src."""
+    from moekit.train.checkpoint import MANIFEST, checkpoint_dir
+    from moekit.train.metrics import FILENAME as METRICS
+
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"dst {dst} is the source itself; export into another directory")
+    # `moekit sample` and `analyze` read a directory with a config.json as a Hugging Face
+    # one: the export's weights would silently stand in for the run's.
+    if checkpoint_dir(dst).exists() or (dst / METRICS).exists():
+        raise ValueError(
+            f"dst {dst} is a moekit run directory (it has checkpoints/ or {METRICS}); "
+            "export into another directory"
+        )
+    if (dst / MANIFEST).exists():
+        raise ValueError(f"dst {dst} is a moekit checkpoint; export into another directory")
+
+
 def _export_tokenizer_files(recorded: str, beside: list[Path]) -> dict[str, bytes]:
     """name -> contents of the tokenizer files an export of a run writes: its recorded
     tokenizer.json (or the byte tokenizer as one) and the configs found beside the run."""
@@ -105,6 +124,13 @@ def hf_to_moekit(src: str | Path, dst: str | Path, dtype: str | None = None) -> 
             f"{src} has no tokenizer.json to say what its token ids mean; put the model's "
             "tokenizer.json beside its config.json"
         )
+    if is_hf_dir(dst):
+        # `moekit sample` and `analyze` read a directory with a Hugging Face config.json
+        # as one: the run written beside it would never be read.
+        same = " (the source itself)" if dst.resolve() == src.resolve() else ""
+        raise ValueError(
+            f"dst {dst} is a Hugging Face checkpoint directory{same}; convert into a new directory"
+        )
     if list_checkpoints(dst):
         # Step 0 would be pruned at once as the oldest of the run's checkpoints, and the
         # run's tokenizer replaced by the converted model's.
@@ -132,6 +158,7 @@ def moekit_to_hf(
 
     src, dst = Path(src), Path(dst)
     ckpt_dir = resolve(src)
+    _check_export_dst(src, dst)
     ckpt = load_checkpoint(ckpt_dir)
     recorded = ckpt.config["train"]["tokenizer"]
     if recorded != "bytes" and not Path(recorded).is_file():
