@@ -13,7 +13,12 @@ from train_common import MICRO  # noqa: E402
 
 from moekit.cli import main  # noqa: E402
 from moekit.model import Transformer  # noqa: E402
-from moekit.train.checkpoint import list_checkpoints, load_model, save_checkpoint  # noqa: E402
+from moekit.train.checkpoint import (  # noqa: E402
+    list_checkpoints,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
 from moekit.train.config import TrainConfig  # noqa: E402
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,"
@@ -89,7 +94,6 @@ def test_convert_refuses_a_run_directory_with_checkpoints(hf_dir, tmp_path, caps
 
 def test_export_takes_the_tokenizer_file_the_run_recorded(hf_dir, tmp_path):
     from moekit.hf.convert import moekit_to_hf
-    from moekit.train.checkpoint import load_checkpoint
 
     assert main(["convert", str(hf_dir), str(tmp_path / "run")]) == 0
     ckpt = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])
@@ -170,3 +174,36 @@ def test_import_refuses_a_hugging_face_directory_as_dst(hf_dir, tmp_path, capsys
     assert main(["convert", str(src), str(other)]) == 2
     assert f"dst {other} is a Hugging Face checkpoint directory;" in capsys.readouterr().err
     assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_half_precision_import_verifies_within_its_dtype_tolerance(
+    hf_dir, tmp_path, capsys, dtype
+):
+    run_dir = tmp_path / "run"
+    assert main(["convert", str(hf_dir), str(run_dir), "--dtype", dtype, "--verify"]) == 0
+    assert "verified against transformers" in capsys.readouterr().out
+    ckpt = load_checkpoint(list_checkpoints(run_dir)[-1])
+    assert {t.dtype for t in ckpt.model_state.values()} == {getattr(torch, dtype)}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_half_precision_import_with_swapped_experts_fails_verification(
+    hf_dir, tmp_path, capsys, monkeypatch, dtype
+):
+    import moekit.hf.convert as convert_module
+
+    load = convert_module.from_pretrained
+
+    def swapped(src, dtype=None):
+        # A loader that mixed up two experts of one layer: logits move by ~0.5.
+        model = load(src, dtype=dtype)
+        with torch.no_grad():
+            w = model.layers[1].ffn.experts.w_down_EDF
+            w[[0, 1]] = w[[1, 0]].clone()
+        return model
+
+    monkeypatch.setattr(convert_module, "from_pretrained", swapped)
+    code = main(["convert", str(hf_dir), str(tmp_path / "run"), "--dtype", dtype, "--verify"])
+    assert code == 1
+    assert "VERIFICATION FAILED" in capsys.readouterr().out

@@ -188,15 +188,19 @@ def convert(
     max_shard_bytes: int | None = None,
 ) -> ConvertResult:
     """Convert in the direction src implies (see the module docstring); optionally verify."""
-    from moekit.train.checkpoint import load_model
+    from moekit.train.checkpoint import load_checkpoint, load_model, model_from_checkpoint
 
     if is_hf_dir(src):
         result = ConvertResult(hf_to_moekit(src, dst, dtype), "hf->moekit")
         if verify:
             name, reference = reference_for_hf_dir(src)
-            candidate = load_model(result.path)
+            ckpt = load_checkpoint(result.path)
+            candidate = model_from_checkpoint(ckpt)
             ids = probe_ids(candidate.config.vocab_size)
-            tol = atol if atol is not None else DEFAULT_ATOL[candidate.embed.weight.dtype]
+            # Loaded back, the weights are float32 but rounded to the dtype they were saved
+            # in: the tolerance is that dtype's, else no bf16 conversion would verify.
+            saved = ckpt.model_state["embed.weight"].dtype
+            tol = atol if atol is not None else DEFAULT_ATOL[saved]
             result.max_abs_diff = compare_logits(
                 reference(ids), moekit_logits(candidate, ids), tol, f"{dst} vs {name}({src})"
             )
