@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 import hf_models  # noqa: E402
-from train_common import MICRO  # noqa: E402
+from train_common import MICRO, write_corpus  # noqa: E402
 
 from moekit.cli import main  # noqa: E402
 from moekit.model import Transformer  # noqa: E402
@@ -207,3 +207,33 @@ def test_a_half_precision_import_with_swapped_experts_fails_verification(
     code = main(["convert", str(hf_dir), str(tmp_path / "run"), "--dtype", dtype, "--verify"])
     assert code == 1
     assert "VERIFICATION FAILED" in capsys.readouterr().out
+
+
+def test_a_converted_run_reads_its_tokenizer_after_being_moved(hf_dir, tmp_path, capsys):
+    import shutil
+
+    from moekit.analysis import analyze_checkpoint
+    from moekit.hf.convert import load_init_source
+
+    data = write_corpus(tmp_path / "text")
+    run_dir, moved = tmp_path / "run", tmp_path / "elsewhere" / "run"
+    assert main(["convert", str(hf_dir), str(run_dir)]) == 0
+    sample = ["--prompt", "the cat", "--max-new-tokens", "8", "--temperature", "0"]
+
+    def outputs(run):
+        capsys.readouterr()
+        assert main(["sample", str(run), *sample]) == 0
+        text = capsys.readouterr().out
+        summary = analyze_checkpoint(run, data=str(data), seq_len=16, batches_per_domain=1)
+        return text, summary["layers"]
+
+    before = outputs(run_dir)
+    assert before[0].startswith("the cat") and before[1]
+    moved.parent.mkdir()
+    shutil.move(run_dir, moved)
+    assert outputs(moved) == before
+    assert load_init_source(moved).tokenizer == str(moved.resolve() / "tokenizer.json")
+    assert main(["convert", str(moved), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (
+        hf_dir / "tokenizer.json"
+    ).read_bytes()

@@ -113,7 +113,7 @@ def _export_tokenizer_files(recorded: str, beside: list[Path]) -> dict[str, byte
 def hf_to_moekit(src: str | Path, dst: str | Path, dtype: str | None = None) -> Path:
     """Write the Hugging Face checkpoint src as a moekit run directory dst; returns the
     checkpoint directory inside it."""
-    from moekit.train.checkpoint import list_checkpoints, save_checkpoint
+    from moekit.train.checkpoint import list_checkpoints, record_tokenizer, save_checkpoint
     from moekit.train.config import TrainConfig
 
     src, dst = Path(src), Path(dst)
@@ -138,8 +138,9 @@ def hf_to_moekit(src: str | Path, dst: str | Path, dtype: str | None = None) -> 
     model = from_pretrained(src, dtype=dtype)
     dst.mkdir(parents=True, exist_ok=True)
     _copy_tokenizer([src], dst)
-    # The run's tokenizer is the checkpoint's own, so `moekit sample DST` decodes right.
-    train = TrainConfig(tokenizer=str((dst / "tokenizer.json").resolve()))
+    # The run's tokenizer is the checkpoint's own, so `moekit sample DST` decodes right;
+    # recorded relative to DST, so DST may be moved.
+    train = TrainConfig(tokenizer=record_tokenizer(str(dst / "tokenizer.json"), dst))
     config = {"model": model.config.to_dict(), "train": train.to_dict()}
     return save_checkpoint(
         dst, 0, model.state_dict(), config, {}, {"converted_from": str(src.resolve())}, keep=1
@@ -154,13 +155,18 @@ def moekit_to_hf(
 ) -> Path:
     """Write the moekit checkpoint (or run directory's newest checkpoint) src as a Hugging
     Face checkpoint directory dst."""
-    from moekit.train.checkpoint import load_checkpoint, model_from_checkpoint, resolve
+    from moekit.train.checkpoint import (
+        load_checkpoint,
+        model_from_checkpoint,
+        resolve,
+        resolve_tokenizer,
+    )
 
     src, dst = Path(src), Path(dst)
     ckpt_dir = resolve(src)
     _check_export_dst(src, dst)
     ckpt = load_checkpoint(ckpt_dir)
-    recorded = ckpt.config["train"]["tokenizer"]
+    recorded = resolve_tokenizer(ckpt.config["train"]["tokenizer"], ckpt_dir)
     if recorded != "bytes" and not Path(recorded).is_file():
         raise FileNotFoundError(f"tokenizer file not found: {recorded} (recorded by {src})")
     # Read before anything is written: the recorded file may lie in dst itself.
@@ -225,7 +231,7 @@ def load_init_source(src: str | Path) -> InitSource:
     """What `moekit train --init-from SRC` starts from (moekit.train.init_from): SRC is a
     moekit checkpoint, a run directory (its newest checkpoint) or a Hugging Face checkpoint
     directory. Raises CheckpointError or UnsupportedConfig naming what is wrong."""
-    from moekit.train.checkpoint import load_checkpoint, resolve
+    from moekit.train.checkpoint import load_checkpoint, resolve, resolve_tokenizer
     from moekit.train.init_from import InitSource
 
     path = Path(src)
@@ -237,4 +243,5 @@ def load_init_source(src: str | Path) -> InitSource:
         return InitSource(path, config, state, spec)
     ckpt = load_checkpoint(resolve(path))
     config = ModelConfig.from_dict(ckpt.config["model"])
-    return InitSource(path, config, ckpt.model_state, ckpt.config["train"]["tokenizer"])
+    tokenizer = resolve_tokenizer(ckpt.config["train"]["tokenizer"], ckpt.path)
+    return InitSource(path, config, ckpt.model_state, tokenizer)

@@ -60,14 +60,16 @@ def config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
-def _check_resumable(saved: dict, model_config, train_config: TrainConfig) -> None:
+def _check_resumable(saved: ckpt_io.Checkpoint, model_config, train_config: TrainConfig) -> None:
     now_train = {k: v for k, v in train_config.to_dict().items() if k not in RESUMABLE_FIELDS}
-    old_train = {k: v for k, v in saved["train"].items() if k not in RESUMABLE_FIELDS}
+    old_train = {k: v for k, v in saved.config["train"].items() if k not in RESUMABLE_FIELDS}
+    if "tokenizer" in old_train:
+        old_train["tokenizer"] = ckpt_io.resolve_tokenizer(old_train["tokenizer"], saved.path)
     # Runs recorded a tokenizer path as typed before `moekit train` made it absolute.
     for d in (now_train, old_train):
         if d.get("tokenizer", "bytes") != "bytes":
             d["tokenizer"] = str(Path(d["tokenizer"]).resolve())
-    diffs = config_differences(saved["model"], model_config.to_dict(), "model.")
+    diffs = config_differences(saved.config["model"], model_config.to_dict(), "model.")
     diffs += config_differences(old_train, now_train, "train.")
     if diffs:
         raise ckpt_io.CheckpointError(
@@ -163,7 +165,7 @@ def train(
     saved = None
     if resume is not None:
         saved = ckpt_io.load_checkpoint(ckpt_io.resolve(resume))
-        _check_resumable(saved.config, model_config, config)
+        _check_resumable(saved, model_config, config)
         _check_same_data(saved.state.get("data_digest"), digest, config.data)
     elif ckpt_io.list_checkpoints(run_dir):
         # A fresh run here would interleave its checkpoints and metrics with the old run's.
@@ -324,6 +326,12 @@ def train(
     return result
 
 
+def _recorded_train(config: TrainConfig, run_dir: Path) -> dict:
+    # A tokenizer inside the run directory is recorded relative to it: the run may move.
+    tokenizer = ckpt_io.record_tokenizer(config.tokenizer, run_dir)
+    return {**config.to_dict(), "tokenizer": tokenizer}
+
+
 def _save(run_dir, step, base, optimizer, model_config, config, parallel, digest) -> None:
     full = parallel.full_state_dict(base) if parallel is not None else base.state_dict()
     tensors, scalars = state_io.capture(base, optimizer)
@@ -335,7 +343,7 @@ def _save(run_dir, step, base, optimizer, model_config, config, parallel, digest
             run_dir,
             step,
             full,
-            {"model": model_config.to_dict(), "train": config.to_dict()},
+            {"model": model_config.to_dict(), "train": _recorded_train(config, run_dir)},
             tensors,
             {**scalars, "world_size": world, "data_digest": digest},
             keep=config.keep_checkpoints,
