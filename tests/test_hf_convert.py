@@ -237,3 +237,41 @@ def test_a_converted_run_reads_its_tokenizer_after_being_moved(hf_dir, tmp_path,
     assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (
         hf_dir / "tokenizer.json"
     ).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def converted(hf_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("converted") / "run"
+    assert main(["convert", str(hf_dir), str(run_dir)]) == 0
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "from_hf, options, message",
+    [
+        (False, ["--shard-mb", "0"], "--shard-mb must be >= 1, got 0"),
+        (False, ["--shard-mb", "-2"], "--shard-mb must be >= 1, got -2"),
+        (False, ["--verify", "--atol", "-1"], "--atol must be a finite number >= 0, got -1.0"),
+        (False, ["--verify", "--atol", "nan"], "--atol must be a finite number >= 0, got nan"),
+        (True, ["--verify", "--atol", "inf"], "--atol must be a finite number >= 0, got inf"),
+        (True, ["--atol", "0.5"], "--atol applies with --verify only"),
+        (False, ["--dtype", "bfloat16"], "--dtype applies to Hugging Face -> moekit conversion"),
+        (True, ["--family", "olmoe"], "--family applies to moekit -> Hugging Face conversion"),
+        (True, ["--shard-mb", "5"], "--shard-mb applies to moekit -> Hugging Face conversion"),
+    ],
+)
+def test_options_that_do_not_apply_are_refused_by_name(
+    hf_dir, converted, tmp_path, capsys, from_hf, options, message
+):
+    src, dst = (hf_dir if from_hf else converted), tmp_path / "out"
+    assert main(["convert", str(src), str(dst), *options]) == 2
+    assert message in capsys.readouterr().err
+    assert not dst.exists()
+
+
+def test_save_tensors_refuses_a_shard_limit_below_one_byte(tmp_path):
+    from moekit.hf.io import save_tensors
+
+    with pytest.raises(ValueError, match="max_shard_bytes must be >= 1, got 0"):
+        save_tensors(tmp_path / "out", {"w": torch.zeros(3)}, max_shard_bytes=0)
+    assert not (tmp_path / "out").exists()

@@ -34,6 +34,7 @@ from moekit.hf.verify import (
     reference_for_hf_dir,
 )
 from moekit.model.config import ModelConfig
+from moekit.validate import check_non_negative
 
 if TYPE_CHECKING:
     from moekit.train.init_from import InitSource
@@ -193,10 +194,15 @@ def convert(
     atol: float | None = None,
     max_shard_bytes: int | None = None,
 ) -> ConvertResult:
-    """Convert in the direction src implies (see the module docstring); optionally verify."""
+    """Convert in the direction src implies (see the module docstring); optionally verify.
+
+    An option that does not apply is a ValueError naming it: family or max_shard_bytes
+    with a Hugging Face src, dtype with a moekit one, atol without verify."""
     from moekit.train.checkpoint import load_checkpoint, load_model, model_from_checkpoint
 
-    if is_hf_dir(src):
+    src_is_hf = is_hf_dir(src)
+    _check_options(src_is_hf, family, dtype, max_shard_bytes, verify, atol)
+    if src_is_hf:
         result = ConvertResult(hf_to_moekit(src, dst, dtype), "hf->moekit")
         if verify:
             name, reference = reference_for_hf_dir(src)
@@ -212,8 +218,6 @@ def convert(
             )
             result.reference = name
         return result
-    if dtype is not None:
-        raise ValueError("--dtype applies to Hugging Face -> moekit conversion only")
     result = ConvertResult(moekit_to_hf(src, dst, family, max_shard_bytes), "moekit->hf")
     if verify:
         source = load_model(src)
@@ -225,6 +229,32 @@ def convert(
         )
         result.reference = name
     return result
+
+
+def _check_options(
+    src_is_hf: bool,
+    family: str | None,
+    dtype: str | None,
+    max_shard_bytes: int | None,
+    verify: bool,
+    atol: float | None,
+) -> None:
+    # An option that does not apply would otherwise be ignored without a word.
+    if src_is_hf:
+        other, src_kind = {"--family": family, "--shard-mb": max_shard_bytes}, "Hugging Face"
+        direction = "moekit -> Hugging Face"
+    else:
+        other, src_kind = {"--dtype": dtype}, "moekit"
+        direction = "Hugging Face -> moekit"
+    for option, value in other.items():
+        if value is not None:
+            raise ValueError(
+                f"{option} applies to {direction} conversion only; SRC is a {src_kind} checkpoint"
+            )
+    if atol is not None:
+        check_non_negative("--atol", atol)
+        if not verify:
+            raise ValueError(f"--atol applies with --verify only, got --atol {atol!r}")
 
 
 def load_init_source(src: str | Path) -> InitSource:
