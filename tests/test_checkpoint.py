@@ -18,7 +18,9 @@ from moekit.train import state as state_io
 from moekit.train.checkpoint import (
     list_checkpoints,
     model_from_checkpoint,
+    record_tokenizer,
     resolve,
+    resolve_tokenizer,
     save_checkpoint,
 )
 from moekit.train.optim import build_optimizer
@@ -209,3 +211,18 @@ def test_kill_during_save_keeps_the_last_good_checkpoint(tmp_path):
     _save(tmp_path, 2, fresh, optimizer)
     assert not list((tmp_path / "checkpoints").glob(".step_*"))
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001", "step_00000002"]
+
+
+def test_a_tokenizer_inside_the_run_is_recorded_relative_to_it(tmp_path):
+    run_dir = tmp_path / "run"
+    inside, outside = run_dir / "tok" / "t.json", tmp_path / "t.json"
+    assert record_tokenizer(str(inside), run_dir) == "run:tok/t.json"
+    for spec in ("bytes", str(outside), "relative/t.json"):
+        assert record_tokenizer(spec, run_dir) == spec
+    ckpt = run_dir / "checkpoints" / "step_00000003"
+    assert resolve_tokenizer("run:tok/t.json", ckpt) == str(inside.resolve())
+    # Anything else as recorded: old runs' relative paths are read from the working directory.
+    for spec in ("bytes", str(outside), "relative/t.json"):
+        assert resolve_tokenizer(spec, ckpt) == spec
+    with pytest.raises(CheckpointError, match="lies outside one"):
+        resolve_tokenizer("run:tok/t.json", tmp_path / "step_00000003")

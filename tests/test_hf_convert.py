@@ -9,9 +9,17 @@ pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 import hf_models  # noqa: E402
+from train_common import MICRO, write_corpus  # noqa: E402
 
 from moekit.cli import main  # noqa: E402
-from moekit.train.checkpoint import load_model  # noqa: E402
+from moekit.model import Transformer  # noqa: E402
+from moekit.train.checkpoint import (  # noqa: E402
+    list_checkpoints,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
+from moekit.train.config import TrainConfig  # noqa: E402
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,"
 
@@ -23,6 +31,23 @@ def _write_char_tokenizer(directory) -> tokenizers.Tokenizer:
     tok.decoder = tokenizers.decoders.Fuse()
     tok.save(str(directory / "tokenizer.json"))
     return tok
+
+
+def _micro_run(run_dir, tokenizer: str):
+    """A run directory with one checkpoint of a random micro model that recorded `tokenizer`."""
+    torch.manual_seed(0)
+    config = {"model": MICRO.to_dict(), "train": TrainConfig(tokenizer=tokenizer).to_dict()}
+    save_checkpoint(run_dir, 0, Transformer(MICRO).state_dict(), config, {}, {}, keep=1)
+    return run_dir
+
+
+def _files(directory) -> dict[str, bytes]:
+    """Every file under directory by relative path, with its contents."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +94,6 @@ def test_convert_refuses_a_run_directory_with_checkpoints(hf_dir, tmp_path, caps
 
 def test_export_takes_the_tokenizer_file_the_run_recorded(hf_dir, tmp_path):
     from moekit.hf.convert import moekit_to_hf
-    from moekit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 
     assert main(["convert", str(hf_dir), str(tmp_path / "run")]) == 0
     ckpt = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])
@@ -94,3 +118,160 @@ def test_a_hf_directory_without_tokenizer_is_refused(hf_dir, tmp_path, capsys):
     assert main(["convert", str(bare), str(tmp_path / "run")]) == 2
     assert "has no tokenizer.json to say what its token ids mean" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_reexport_replaces_the_tokenizer_of_an_earlier_export(hf_dir, tmp_path):
+    chars = tmp_path / "tokenizers" / "chars.json"  # not beside the run
+    chars.parent.mkdir()
+    chars.write_bytes((hf_dir / "tokenizer.json").read_bytes())
+    byte_run = _micro_run(tmp_path / "bytes", "bytes")
+    char_run = _micro_run(tmp_path / "chars", str(chars))
+    assert main(["convert", str(char_run), str(tmp_path / "fresh")]) == 0
+    used = tmp_path / "used"
+    assert main(["convert", str(byte_run), str(used)]) == 0
+    assert main(["convert", str(char_run), str(used), "--verify"]) == 0
+    assert _files(used) == _files(tmp_path / "fresh")
+    assert (used / "tokenizer.json").read_bytes() == chars.read_bytes()
+
+
+def test_export_refuses_the_source_and_moekit_directories_as_dst(hf_dir, tmp_path, capsys):
+    run_dir, other = tmp_path / "run", tmp_path / "other"
+    for d in (run_dir, other):
+        assert main(["convert", str(hf_dir), str(d)]) == 0
+    ckpt = list_checkpoints(run_dir)[-1]
+    logs = tmp_path / "logs"  # a run that has written metrics but no checkpoint yet
+    logs.mkdir()
+    (logs / "metrics.jsonl").write_text("")
+    before = _files(tmp_path)
+    for src, dst, message in [
+        (run_dir, run_dir, "is the source itself"),
+        (ckpt, ckpt, "is the source itself"),
+        (run_dir, other, "is a moekit run directory"),
+        (run_dir, logs, "is a moekit run directory"),
+        (ckpt, run_dir, "is a moekit run directory"),
+        (run_dir, ckpt, "is a moekit checkpoint"),
+    ]:
+        assert main(["convert", str(src), str(dst)]) == 2
+        err = capsys.readouterr().err
+        assert f"dst {dst} {message}" in err
+    assert _files(tmp_path) == before
+    # An earlier export may be written over.
+    assert main(["convert", str(run_dir), str(tmp_path / "hf")]) == 0
+    assert main(["convert", str(run_dir), str(tmp_path / "hf")]) == 0
+
+
+def test_import_refuses_a_hugging_face_directory_as_dst(hf_dir, tmp_path, capsys):
+    import shutil
+
+    src, other = tmp_path / "src", tmp_path / "other"
+    shutil.copytree(hf_dir, src)
+    shutil.copytree(hf_dir, other)
+    before = _files(tmp_path)
+    assert main(["convert", str(src), str(src)]) == 2
+    assert f"dst {src} is a Hugging Face checkpoint directory (the source itself)" in (
+        capsys.readouterr().err
+    )
+    assert main(["convert", str(src), str(other)]) == 2
+    assert f"dst {other} is a Hugging Face checkpoint directory;" in capsys.readouterr().err
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_half_precision_import_verifies_within_its_dtype_tolerance(
+    hf_dir, tmp_path, capsys, dtype
+):
+    run_dir = tmp_path / "run"
+    assert main(["convert", str(hf_dir), str(run_dir), "--dtype", dtype, "--verify"]) == 0
+    assert "verified against transformers" in capsys.readouterr().out
+    ckpt = load_checkpoint(list_checkpoints(run_dir)[-1])
+    assert {t.dtype for t in ckpt.model_state.values()} == {getattr(torch, dtype)}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_half_precision_import_with_swapped_experts_fails_verification(
+    hf_dir, tmp_path, capsys, monkeypatch, dtype
+):
+    import moekit.hf.convert as convert_module
+
+    load = convert_module.from_pretrained
+
+    def swapped(src, dtype=None):
+        # A loader that mixed up two experts of one layer: logits move by ~0.5.
+        model = load(src, dtype=dtype)
+        with torch.no_grad():
+            w = model.layers[1].ffn.experts.w_down_EDF
+            w[[0, 1]] = w[[1, 0]].clone()
+        return model
+
+    monkeypatch.setattr(convert_module, "from_pretrained", swapped)
+    code = main(["convert", str(hf_dir), str(tmp_path / "run"), "--dtype", dtype, "--verify"])
+    assert code == 1
+    assert "VERIFICATION FAILED" in capsys.readouterr().out
+
+
+def test_a_converted_run_reads_its_tokenizer_after_being_moved(hf_dir, tmp_path, capsys):
+    import shutil
+
+    from moekit.analysis import analyze_checkpoint
+    from moekit.hf.convert import load_init_source
+
+    data = write_corpus(tmp_path / "text")
+    run_dir, moved = tmp_path / "run", tmp_path / "elsewhere" / "run"
+    assert main(["convert", str(hf_dir), str(run_dir)]) == 0
+    sample = ["--prompt", "the cat", "--max-new-tokens", "8", "--temperature", "0"]
+
+    def outputs(run):
+        capsys.readouterr()
+        assert main(["sample", str(run), *sample]) == 0
+        text = capsys.readouterr().out
+        summary = analyze_checkpoint(run, data=str(data), seq_len=16, batches_per_domain=1)
+        return text, summary["layers"]
+
+    before = outputs(run_dir)
+    assert before[0].startswith("the cat") and before[1]
+    moved.parent.mkdir()
+    shutil.move(run_dir, moved)
+    assert outputs(moved) == before
+    assert load_init_source(moved).tokenizer == str(moved.resolve() / "tokenizer.json")
+    assert main(["convert", str(moved), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (
+        hf_dir / "tokenizer.json"
+    ).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def converted(hf_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("converted") / "run"
+    assert main(["convert", str(hf_dir), str(run_dir)]) == 0
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "from_hf, options, message",
+    [
+        (False, ["--shard-mb", "0"], "--shard-mb must be >= 1, got 0"),
+        (False, ["--shard-mb", "-2"], "--shard-mb must be >= 1, got -2"),
+        (False, ["--verify", "--atol", "-1"], "--atol must be a finite number >= 0, got -1.0"),
+        (False, ["--verify", "--atol", "nan"], "--atol must be a finite number >= 0, got nan"),
+        (True, ["--verify", "--atol", "inf"], "--atol must be a finite number >= 0, got inf"),
+        (True, ["--atol", "0.5"], "--atol applies with --verify only"),
+        (False, ["--dtype", "bfloat16"], "--dtype applies to Hugging Face -> moekit conversion"),
+        (True, ["--family", "olmoe"], "--family applies to moekit -> Hugging Face conversion"),
+        (True, ["--shard-mb", "5"], "--shard-mb applies to moekit -> Hugging Face conversion"),
+    ],
+)
+def test_options_that_do_not_apply_are_refused_by_name(
+    hf_dir, converted, tmp_path, capsys, from_hf, options, message
+):
+    src, dst = (hf_dir if from_hf else converted), tmp_path / "out"
+    assert main(["convert", str(src), str(dst), *options]) == 2
+    assert message in capsys.readouterr().err
+    assert not dst.exists()
+
+
+def test_save_tensors_refuses_a_shard_limit_below_one_byte(tmp_path):
+    from moekit.hf.io import save_tensors
+
+    with pytest.raises(ValueError, match="max_shard_bytes must be >= 1, got 0"):
+        save_tensors(tmp_path / "out", {"w": torch.zeros(3)}, max_shard_bytes=0)
+    assert not (tmp_path / "out").exists()

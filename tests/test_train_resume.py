@@ -145,3 +145,24 @@ def test_resume_of_a_checkpoint_continues_in_its_own_run_directory(corpus, tmp_p
     assert main(["train", *flags, "--resume", str(first)]) == 0
     assert not (tmp_path / "runs").exists()
     assert [r["step"] for r in read_metrics("exp") if r["kind"] == "train"] == [1, 2, 3, 4]
+
+
+def test_a_run_with_its_tokenizer_inside_resumes_after_being_moved(corpus, tmp_path):
+    import json
+    import shutil
+
+    from moekit.data.tokenizer import ByteTokenizer
+
+    run_dir, moved = tmp_path / "run", tmp_path / "elsewhere" / "run"
+    run_dir.mkdir()
+    (run_dir / "tokenizer.json").write_text(json.dumps(ByteTokenizer.tokenizer_json()))
+    config = micro_train(corpus, tokenizer=str((run_dir / "tokenizer.json").resolve()))
+    train(MICRO, config, run_dir, plots=False)
+    first = list_checkpoints(run_dir)[0]
+    assert load_checkpoint(first).config["train"]["tokenizer"] == "run:tokenizer.json"
+    moved.parent.mkdir()
+    shutil.move(run_dir, moved)
+    config = config.replace(tokenizer=str((moved / "tokenizer.json").resolve()))
+    resume = moved / "checkpoints" / first.name
+    train(MICRO, config, moved, resume=resume, plots=False)
+    assert load_checkpoint(list_checkpoints(moved)[-1]).step == config.steps

@@ -89,6 +89,7 @@ def analyze_checkpoint(
     """
     from moekit.data import load_tokenizer, prepare_tokens
     from moekit.devices import resolve_device
+    from moekit.train.checkpoint import run_dir_of
 
     for name, value in (("batch_size", batch_size), ("batches_per_domain", batches_per_domain)):
         if not isinstance(value, int) or value < 1:
@@ -109,7 +110,7 @@ def analyze_checkpoint(
             f"tokenizer {tok.name!r} has {tok.vocab_size} ids, the model only "
             f"{model.config.vocab_size}"
         )
-    run_dir = _run_dir(source)
+    run_dir = run_dir_of(source.resolve())
     out_dir = Path(out_dir) if out_dir is not None else (run_dir or source) / "analysis"
     if cache_dir is None:
         # The training run's token cache when there is one (same key: nothing is redone).
@@ -198,11 +199,13 @@ def _load(path: Path, device: str) -> tuple[nn.Module, dict, Path]:
         config = json.loads(config_path.read_text())
         if "model_type" in config:  # a Hugging Face model directory
             return (*_load_hf(path, device), path)
-    from moekit.train.checkpoint import load_model, resolve
+    from moekit.train.checkpoint import load_model, resolve, resolve_tokenizer
 
     ckpt_dir = resolve(path)
     model = load_model(ckpt_dir, device)  # verifies the manifest's hashes
     train = json.loads((ckpt_dir / "config.json").read_text()).get("train", {})
+    if "tokenizer" in train:
+        train["tokenizer"] = resolve_tokenizer(train["tokenizer"], ckpt_dir)
     return model, train, ckpt_dir
 
 
@@ -231,9 +234,3 @@ def _window(seq_len: int | None, train: dict, max_seq_len: int) -> int:
             f"seq_len {seq_len} is longer than the model's context (max_seq_len {max_seq_len})"
         )
     return seq_len
-
-
-def _run_dir(checkpoint: Path) -> Path | None:
-    """The training run a checkpoint belongs to (run_dir/checkpoints/step_n), if any."""
-    parent = checkpoint.resolve().parent
-    return parent.parent if parent.name == "checkpoints" else None

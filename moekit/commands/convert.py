@@ -34,7 +34,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from moekit.hf.convert import convert
     from moekit.hf.verify import VerificationError
+    from moekit.validate import check_int
 
+    if args.shard_mb is not None:
+        # At 0 or less every tensor would go to a shard of its own.
+        check_int("--shard-mb", args.shard_mb)
     shard = None if args.shard_mb is None else args.shard_mb * 2**20
     try:
         result = convert(

@@ -67,7 +67,12 @@ def run(args: argparse.Namespace) -> int:
     from moekit.data.tokenizer import load_tokenizer
     from moekit.devices import resolve_device
     from moekit.hf.convert import is_hf_dir
-    from moekit.train.checkpoint import load_checkpoint, model_from_checkpoint, resolve
+    from moekit.train.checkpoint import (
+        load_checkpoint,
+        model_from_checkpoint,
+        resolve,
+        resolve_tokenizer,
+    )
 
     device = resolve_device(args.device)
     if is_hf_dir(args.checkpoint):
@@ -80,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         model = from_pretrained(args.checkpoint, device=device)
     else:
         ckpt = load_checkpoint(resolve(args.checkpoint))
-        tokenizer = load_tokenizer(ckpt.config["train"]["tokenizer"])
+        tokenizer = load_tokenizer(resolve_tokenizer(ckpt.config["train"]["tokenizer"], ckpt.path))
         model = model_from_checkpoint(ckpt, device=device)
     texts = sample_text(
         model,

@@ -4,7 +4,9 @@
   is in the format of moekit.train.checkpoint (so `moekit sample DST`, analysis and
   fine-tuning read it like a trained run); tokenizer files are copied to DST.
 - moekit -> Hugging Face: SRC is a checkpoint or run directory; DST gets config.json and
-  safetensors that transformers loads; a tokenizer.json found beside SRC is copied.
+  safetensors that transformers loads, and the run's own tokenizer (the tokenizer.json it
+  recorded, or the byte tokenizer written as one), replacing any from an earlier export.
+  DST may be an earlier export, never a moekit run or checkpoint directory.
 
 `verify=True` runs a probe batch through source and result and raises VerificationError
 on any logit difference above atol.
@@ -32,6 +34,7 @@ from moekit.hf.verify import (
     reference_for_hf_dir,
 )
 from moekit.model.config import ModelConfig
+from moekit.validate import check_non_negative
 
 if TYPE_CHECKING:
     from moekit.train.init_from import InitSource
@@ -68,10 +71,50 @@ def _copy_tokenizer(src_dirs: list[Path], dst: Path) -> None:
                 break
 
 
+def _check_export_dst(src: Path, dst: Path) -> None:
+    """ValueError unless dst may receive a Hugging Face export of the checkpoint src."""
+    from moekit.train.checkpoint import MANIFEST, checkpoint_dir
+    from moekit.train.metrics import FILENAME as METRICS
+
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"dst {dst} is the source itself; export into another directory")
+    # `moekit sample` and `analyze` read a directory with a config.json as a Hugging Face
+    # one: the export's weights would silently stand in for the run's.
+    if checkpoint_dir(dst).exists() or (dst / METRICS).exists():
+        raise ValueError(
+            f"dst {dst} is a moekit run directory (it has checkpoints/ or {METRICS}); "
+            "export into another directory"
+        )
+    if (dst / MANIFEST).exists():
+        raise ValueError(f"dst {dst} is a moekit checkpoint; export into another directory")
+
+
+def _export_tokenizer_files(recorded: str, beside: list[Path]) -> dict[str, bytes]:
+    """name -> contents of the tokenizer files an export of a run writes: its recorded
+    tokenizer.json (or the byte tokenizer as one) and the configs found beside the run."""
+    files = {}
+    for name in TOKENIZER_FILES[1:]:
+        found = [d / name for d in beside if (d / name).is_file()]
+        if found:
+            files[name] = found[0].read_bytes()
+    if recorded == "bytes":
+        # A byte-level run has no tokenizer file to copy: write the byte tokenizer as one,
+        # so `moekit sample`, `tokenizers` and transformers' AutoTokenizer read DST as
+        # moekit does.
+        files["tokenizer.json"] = (json.dumps(ByteTokenizer.tokenizer_json()) + "\n").encode()
+        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        files["tokenizer_config.json"] = (json.dumps(config, indent=2) + "\n").encode()
+        return files
+    # The file the run was trained with, wherever it lies (not one that happens to be
+    # named tokenizer.json beside it).
+    files["tokenizer.json"] = Path(recorded).read_bytes()
+    return files
+
+
 def hf_to_moekit(src: str | Path, dst: str | Path, dtype: str | None = None) -> Path:
     """Write the Hugging Face checkpoint src as a moekit run directory dst; returns the
     checkpoint directory inside it."""
-    from moekit.train.checkpoint import list_checkpoints, save_checkpoint
+    from moekit.train.checkpoint import list_checkpoints, record_tokenizer, save_checkpoint
     from moekit.train.config import TrainConfig
 
     src, dst = Path(src), Path(dst)
@@ -82,6 +125,13 @@ def hf_to_moekit(src: str | Path, dst: str | Path, dtype: str | None = None) -> 
             f"{src} has no tokenizer.json to say what its token ids mean; put the model's "
             "tokenizer.json beside its config.json"
         )
+    if is_hf_dir(dst):
+        # `moekit sample` and `analyze` read a directory with a Hugging Face config.json
+        # as one: the run written beside it would never be read.
+        same = " (the source itself)" if dst.resolve() == src.resolve() else ""
+        raise ValueError(
+            f"dst {dst} is a Hugging Face checkpoint directory{same}; convert into a new directory"
+        )
     if list_checkpoints(dst):
         # Step 0 would be pruned at once as the oldest of the run's checkpoints, and the
         # run's tokenizer replaced by the converted model's.
@@ -89,8 +139,9 @@ def hf_to_moekit(src: str | Path, dst: str | Path, dtype: str | None = None) -> 
     model = from_pretrained(src, dtype=dtype)
     dst.mkdir(parents=True, exist_ok=True)
     _copy_tokenizer([src], dst)
-    # The run's tokenizer is the checkpoint's own, so `moekit sample DST` decodes right.
-    train = TrainConfig(tokenizer=str((dst / "tokenizer.json").resolve()))
+    # The run's tokenizer is the checkpoint's own, so `moekit sample DST` decodes right;
+    # recorded relative to DST, so DST may be moved.
+    train = TrainConfig(tokenizer=record_tokenizer(str(dst / "tokenizer.json"), dst))
     config = {"model": model.config.to_dict(), "train": train.to_dict()}
     return save_checkpoint(
         dst, 0, model.state_dict(), config, {}, {"converted_from": str(src.resolve())}, keep=1
@@ -105,29 +156,32 @@ def moekit_to_hf(
 ) -> Path:
     """Write the moekit checkpoint (or run directory's newest checkpoint) src as a Hugging
     Face checkpoint directory dst."""
-    from moekit.train.checkpoint import load_checkpoint, model_from_checkpoint, resolve
+    from moekit.train.checkpoint import (
+        load_checkpoint,
+        model_from_checkpoint,
+        resolve,
+        resolve_tokenizer,
+    )
 
     src, dst = Path(src), Path(dst)
     ckpt_dir = resolve(src)
+    _check_export_dst(src, dst)
     ckpt = load_checkpoint(ckpt_dir)
+    recorded = resolve_tokenizer(ckpt.config["train"]["tokenizer"], ckpt_dir)
+    if recorded != "bytes" and not Path(recorded).is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {recorded} (recorded by {src})")
+    # Read before anything is written: the recorded file may lie in dst itself.
+    tokenizer = _export_tokenizer_files(recorded, [src, ckpt_dir, ckpt_dir.parent.parent])
     save_pretrained(
         model_from_checkpoint(ckpt), dst, family=family, max_shard_bytes=max_shard_bytes
     )
-    _copy_tokenizer([src, ckpt_dir, ckpt_dir.parent.parent], dst)
-    recorded = ckpt.config["train"]["tokenizer"]
-    if recorded != "bytes" and not (dst / "tokenizer.json").is_file():
-        # The file the run was trained with, wherever it lies.
-        if not Path(recorded).is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {recorded} (recorded by {src})")
-        shutil.copyfile(recorded, dst / "tokenizer.json")
-    if recorded == "bytes":
-        # A byte-level run has no tokenizer file to copy: write the byte tokenizer as one,
-        # so `moekit sample`, `tokenizers` and transformers' AutoTokenizer read DST as
-        # moekit does.
-        (dst / "tokenizer.json").write_text(json.dumps(ByteTokenizer.tokenizer_json()) + "\n")
-        (dst / "tokenizer_config.json").write_text(
-            json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n"
-        )
+    # An earlier export's tokenizer goes, whatever this run brings: a byte-level
+    # tokenizer.json left in place would read this model's ids as bytes, and --verify
+    # compares logits only.
+    for name in TOKENIZER_FILES:
+        (dst / name).unlink(missing_ok=True)
+    for name, blob in tokenizer.items():
+        (dst / name).write_bytes(blob)
     return dst
 
 
@@ -140,23 +194,30 @@ def convert(
     atol: float | None = None,
     max_shard_bytes: int | None = None,
 ) -> ConvertResult:
-    """Convert in the direction src implies (see the module docstring); optionally verify."""
-    from moekit.train.checkpoint import load_model
+    """Convert in the direction src implies (see the module docstring); optionally verify.
 
-    if is_hf_dir(src):
+    An option that does not apply is a ValueError naming it: family or max_shard_bytes
+    with a Hugging Face src, dtype with a moekit one, atol without verify."""
+    from moekit.train.checkpoint import load_checkpoint, load_model, model_from_checkpoint
+
+    src_is_hf = is_hf_dir(src)
+    _check_options(src_is_hf, family, dtype, max_shard_bytes, verify, atol)
+    if src_is_hf:
         result = ConvertResult(hf_to_moekit(src, dst, dtype), "hf->moekit")
         if verify:
             name, reference = reference_for_hf_dir(src)
-            candidate = load_model(result.path)
+            ckpt = load_checkpoint(result.path)
+            candidate = model_from_checkpoint(ckpt)
             ids = probe_ids(candidate.config.vocab_size)
-            tol = atol if atol is not None else DEFAULT_ATOL[candidate.embed.weight.dtype]
+            # Loaded back, the weights are float32 but rounded to the dtype they were saved
+            # in: the tolerance is that dtype's, else no bf16 conversion would verify.
+            saved = ckpt.model_state["embed.weight"].dtype
+            tol = atol if atol is not None else DEFAULT_ATOL[saved]
             result.max_abs_diff = compare_logits(
                 reference(ids), moekit_logits(candidate, ids), tol, f"{dst} vs {name}({src})"
             )
             result.reference = name
         return result
-    if dtype is not None:
-        raise ValueError("--dtype applies to Hugging Face -> moekit conversion only")
     result = ConvertResult(moekit_to_hf(src, dst, family, max_shard_bytes), "moekit->hf")
     if verify:
         source = load_model(src)
@@ -170,11 +231,37 @@ def convert(
     return result
 
 
+def _check_options(
+    src_is_hf: bool,
+    family: str | None,
+    dtype: str | None,
+    max_shard_bytes: int | None,
+    verify: bool,
+    atol: float | None,
+) -> None:
+    # An option that does not apply would otherwise be ignored without a word.
+    if src_is_hf:
+        other, src_kind = {"--family": family, "--shard-mb": max_shard_bytes}, "Hugging Face"
+        direction = "moekit -> Hugging Face"
+    else:
+        other, src_kind = {"--dtype": dtype}, "moekit"
+        direction = "Hugging Face -> moekit"
+    for option, value in other.items():
+        if value is not None:
+            raise ValueError(
+                f"{option} applies to {direction} conversion only; SRC is a {src_kind} checkpoint"
+            )
+    if atol is not None:
+        check_non_negative("--atol", atol)
+        if not verify:
+            raise ValueError(f"--atol applies with --verify only, got --atol {atol!r}")
+
+
 def load_init_source(src: str | Path) -> InitSource:
     """What `moekit train --init-from SRC` starts from (moekit.train.init_from): SRC is a
     moekit checkpoint, a run directory (its newest checkpoint) or a Hugging Face checkpoint
     directory. Raises CheckpointError or UnsupportedConfig naming what is wrong."""
-    from moekit.train.checkpoint import load_checkpoint, resolve
+    from moekit.train.checkpoint import load_checkpoint, resolve, resolve_tokenizer
     from moekit.train.init_from import InitSource
 
     path = Path(src)
@@ -186,4 +273,5 @@ def load_init_source(src: str | Path) -> InitSource:
         return InitSource(path, config, state, spec)
     ckpt = load_checkpoint(resolve(path))
     config = ModelConfig.from_dict(ckpt.config["model"])
-    return InitSource(path, config, ckpt.model_state, ckpt.config["train"]["tokenizer"])
+    tokenizer = resolve_tokenizer(ckpt.config["train"]["tokenizer"], ckpt.path)
+    return InitSource(path, config, ckpt.model_state, tokenizer)

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moekit.errors import CheckpointError
+from moekit.validate import check_int
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -212,6 +213,8 @@ def save_tensors(
     would make readers (this one included) load the old shards, and a leftover single
     file is what transformers reads when the new save is sharded.
     """
+    if max_shard_bytes is not None:
+        check_int("max_shard_bytes", max_shard_bytes)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for stale in [directory / SINGLE_FILE, directory / INDEX_FILE, *directory.glob(_SHARD_GLOB)]:

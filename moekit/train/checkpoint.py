@@ -3,7 +3,9 @@
 A checkpoint is a directory `<run_dir>/checkpoints/step_<n>/` holding
 
 - `model.safetensors`: the full, unsharded model state dict;
-- `config.json`: {"model": ModelConfig, "train": TrainConfig} as plain JSON;
+- `config.json`: {"model": ModelConfig, "train": TrainConfig} as plain JSON, where a
+  tokenizer file inside the run directory is recorded as `run:NAME` (record_tokenizer)
+  so that the run can be moved; `resolve_tokenizer` gives the path to read;
 - `state.safetensors`: optimizer moments by parameter name and the RNG states;
 - `state.json`: step, optimizer hyper-parameters and other scalars;
 - `manifest.json`: size and sha256 of every file above, written last.
@@ -38,6 +40,10 @@ FORMAT = 1
 FILES = ("model.safetensors", "config.json", "state.safetensors", "state.json")
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# Prefix of a recorded tokenizer that is a file of the run directory, named relative to it.
+# Anything else recorded is "bytes" or a path: absolute, or relative to the working
+# directory as runs recorded it before `moekit train` made it absolute.
+IN_RUN = "run:"
 
 
 @dataclass
@@ -170,6 +176,32 @@ def resolve(path: str | Path) -> Path:
     if not found:
         raise CheckpointError(f"no checkpoint found in {path}")
     return found[-1]
+
+
+def record_tokenizer(spec: str, run_dir: str | Path) -> str:
+    """How a checkpoint of run_dir records the tokenizer `spec` ("bytes" or a path): a file
+    inside run_dir as IN_RUN + its path there, which survives moving the run; else as is."""
+    if spec == "bytes":
+        return spec
+    path, root = Path(spec).resolve(), Path(run_dir).resolve()
+    if root not in path.parents:
+        return spec
+    return IN_RUN + path.relative_to(root).as_posix()
+
+
+def resolve_tokenizer(recorded: str, ckpt_dir: str | Path) -> str:
+    """What `load_tokenizer` takes for the tokenizer the checkpoint ckpt_dir recorded: a
+    file of its run directory (IN_RUN + name) as a path; anything else as recorded."""
+    if not recorded.startswith(IN_RUN):
+        return recorded
+    ckpt_dir = Path(ckpt_dir).resolve()
+    run_dir = run_dir_of(ckpt_dir)
+    if run_dir is None:
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} records its tokenizer as {recorded!r}, a file of its run "
+            "directory, but lies outside one (<run_dir>/checkpoints/step_<n>)"
+        )
+    return str(run_dir / recorded.removeprefix(IN_RUN))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):

@@ -60,9 +60,11 @@ def config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
-def _check_resumable(saved: dict, model_config, train_config: TrainConfig) -> None:
+def _check_resumable(saved: ckpt_io.Checkpoint, model_config, train_config: TrainConfig) -> None:
     now_train = {k: v for k, v in train_config.to_dict().items() if k not in RESUMABLE_FIELDS}
-    old_train = {k: v for k, v in saved["train"].items() if k not in RESUMABLE_FIELDS}
+    old_train = {k: v for k, v in saved.config["train"].items() if k not in RESUMABLE_FIELDS}
+    if "tokenizer" in old_train:
+        old_train["tokenizer"] = ckpt_io.resolve_tokenizer(old_train["tokenizer"], saved.path)
     # Runs recorded data and tokenizer paths as typed before `moekit train` made them
     # absolute: such a path is read from the working directory, as it was then.
     for d in (now_train, old_train):
@@ -70,7 +72,7 @@ def _check_resumable(saved: dict, model_config, train_config: TrainConfig) -> No
             d["tokenizer"] = str(Path(d["tokenizer"]).resolve())
         if "data" in d:
             d["data"] = absolute(d["data"])
-    diffs = config_differences(saved["model"], model_config.to_dict(), "model.")
+    diffs = config_differences(saved.config["model"], model_config.to_dict(), "model.")
     diffs += config_differences(old_train, now_train, "train.")
     if diffs:
         raise ckpt_io.CheckpointError(
@@ -197,7 +199,7 @@ def train(
         resume = ckpt_io.resolve(resume)
         _check_resume_target(resume, run_dir)
         saved = ckpt_io.load_checkpoint(resume)
-        _check_resumable(saved.config, model_config, config)
+        _check_resumable(saved, model_config, config)
         _check_same_data(saved.state.get("data_digest"), digest, config.data)
     elif ckpt_io.list_checkpoints(run_dir):
         # A fresh run here would interleave its checkpoints and metrics with the old run's.
@@ -358,6 +360,12 @@ def train(
     return result
 
 
+def _recorded_train(config: TrainConfig, run_dir: Path) -> dict:
+    # A tokenizer inside the run directory is recorded relative to it: the run may move.
+    tokenizer = ckpt_io.record_tokenizer(config.tokenizer, run_dir)
+    return {**config.to_dict(), "tokenizer": tokenizer}
+
+
 def _save(run_dir, step, base, optimizer, model_config, config, parallel, digest) -> None:
     full = parallel.full_state_dict(base) if parallel is not None else base.state_dict()
     tensors, scalars = state_io.capture(base, optimizer)
@@ -369,7 +377,7 @@ def _save(run_dir, step, base, optimizer, model_config, config, parallel, digest
             run_dir,
             step,
             full,
-            {"model": model_config.to_dict(), "train": config.to_dict()},
+            {"model": model_config.to_dict(), "train": _recorded_train(config, run_dir)},
             tensors,
             {**scalars, "world_size": world, "data_digest": digest},
             keep=config.keep_checkpoints,
