@@ -167,3 +167,23 @@ def test_a_model_larger_than_memory_is_refused_before_anything_is_written(corpus
     with pytest.raises(ValueError, match=r"671\.03B-parameter model .* needs about 9999\.\d GiB"):
         train(big, micro_train(corpus), tmp_path / "run", plots=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_memory_check_counts_each_ranks_share(monkeypatch):
+    from types import SimpleNamespace
+
+    from moekit.model import count_parameters
+    from moekit.model.counting import expert_parameters
+    from moekit.train import loop
+
+    needs = []
+    monkeypatch.setattr(loop, "check_fits", lambda what, need, device: needs.append(need))
+    cpu = torch.device("cpu")
+    for parallel in (None, SimpleNamespace(expert_parallel=1), SimpleNamespace(expert_parallel=5)):
+        loop._check_memory(MICRO, cpu, parallel)
+    total, _ = count_parameters(MICRO)
+    experts = expert_parameters(MICRO)
+    assert experts == 2 * 5 * 3 * 24 * 20  # two MoE layers of five SwiGLU experts
+    # Data parallelism holds a whole replica on every rank; five expert-parallel ranks
+    # one expert each (and the whole model while it is built).
+    assert needs == [16 * total, 16 * total, max(4 * total, 16 * (total - experts + experts // 5))]

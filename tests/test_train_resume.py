@@ -123,12 +123,16 @@ def test_resuming_another_runs_checkpoint_into_a_run_directory_is_refused(corpus
     train(MICRO, config.replace(seed=7), tmp_path / "b", cache_dir=cache, plots=False)
     before = (list_checkpoints(tmp_path / "a"), read_metrics(tmp_path / "a"))
     other = list_checkpoints(tmp_path / "b")[0]
-    with pytest.raises(ValueError, match=r"holds the checkpoints of another run.*--run-dir"):
+    with pytest.raises(ValueError, match=r"holds checkpoints .*--resume alone.*--run-dir"):
         train(MICRO, config.replace(seed=7), tmp_path / "a", resume=other, cache_dir=cache)
     assert (list_checkpoints(tmp_path / "a"), read_metrics(tmp_path / "a")) == before
-    # Into an empty directory it continues the other run: a branch of it.
+    # Into a directory without checkpoints it branches the other run: its history up to
+    # the checkpoint is b's, whatever an interrupted run had logged there before.
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 9}\n')
     train(MICRO, config.replace(seed=7), tmp_path / "c", resume=other, cache_dir=cache)
     assert [p.name for p in list_checkpoints(tmp_path / "c")] == ["step_00000006"]
+    assert _history(tmp_path / "c") == _history(tmp_path / "b")
 
 
 def test_resume_of_a_checkpoint_continues_in_its_own_run_directory(corpus, tmp_path, monkeypatch):
@@ -166,3 +170,28 @@ def test_a_run_with_its_tokenizer_inside_resumes_after_being_moved(corpus, tmp_p
     resume = moved / "checkpoints" / first.name
     train(MICRO, config, moved, resume=resume, plots=False)
     assert load_checkpoint(list_checkpoints(moved)[-1]).step == config.steps
+
+
+def test_runs_behind_symlinks_keep_their_directory(corpus, tmp_path):
+    import json
+
+    from moekit.data.tokenizer import ByteTokenizer
+    from moekit.train.checkpoint import resolve_tokenizer, run_dir_of
+
+    # checkpoints/ a link to other storage: the run is still the directory holding the link,
+    # and a tokenizer recorded inside it is found there.
+    run_dir, storage = tmp_path / "run", tmp_path / "scratch" / "ckpts"
+    storage.mkdir(parents=True)
+    run_dir.mkdir()
+    (run_dir / "checkpoints").symlink_to(storage, target_is_directory=True)
+    (run_dir / "tokenizer.json").write_text(json.dumps(ByteTokenizer.tokenizer_json()))
+    config = micro_train(corpus, tokenizer=str(run_dir / "tokenizer.json"))
+    train(MICRO, config, run_dir, plots=False)
+    first = list_checkpoints(run_dir)[0]
+    assert run_dir_of(first) == run_dir
+    assert resolve_tokenizer("run:tokenizer.json", first) == str(run_dir / "tokenizer.json")
+    # A link to a checkpoint: its run is the one the checkpoint lies in.
+    step = tmp_path / "plain" / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    (tmp_path / "best").symlink_to(step, target_is_directory=True)
+    assert run_dir_of(tmp_path / "best") == tmp_path / "plain"

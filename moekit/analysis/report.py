@@ -110,7 +110,7 @@ def analyze_checkpoint(
             f"tokenizer {tok.name!r} has {tok.vocab_size} ids, the model only "
             f"{model.config.vocab_size}"
         )
-    run_dir = run_dir_of(source.resolve())
+    run_dir = run_dir_of(source)
     out_dir = Path(out_dir) if out_dir is not None else (run_dir or source) / "analysis"
     if cache_dir is None:
         # The training run's token cache when there is one (same key: nothing is redone).

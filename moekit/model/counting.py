@@ -39,6 +39,13 @@ def count_parameters(config: ModelConfig) -> tuple[int, int]:
     return total, total - inactive
 
 
+def expert_parameters(config: ModelConfig) -> int:
+    """Parameters of the routed experts, all MoE layers: what expert parallelism shards."""
+    return sum(
+        p.numel() for moe in _build_meta(config).moe_layers() for p in moe.experts.parameters()
+    )
+
+
 @dataclass(frozen=True)
 class FlopCount:
     """Forward matmul FLOPs per token (2 per multiply-add), by part."""

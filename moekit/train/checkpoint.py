@@ -64,9 +64,15 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def run_dir_of(checkpoint: str | Path) -> Path | None:
-    """The run directory a checkpoint directory lies in (None if not under checkpoints/)."""
-    checkpoint = Path(checkpoint)
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+    """The run directory a checkpoint directory lies in (None if not under checkpoints/).
+
+    The path as given comes first, so a run whose checkpoints/ is a link to other storage
+    keeps its directory; then with links resolved, so a link to a checkpoint finds its run.
+    """
+    for path in (Path(os.path.abspath(checkpoint)), Path(checkpoint).resolve()):
+        if path.parent.name == "checkpoints":
+            return path.parent.parent
+    return None
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -194,7 +200,6 @@ def resolve_tokenizer(recorded: str, ckpt_dir: str | Path) -> str:
     file of its run directory (IN_RUN + name) as a path; anything else as recorded."""
     if not recorded.startswith(IN_RUN):
         return recorded
-    ckpt_dir = Path(ckpt_dir).resolve()
     run_dir = run_dir_of(ckpt_dir)
     if run_dir is None:
         raise CheckpointError(

@@ -82,31 +82,41 @@ def _check_resumable(saved: ckpt_io.Checkpoint, model_config, train_config: Trai
 
 
 def _check_memory(model_config, device: torch.device, parallel) -> None:
-    # fp32 weights, gradients and AdamW's two moments: 16 bytes a parameter. Under
-    # torch.distributed every rank builds the full model before its experts are sharded.
-    from moekit.model import count_parameters
+    # fp32 weights, gradients and AdamW's two moments: 16 bytes a parameter, on each rank
+    # for its share: all of it under data parallelism, 1/N of the experts under expert
+    # parallelism over N ranks (which first builds the full model: 4 bytes a parameter).
+    from moekit.model.counting import count_parameters, expert_parameters
 
     total, _ = count_parameters(model_config)
-    per_param = 16 if parallel is None else 4
+    need = 16 * total
+    if parallel is not None and parallel.expert_parallel > 1:
+        experts = expert_parameters(model_config)
+        need = max(4 * total, 16 * (total - experts + experts // parallel.expert_parallel))
     check_fits(
         f"training this {total / 1e9:.2f}B-parameter model (weights, gradients and AdamW "
         "state; the large presets are for counting parameters: shrink one with --set)",
-        per_param * total,
+        need,
         device,
     )
 
 
-def _check_resume_target(checkpoint: Path, run_dir: Path) -> None:
-    # Resuming rewrites the run directory's later checkpoints and metrics: those must be the
-    # resumed run's own. An empty run directory may continue a run from elsewhere.
+def _resume_source(checkpoint: Path, run_dir: Path) -> Path | None:
+    """The run a resumed checkpoint branches from (None when it is run_dir's own).
+
+    Resuming rewrites the run directory's later checkpoints and metrics: those must be the
+    resumed run's own. A directory without checkpoints may take a branch of another run.
+    """
     owner = ckpt_io.run_dir_of(checkpoint)
-    own = ckpt_io.list_checkpoints(run_dir)
-    if own and (owner is None or owner.resolve() != run_dir.resolve()):
+    if owner is not None and owner.resolve() == run_dir.resolve():
+        return None
+    if ckpt_io.list_checkpoints(run_dir):
         raise ValueError(
-            f"cannot resume {checkpoint} into run directory {run_dir}: it holds the checkpoints "
-            f"of another run, which resuming would overwrite; pass --run-dir "
-            f"{owner if owner is not None else 'DIR'} (the checkpoint's run) or a new directory"
+            f"cannot resume {checkpoint} into run directory {run_dir}: it holds checkpoints "
+            "that resuming would overwrite; to continue the run in it pass --resume alone, "
+            f"to continue the checkpoint's own run pass --run-dir "
+            f"{owner if owner is not None else 'DIR'}, or branch into a new directory"
         )
+    return owner if owner is not None else checkpoint
 
 
 def _check_same_data(saved: str | None, now: str, data: str) -> None:
@@ -194,10 +204,10 @@ def train(
                 splits["val"], config.seq_len, config.batch_size, config.eval_batches, d
             )
 
-    saved = None
+    saved = branched_from = None
     if resume is not None:
         resume = ckpt_io.resolve(resume)
-        _check_resume_target(resume, run_dir)
+        branched_from = _resume_source(resume, run_dir)
         saved = ckpt_io.load_checkpoint(resume)
         _check_resumable(saved, model_config, config)
         _check_same_data(saved.state.get("data_digest"), digest, config.data)
@@ -232,8 +242,10 @@ def train(
             state_tensors = parallel.shard_optimizer_state(base, state_tensors)
         state_io.restore(base, optimizer, state_tensors, saved.state)
         start = saved.step
-        if is_main:
+        if is_main and branched_from is None:
             metrics_io.truncate_after(run_dir, start)
+        elif is_main:  # a branch's history up to its start is the run it came from
+            metrics_io.copy_until(branched_from, run_dir, start)
     if start >= config.steps:
         raise ValueError(f"the checkpoint is at step {start}; nothing left of steps={config.steps}")
     run_dir.mkdir(parents=True, exist_ok=True)

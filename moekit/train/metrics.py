@@ -48,9 +48,19 @@ def read_metrics(path: str | Path) -> list[dict]:
 def truncate_after(run_dir: str | Path, step: int) -> None:
     """Drop records after `step` (resuming at a checkpoint repeats those steps)."""
     path = Path(run_dir) / FILENAME
-    if not path.is_file():
-        return
-    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    if path.is_file():
+        _write(path, [r for r in read_metrics(path) if r.get("step", 0) <= step])
+
+
+def copy_until(source: str | Path, run_dir: str | Path, step: int) -> None:
+    """Replace run_dir's records by those of `source` (a run directory) up to `step`: the
+    history of a run branched from source's checkpoint at `step`."""
+    path = Path(run_dir) / FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write(path, [r for r in read_metrics(source) if r.get("step", 0) <= step])
+
+
+def _write(path: Path, kept: list[dict]) -> None:
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
     os.replace(tmp, path)
