@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _RESUME_HINTS = {
-    "train": "; the same command plus --resume continues from the last checkpoint",
+    "train": "; the same command plus --resume continues from the last checkpoint, if any",
 }
 
 

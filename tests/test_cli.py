@@ -118,8 +118,14 @@ def test_without_matplotlib_train_and_compare_finish_and_skip_their_plots(
     out_dir = tmp_path / "cmp"
     assert main(["compare", *micro_flags(corpus, "--out-dir", str(out_dir))]) == 0
     captured = capsys.readouterr()
-    assert "plot:" not in captured.out and "moekit compare: warning: plots skipped" in captured.err
+    assert "plot:" not in captured.out
+    assert captured.err.startswith("moekit compare: warning: plots skipped")
+    assert captured.err.count("\n") == 1  # one warning for both models
     assert (out_dir / "compare.json").is_file() and not list(out_dir.rglob("*.png"))
+    # The demo ends with its figures: refused before it trains.
+    assert main(["demo", "--steps", "2", "--run-dir", str(tmp_path / "demo")]) == 2
+    assert "demo draws figures and needs matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
     # analyze is all figures: there a missing matplotlib stays an error.
     assert main(["analyze", str(run_dir), "--out", str(tmp_path / "an"), "--batches", "1"]) == 2
     assert "analyze draws figures and needs matplotlib" in capsys.readouterr().err
@@ -182,7 +188,9 @@ def test_demo_trains_samples_and_replaces_only_its_own_runs(corpus, tmp_path, ca
     assert "samples (temperature 0.8, top-k 40):" in out and "--- 'def '" in out
     assert (run_dir / "loss.png").is_file() and (run_dir / "analysis" / "load.png").is_file()
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000002"]
-    # Again: the demo's own run is replaced, not refused as `moekit train` would.
+    # Again: the demo's own run is replaced, not refused as `moekit train` would; also one
+    # from before the marker, known by its settings.
+    (run_dir / ".moekit-demo").unlink()
     assert main([*demo, "--steps", "1", "--run-dir", str(run_dir)]) == 0
     assert f"removing the previous demo run in {run_dir}" in capsys.readouterr().out
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000001"]
@@ -227,4 +235,4 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(corpus, tmp_path, capsys, mo
     assert main(["train", *micro_flags(corpus, "--run-dir", str(tmp_path / "run"))]) == 130
     err = capsys.readouterr().err
     assert err == "moekit train: interrupted; the same command plus --resume continues from " \
-        "the last checkpoint\n"  # fmt: skip
+        "the last checkpoint, if any\n"  # fmt: skip

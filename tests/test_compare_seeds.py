@@ -79,10 +79,9 @@ def test_seed_and_seeds_together_is_an_error(corpus, tmp_path, capsys):
     assert "give --seed or --seeds, not both" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("seeds", ["1,1", "3-1"])
-def test_repeated_or_empty_seeds_are_an_error_before_any_training(corpus, tmp_path, capsys, seeds):
+def test_repeated_seeds_are_an_error_before_any_training(corpus, tmp_path, capsys):
     out_dir = tmp_path / "x"
-    assert main(["compare", *micro_flags(corpus, "--out-dir", str(out_dir), "--seeds", seeds)]) == 2
+    assert main(["compare", *micro_flags(corpus, "--out-dir", str(out_dir), "--seeds", "1,1")]) == 2
     assert "seeds must be distinct and at least one" in capsys.readouterr().err
     assert not out_dir.exists()
 
@@ -96,7 +95,7 @@ def test_seed_lists_parse(text, seeds):
     assert parse_seeds(text) == seeds
 
 
-@pytest.mark.parametrize("text", ["0-", "-", "a", "1,,2", "0-x"])
+@pytest.mark.parametrize("text", ["0-", "-", "a", "1,,2", "0-x", "5-2", "0,5-2"])
 def test_malformed_seed_lists_are_refused(text):
     import argparse
 

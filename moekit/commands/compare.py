@@ -42,9 +42,10 @@ def parse_seeds(text: str) -> list[int]:
     try:
         for part in text.split(","):
             lo, dash, hi = part.strip().partition("-")
-            if dash and not hi:
-                raise ValueError(part)  # "0-": a range without its end
-            seeds += range(int(lo), int(hi if dash else lo) + 1)
+            first, last = int(lo), int(hi if dash else lo)  # "0-" and "x" fail here
+            if last < first:
+                raise ValueError(part)  # "5-2" would be an empty range
+            seeds += range(first, last + 1)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"seeds must look like 0,1,2 or 0-6, got {text!r}"
@@ -78,11 +79,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_seeds(args: argparse.Namespace, model_config, train_config, out_dir: Path) -> int:
+    from moekit.figures import have_matplotlib
     from moekit.train.compare_seeds import compare_seeds, format_seed_table
 
     if args.cfg_seed is not None:
         raise ValueError("give --seed or --seeds, not both")
     summary = compare_seeds(model_config, train_config, out_dir, args.seeds)
     print(format_seed_table(summary))
-    print(f"per seed: {out_dir}/seed_<s>/compare.png  summary: {out_dir / 'seeds.json'}")
+    figure = "compare.png" if have_matplotlib() else "compare.json"
+    print(f"per seed: {out_dir}/seed_<s>/{figure}  summary: {out_dir / 'seeds.json'}")
     return 0

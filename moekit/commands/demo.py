@@ -41,7 +41,7 @@ def _start_over(run_dir: Path) -> None:
 
     checkpoints = checkpoint_dir(run_dir)
     if checkpoints.is_dir():
-        if not (run_dir / MARKER).is_file():
+        if not (run_dir / MARKER).is_file() and not _older_demo_run(run_dir):
             raise ValueError(
                 f"{run_dir} holds checkpoints of a run that moekit demo did not write; "
                 "choose another --run-dir (or delete that run yourself)"
@@ -52,17 +52,40 @@ def _start_over(run_dir: Path) -> None:
     (run_dir / MARKER).write_text("a moekit demo run: the next demo here replaces it\n")
 
 
+def _older_demo_run(run_dir: Path) -> bool:
+    """A run written by a demo from before the marker: tiny on the embedded corpus, with
+    checkpoint_every 0, which only the demo sets."""
+    import json
+
+    from moekit.model import get_preset
+    from moekit.train.checkpoint import list_checkpoints
+
+    found = list_checkpoints(run_dir)
+    try:
+        config = json.loads((found[-1] / "config.json").read_text()) if found else {}
+        train, model = config["train"], config["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    tiny = json.loads(json.dumps(get_preset("tiny").to_dict()))  # as read back from JSON
+    return (train.get("data"), train.get("checkpoint_every"), model) == ("embedded", 0, tiny)
+
+
 def run(args: argparse.Namespace) -> int:
     import time
 
     from moekit.commands.sample import sample_text
     from moekit.commands.train import apply_threads
     from moekit.data.tokenizer import load_tokenizer
+    from moekit.errors import MissingDependency
+    from moekit.figures import INSTALL_HINT, have_matplotlib
     from moekit.model import count_parameters, get_preset
     from moekit.train.config import TrainConfig
     from moekit.train.loop import train
+    from moekit.validate import SEED_MAX
 
     apply_threads(args)
+    if not have_matplotlib():  # the demo ends with its figures: say so before training
+        raise MissingDependency(f"the demo draws figures and needs matplotlib: {INSTALL_HINT}")
     start = time.perf_counter()
     model_config = get_preset("tiny")
     config = TrainConfig(
@@ -97,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(config.tokenizer)
     print("\nsamples (temperature 0.8, top-k 40):")
     for i, prompt in enumerate(PROMPTS):
-        (text,) = sample_text(model, tokenizer, prompt, 120, 1, 0.8, 40, None, args.seed + i)
+        seed = (args.seed + i) % (SEED_MAX + 1)  # one seed per prompt, within torch's range
+        (text,) = sample_text(model, tokenizer, prompt, 120, 1, 0.8, 40, None, seed)
         print(f"--- {prompt!r}\n{prompt}{text}")
     print()
     for path in result.plots:

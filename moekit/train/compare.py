@@ -65,10 +65,10 @@ def compare(
                 "choose another --out-dir"
             )
     rows, curves = [], {}
+    plots = can_plot()  # one warning for the comparison, not one per model
     for name, cfg in (("moe", model_config), ("dense", dense_twin(model_config))):
-        result = train(
-            cfg, config, out_dir / name, parallel=parallel, cache_dir=cache_dir or out_dir / "cache"
-        )
+        cache = cache_dir or out_dir / "cache"
+        result = train(cfg, config, out_dir / name, parallel=parallel, cache_dir=cache, plots=plots)
         per_step = training_flops_per_step(cfg, config)
         val = [r for r in read_metrics(out_dir / name) if r.get("kind") == "val"]
         curves[name] = ([r["step"] * per_step for r in val], [r["val_loss"] for r in val])
@@ -84,7 +84,7 @@ def compare(
                 active_params=active,
             )
         )
-    plot = plot_compare(curves, out_dir / "compare.png") if can_plot() else None
+    plot = plot_compare(curves, out_dir / "compare.png") if plots else None
     summary = {"rows": [asdict(r) for r in rows], "curves": curves, "train": config.to_dict()}
     (out_dir / "compare.json").write_text(json.dumps(summary, indent=1))
     return rows, plot
