@@ -125,10 +125,9 @@ def build_configs(args: argparse.Namespace, source=None):
 def _absolute_paths(config):
     # The checkpoint records the paths; sample, analyze and --resume may run elsewhere.
     from moekit.data.sources import absolute
+    from moekit.data.tokenizer import absolute_tokenizer
 
-    tokenizer = config.tokenizer
-    if tokenizer != "bytes":
-        tokenizer = str(Path(tokenizer).resolve())
+    tokenizer = absolute_tokenizer(config.tokenizer)
     return config.replace(data=absolute(config.data), tokenizer=tokenizer)
 
 

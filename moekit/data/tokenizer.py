@@ -137,6 +137,12 @@ def load_tokenizer(spec: str) -> Tokenizer:
     return HFTokenizer(spec)
 
 
+def absolute_tokenizer(spec: str) -> str:
+    """`spec` with a tokenizer.json path made absolute ("bytes" unchanged): a run records
+    it, and sampling, analysis and --resume may run from another working directory."""
+    return spec if spec == "bytes" else str(Path(spec).resolve())
+
+
 def token_dtype(vocab_size: int) -> torch.dtype:
     """The narrowest unsigned dtype that holds every token id (for the token file)."""
     if vocab_size <= 2**8:

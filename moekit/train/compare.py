@@ -66,8 +66,8 @@ def compare(
             )
     rows, curves = [], {}
     plots = can_plot()  # one warning for the comparison, not one per model
+    cache = cache_dir or out_dir / "cache"
     for name, cfg in (("moe", model_config), ("dense", dense_twin(model_config))):
-        cache = cache_dir or out_dir / "cache"
         result = train(cfg, config, out_dir / name, parallel=parallel, cache_dir=cache, plots=plots)
         per_step = training_flops_per_step(cfg, config)
         val = [r for r in read_metrics(out_dir / name) if r.get("kind") == "val"]

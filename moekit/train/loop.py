@@ -21,7 +21,7 @@ from torch import Tensor
 
 from moekit.data.batches import TrainBatches, val_batches
 from moekit.data.sources import absolute, check_outside
-from moekit.data.tokenizer import load_tokenizer
+from moekit.data.tokenizer import absolute_tokenizer, load_tokenizer
 from moekit.data.tokens import data_digest, prepare_tokens
 from moekit.devices import check_fits, resolve_device
 from moekit.train import checkpoint as ckpt_io
@@ -68,8 +68,8 @@ def _check_resumable(saved: ckpt_io.Checkpoint, model_config, train_config: Trai
     # Runs recorded data and tokenizer paths as typed before `moekit train` made them
     # absolute: such a path is read from the working directory, as it was then.
     for d in (now_train, old_train):
-        if d.get("tokenizer", "bytes") != "bytes":
-            d["tokenizer"] = str(Path(d["tokenizer"]).resolve())
+        if "tokenizer" in d:
+            d["tokenizer"] = absolute_tokenizer(d["tokenizer"])
         if "data" in d:
             d["data"] = absolute(d["data"])
     diffs = config_differences(saved.config["model"], model_config.to_dict(), "model.")
