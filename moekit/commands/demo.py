@@ -57,14 +57,15 @@ def _older_demo_run(run_dir: Path) -> bool:
     checkpoint_every 0, which only the demo sets."""
     import json
 
+    from moekit.errors import CheckpointError
     from moekit.model import get_preset
-    from moekit.train.checkpoint import list_checkpoints
+    from moekit.train.checkpoint import list_checkpoints, read_config
 
     found = list_checkpoints(run_dir)
     try:
-        config = json.loads((found[-1] / "config.json").read_text()) if found else {}
+        config = read_config(found[-1]) if found else {}
         train, model = config["train"], config["model"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (CheckpointError, KeyError, TypeError):
         return False
     tiny = json.loads(json.dumps(get_preset("tiny").to_dict()))  # as read back from JSON
     return (train.get("data"), train.get("checkpoint_every"), model) == ("embedded", 0, tiny)

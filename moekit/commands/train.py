@@ -154,12 +154,12 @@ def _init_source(src: str, resume: Path | None):
     config and tokenizer are all in its checkpoint, so SRC is not read (it may be gone)."""
     from moekit.hf.convert import load_init_source
     from moekit.model import ModelConfig
-    from moekit.train.checkpoint import load_checkpoint, resolve_tokenizer
+    from moekit.train.checkpoint import read_config, resolve_tokenizer
     from moekit.train.init_from import InitSource
 
     if resume is None:
         return load_init_source(src)
-    saved = load_checkpoint(resume).config
+    saved = read_config(resume)  # the weights are read (and verified) once, by train
     model = ModelConfig.from_dict(saved["model"])
     return InitSource(Path(src), model, {}, resolve_tokenizer(saved["train"]["tokenizer"], resume))
 

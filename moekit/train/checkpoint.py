@@ -173,6 +173,15 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path, int(state["step"]), config, model_state, state_tensors, state)
 
 
+def read_config(path: str | Path) -> dict:
+    """A checkpoint's config.json alone ({"model": ..., "train": ...}), unverified: what a
+    caller needs before the weights, which load_checkpoint then reads and verifies."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: unreadable config.json ({err})") from err
+
+
 def resolve(path: str | Path) -> Path:
     """A checkpoint directory as given, or the newest complete checkpoint of a run directory."""
     path = Path(path)
