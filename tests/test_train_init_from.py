@@ -194,9 +194,43 @@ def test_either_kind_of_broken_checkpoint_raises_the_one_checkpoint_error(source
     dropped = sorted(tensors)[0]
     save_file({k: v for k, v in tensors.items() if k != dropped}, hf_dir / "model.safetensors")
     with pytest.raises(CheckpointError, match=re.escape(dropped)):
-        load_init_source(hf_dir)
+        load_init_source(hf_dir).read_state()
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         load_init_source(tmp_path / "empty")
+
+
+def test_a_broken_source_fails_before_anything_is_written(corpus, source_run, tmp_path, capsys):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(source_run, src)
+    weights = next((list_checkpoints(src)[-1]).glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8])
+    code = main(["train", "--init-from", str(src), *_cli_args(corpus, tmp_path / "run")])
+    assert code == 2
+    assert str(weights.name) in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_source_too_large_to_train_is_refused_before_its_weights_are_read(
+    corpus, source_run, tmp_path, monkeypatch
+):
+    from dataclasses import replace
+
+    import moekit.devices
+
+    def read_state():
+        raise AssertionError("the weights were read")
+
+    source = replace(load_init_source(source_run), read_state=read_state)
+    config = micro_train(corpus, steps=1)
+    monkeypatch.setattr(moekit.devices, "memory_bytes", lambda device: 1024)
+    with pytest.raises(ValueError, match="needs about .* more than the 0.0 GiB"):
+        train(source.config, config, tmp_path / "a", plots=False, init_from=source)
+    monkeypatch.undo()
+    # With memory to spare, the same source is read (and here refuses to be).
+    with pytest.raises(AssertionError, match="the weights were read"):
+        train(source.config, config, tmp_path / "b", plots=False, init_from=source)
 
 
 def test_resuming_a_warm_started_run_does_not_need_the_source(corpus, source_run, tmp_path):

@@ -150,18 +150,17 @@ def _run_dir_and_resume(args: argparse.Namespace, default: Path) -> tuple[Path, 
 
 
 def _init_source(src: str, resume: Path | None):
-    """What --init-from gives: SRC's weights for a new run. A resumed run's weights, model
-    config and tokenizer are all in its checkpoint, so SRC is not read (it may be gone)."""
+    """What --init-from gives: SRC's config, tokenizer and weights for a new run. A resumed
+    run's weights, model config and tokenizer are all in its checkpoint, so SRC is not read
+    (it may be gone)."""
+    from dataclasses import replace
+
     from moekit.hf.convert import load_init_source
-    from moekit.model import ModelConfig
-    from moekit.train.checkpoint import read_config, resolve_tokenizer
-    from moekit.train.init_from import InitSource
 
     if resume is None:
         return load_init_source(src)
-    saved = read_config(resume)  # the weights are read (and verified) once, by train
-    model = ModelConfig.from_dict(saved["model"])
-    return InitSource(Path(src), model, {}, resolve_tokenizer(saved["train"]["tokenizer"], resume))
+    # Config and tokenizer from the checkpoint; train reads its weights as a resumed run's.
+    return replace(load_init_source(resume), path=Path(src))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -260,18 +260,19 @@ def _check_options(
 def load_init_source(src: str | Path) -> InitSource:
     """What `moekit train --init-from SRC` starts from (moekit.train.init_from): SRC is a
     moekit checkpoint, a run directory (its newest checkpoint) or a Hugging Face checkpoint
-    directory. Raises CheckpointError or UnsupportedConfig naming what is wrong."""
-    from moekit.train.checkpoint import load_checkpoint, resolve, resolve_tokenizer
+    directory. Reads SRC's config now and its weights when `read_state` is called. Raises
+    CheckpointError or UnsupportedConfig naming what is wrong."""
+    from moekit.train.checkpoint import load_checkpoint, read_config, resolve, resolve_tokenizer
     from moekit.train.init_from import InitSource
 
     path = Path(src)
     if is_hf_dir(path):
         family, config, hf = read_model_config(path)
-        state = load_state(path, family, config, hf)
         tokenizer = path / "tokenizer.json"
         spec = str(tokenizer.resolve()) if tokenizer.is_file() else None
-        return InitSource(path, config, state, spec)
-    ckpt = load_checkpoint(resolve(path))
-    config = ModelConfig.from_dict(ckpt.config["model"])
-    tokenizer = resolve_tokenizer(ckpt.config["train"]["tokenizer"], ckpt.path)
-    return InitSource(path, config, ckpt.model_state, tokenizer)
+        return InitSource(path, config, spec, lambda: load_state(path, family, config, hf))
+    ckpt = resolve(path)
+    saved = read_config(ckpt)
+    config = ModelConfig.from_dict(saved["model"])
+    tokenizer = resolve_tokenizer(saved["train"]["tokenizer"], ckpt)
+    return InitSource(path, config, tokenizer, lambda: load_checkpoint(ckpt).model_state)

@@ -11,7 +11,8 @@ by name when the weights load.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -23,33 +24,36 @@ from moekit.train.checkpoint import check_model_names
 
 @dataclass(frozen=True)
 class InitSource:
-    """What a run starts from: SRC's model config, weights and tokenizer.
+    """What a run starts from: SRC's model config and tokenizer, and how to read its weights.
 
-    Read by `moekit.hf.convert.load_init_source`, which knows both kinds of checkpoint.
+    Made by `moekit.hf.convert.load_init_source`, which knows both kinds of checkpoint.
+    The weights are read only when asked for: training first checks from the config that
+    the model fits in memory, and a source of hundreds of GiB is refused before it is read.
     """
 
     path: Path
     config: ModelConfig
-    state: dict[str, Tensor]
-    """The full (unsharded) state dict under moekit's names."""
     tokenizer: str | None
     """What SRC's token ids mean: "bytes" or the path of a tokenizer.json; None for a
     Hugging Face directory without a tokenizer.json, which says nothing about it."""
+    read_state: Callable[[], dict[str, Tensor]] = field(compare=False, repr=False)
+    """Reads (and verifies) the full, unsharded state dict under moekit's names;
+    CheckpointError says what is wrong with it."""
 
 
-def load_initial_weights(model: nn.Module, source: InitSource) -> None:
-    """Copy SRC's weights into `model` (a fresh, unsharded Transformer); CheckpointError
-    names every tensor whose name or shape differs."""
-    check_model_names(model, source.state)
+def load_initial_weights(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+    """Copy the weights `state` read from SRC `path` into `model` (a fresh, unsharded
+    Transformer); CheckpointError names every tensor whose name or shape differs."""
+    check_model_names(model, state)
     own = model.state_dict()
     differ = [
-        f"{name}: {tuple(t.shape)} in {source.path}, {tuple(own[name].shape)} here"
-        for name, t in source.state.items()
+        f"{name}: {tuple(t.shape)} in {path}, {tuple(own[name].shape)} here"
+        for name, t in state.items()
         if t.shape != own[name].shape
     ]
     if differ:
         raise CheckpointError(
-            f"--init-from {source.path}: {len(differ)} weight(s) have another shape (was a "
+            f"--init-from {path}: {len(differ)} weight(s) have another shape (was a "
             "size changed with --set?): " + "; ".join(differ[:3]) + ("; ..." if differ[3:] else "")
         )
-    model.load_state_dict(source.state, strict=True)
+    model.load_state_dict(state, strict=True)

@@ -163,8 +163,8 @@ def train(
 
     resume: a checkpoint directory, or a run directory (its newest checkpoint), to continue
     from exactly where it stopped. init_from: weights to begin a new run from
-    (`moekit.hf.convert.load_init_source`; not used when resuming, where the checkpoint
-    has the weights).
+    (`moekit.hf.convert.load_init_source`; read after the memory check, and not at all
+    when resuming, where the checkpoint has the weights).
     cache_dir: where token files go (default run_dir/cache).
     Returns a TrainResult; metrics.jsonl, checkpoints/ and the PNG plots are in run_dir.
     """
@@ -191,6 +191,10 @@ def train(
             f"model's vocab_size ({model_config.vocab_size})"
         )
     check_outside(config.data, run_dir, "the run directory")
+    # Read after the memory check (a source too large to train is never read) and before
+    # tokenizing, so a broken source fails before anything is written. A resumed run's
+    # weights are its checkpoint's.
+    init_state = None if init_from is None or resume is not None else init_from.read_state()
     splits = prepare_tokens(
         config.data, tokenizer, cache_dir or run_dir / "cache", config.val_fraction
     )
@@ -221,9 +225,10 @@ def train(
         metrics_io.truncate_after(run_dir, 0)  # records of a run that never checkpointed
     torch.manual_seed(config.seed)
     base = Transformer(model_config)
-    if init_from is not None and saved is None:
+    if init_state is not None:
         # Before `prepare`, which shards these full weights under expert parallelism.
-        load_initial_weights(base, init_from)
+        load_initial_weights(base, init_state, init_from.path)
+        del init_state  # the model holds its own copy
     base = base.to(device)
     model = parallel.prepare(base) if parallel is not None else base
     forward = compile_forward(model, config.compile)
