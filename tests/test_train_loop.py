@@ -176,14 +176,27 @@ def test_the_memory_check_counts_each_ranks_share(monkeypatch):
     from moekit.model.counting import expert_parameters
     from moekit.train import loop
 
-    needs = []
-    monkeypatch.setattr(loop, "check_fits", lambda what, need, device: needs.append(need))
-    cpu = torch.device("cpu")
-    for parallel in (None, SimpleNamespace(expert_parallel=1), SimpleNamespace(expert_parallel=5)):
-        loop._check_memory(MICRO, cpu, parallel)
+    checks = []
+    monkeypatch.setattr(loop, "check_fits", lambda *args: checks.append(args))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+
+    def need(device, parallel):
+        loop._check_memory(MICRO, device, parallel)
+        return checks[-1][1]
+
+    def ranks(expert_parallel, here):
+        return SimpleNamespace(expert_parallel=expert_parallel, local_world_size=here)
+
     total, _ = count_parameters(MICRO)
     experts = expert_parameters(MICRO)
     assert experts == 2 * 5 * 3 * 24 * 20  # two MoE layers of five SwiGLU experts
+    share = max(4 * total, 16 * (total - experts + experts // 5))
     # Data parallelism holds a whole replica on every rank; five expert-parallel ranks
     # one expert each (and the whole model while it is built).
-    assert needs == [16 * total, 16 * total, max(4 * total, 16 * (total - experts + experts // 5))]
+    assert need(cpu, None) == need(cpu, ranks(1, 1)) == 16 * total
+    assert need(cpu, ranks(5, 1)) == share
+    # Ranks on one machine share its RAM; CUDA ranks each have a device.
+    assert need(cpu, ranks(5, 5)) == 5 * share
+    assert "on the 5 ranks of this machine" in checks[-1][0]
+    assert need(cpu, ranks(1, 2)) == 2 * 16 * total
+    assert need(cuda, ranks(5, 5)) == share

@@ -69,6 +69,7 @@ class ParallelContext:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.local_rank = env.local_rank
+        self.local_world_size = env.local_world_size
         N = self.world_size if expert_parallel is None else expert_parallel
         if not isinstance(N, int) or isinstance(N, bool) or N < 1 or self.world_size % N:
             raise ValueError(

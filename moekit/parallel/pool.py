@@ -38,6 +38,7 @@ def join_env(rank: int, world_size: int, port: int, threads: int) -> None:
         MASTER_PORT=str(port),
         RANK=str(rank),
         LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
         WORLD_SIZE=str(world_size),
         TORCHELASTIC_USE_AGENT_STORE="True",
     )

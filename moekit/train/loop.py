@@ -85,6 +85,7 @@ def _check_memory(model_config, device: torch.device, parallel) -> None:
     # fp32 weights, gradients and AdamW's two moments: 16 bytes a parameter, on each rank
     # for its share: all of it under data parallelism, 1/N of the experts under expert
     # parallelism over N ranks (which first builds the full model: 4 bytes a parameter).
+    # Ranks on one machine's CPU share its RAM; each CUDA rank has a device of its own.
     from moekit.model.counting import count_parameters, expert_parameters
 
     total, _ = count_parameters(model_config)
@@ -92,9 +93,14 @@ def _check_memory(model_config, device: torch.device, parallel) -> None:
     if parallel is not None and parallel.expert_parallel > 1:
         experts = expert_parameters(model_config)
         need = max(4 * total, 16 * (total - experts + experts // parallel.expert_parallel))
+    what = f"training this {total / 1e9:.2f}B-parameter model"
+    ranks_here = 1 if parallel is None or device.type != "cpu" else parallel.local_world_size
+    if ranks_here > 1:
+        need *= ranks_here
+        what += f" on the {ranks_here} ranks of this machine"
     check_fits(
-        f"training this {total / 1e9:.2f}B-parameter model (weights, gradients and AdamW "
-        "state; the large presets are for counting parameters: shrink one with --set)",
+        f"{what} (weights, gradients and AdamW state; the large presets are for counting "
+        "parameters: shrink one with --set)",
         need,
         device,
     )
