@@ -251,6 +251,9 @@ def test_release_sized_yarn_matches_transformers_tables_and_scale(family):
         (dict(truncate=False), {}),
         (dict(beta_fast=None, beta_slow=0), {}),  # transformers' defaults for null and 0
         ({}, dict(original_max_position_embeddings=8)),  # the top-level value wins
+        # Both ramp ends at pair 0, a one-point ramp (0 / 0 at that pair), widened by 0.001
+        # as transformers does.
+        (dict(original_max_position_embeddings=4), {}),
     ],
 )
 def test_yarn_edge_settings_match_transformers(params, top):

@@ -88,7 +88,9 @@ class Yarn:
         interpolated = 1.0 / (self.factor * pos_freqs)
         low, high = self._ramp_ends(dim, theta)
         if low == high:
-            high += 0.001  # a one-point ramp would divide by zero
+            # A one-point ramp (both ends clamped to pair 0 when the original context is a
+            # few positions) would give 0 / 0 there; widened as transformers widens it.
+            high += 0.001
         ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
         keep = (1 - ramp).to(device)
         return interpolated * (1 - keep) + extrapolated * keep
