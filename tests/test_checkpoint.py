@@ -158,6 +158,31 @@ def test_truncated_checkpoint_is_detected(run, tmp_path):
         load_checkpoint(tmp_path / "nowhere")
 
 
+def test_config_and_weights_alone_are_verified_alone(run, tmp_path):
+    import shutil
+
+    from moekit.train.checkpoint import load_weights, read_config
+
+    run_dir, _ = run
+    latest = tmp_path / "latest"
+    shutil.copytree(list_checkpoints(run_dir)[-1], latest)
+    full = load_checkpoint(latest)
+    # A warm start reads the config, then the weights; the optimizer state is not its
+    # business, so damage there does not stop it.
+    (latest / "state.safetensors").write_bytes(b"")
+    assert read_config(latest) == full.config
+    weights = load_weights(latest)
+    assert weights.keys() == full.model_state.keys()
+    assert all(torch.equal(weights[k], full.model_state[k]) for k in weights)
+    # Damage to either file is named before its content is parsed.
+    (latest / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="config.json has 2 bytes"):
+        read_config(latest)
+    (latest / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="model.safetensors has 0 bytes"):
+        load_weights(latest)
+
+
 @pytest.mark.parametrize(
     "manifest",
     [b"\xff\xfe not text", b"[]", b'{"files": []}', b'{"files": {"model.safetensors": 5}}'],

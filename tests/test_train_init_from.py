@@ -204,12 +204,23 @@ def test_a_broken_source_fails_before_anything_is_written(corpus, source_run, tm
 
     src = tmp_path / "src"
     shutil.copytree(source_run, src)
-    weights = next((list_checkpoints(src)[-1]).glob("*.safetensors"))
+    weights = list_checkpoints(src)[-1] / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])
     code = main(["train", "--init-from", str(src), *_cli_args(corpus, tmp_path / "run")])
     assert code == 2
-    assert str(weights.name) in capsys.readouterr().err
+    assert "model.safetensors has" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_source_config_is_named_before_it_is_parsed(corpus, source_run, tmp_path, capsys):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(source_run, src)
+    (list_checkpoints(src)[-1] / "config.json").write_text('{"model": {}}')
+    code = main(["train", "--init-from", str(src), *_cli_args(corpus, tmp_path / "run")])
+    assert code == 2
+    assert "config.json has 13 bytes" in capsys.readouterr().err
 
 
 def test_a_source_too_large_to_train_is_refused_before_its_weights_are_read(

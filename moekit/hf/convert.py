@@ -262,7 +262,7 @@ def load_init_source(src: str | Path) -> InitSource:
     moekit checkpoint, a run directory (its newest checkpoint) or a Hugging Face checkpoint
     directory. Reads SRC's config now and its weights when `read_state` is called. Raises
     CheckpointError or UnsupportedConfig naming what is wrong."""
-    from moekit.train.checkpoint import load_checkpoint, read_config, resolve, resolve_tokenizer
+    from moekit.train.checkpoint import load_weights, read_config, resolve, resolve_tokenizer
     from moekit.train.init_from import InitSource
 
     path = Path(src)
@@ -275,4 +275,4 @@ def load_init_source(src: str | Path) -> InitSource:
     saved = read_config(ckpt)
     config = ModelConfig.from_dict(saved["model"])
     tokenizer = resolve_tokenizer(saved["train"]["tokenizer"], ckpt)
-    return InitSource(path, config, tokenizer, lambda: load_checkpoint(ckpt).model_state)
+    return InitSource(path, config, tokenizer, lambda: load_weights(ckpt))

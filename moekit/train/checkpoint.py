@@ -134,6 +134,38 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read and verify one checkpoint directory; CheckpointError says what is wrong."""
     path = Path(path)
+    blobs = _verified_files(path, FILES)
+    try:
+        config = json.loads(blobs["config.json"])
+        state = json.loads(blobs["state.json"])
+        model_state = st_load(blobs["model.safetensors"])
+        state_tensors = st_load(blobs["state.safetensors"])
+    except (json.JSONDecodeError, SafetensorError) as err:
+        raise CheckpointError(f"checkpoint {path} is corrupted: {err}") from err
+    return Checkpoint(path, int(state["step"]), config, model_state, state_tensors, state)
+
+
+def read_config(path: str | Path) -> dict:
+    """A checkpoint's config.json alone ({"model": ..., "train": ...}), verified against the
+    manifest: what a caller needs before the weights."""
+    blob = _verified_files(Path(path), ("config.json",))["config.json"]
+    try:
+        return json.loads(blob)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"checkpoint {path} is corrupted: config.json ({err})") from err
+
+
+def load_weights(path: str | Path) -> dict[str, Tensor]:
+    """A checkpoint's model weights alone, verified: a warm start needs no optimizer state."""
+    blob = _verified_files(Path(path), ("model.safetensors",))["model.safetensors"]
+    try:
+        return st_load(blob)
+    except SafetensorError as err:
+        raise CheckpointError(f"checkpoint {path} is corrupted: {err}") from err
+
+
+def _verified_files(path: Path, names: tuple[str, ...]) -> dict[str, bytes]:
+    """The bytes of the checkpoint's files `names`, each checked against the manifest."""
     if not path.is_dir():
         raise CheckpointError(f"checkpoint not found: {path}")
     manifest_path = path / MANIFEST
@@ -148,7 +180,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     ):
         raise CheckpointError(f"checkpoint {path} is corrupted: unreadable {MANIFEST}")
     blobs = {}
-    for name in FILES:
+    for name in names:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
@@ -163,23 +195,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if hashlib.sha256(blob).hexdigest() != want.get("sha256"):
             raise CheckpointError(f"checkpoint {path} is corrupted: {name} fails its sha256 check")
         blobs[name] = blob
-    try:
-        config = json.loads(blobs["config.json"])
-        state = json.loads(blobs["state.json"])
-        model_state = st_load(blobs["model.safetensors"])
-        state_tensors = st_load(blobs["state.safetensors"])
-    except (json.JSONDecodeError, SafetensorError) as err:
-        raise CheckpointError(f"checkpoint {path} is corrupted: {err}") from err
-    return Checkpoint(path, int(state["step"]), config, model_state, state_tensors, state)
-
-
-def read_config(path: str | Path) -> dict:
-    """A checkpoint's config.json alone ({"model": ..., "train": ...}), unverified: what a
-    caller needs before the weights, which load_checkpoint then reads and verifies."""
-    try:
-        return json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path}: unreadable config.json ({err})") from err
+    return blobs
 
 
 def resolve(path: str | Path) -> Path:
