@@ -22,12 +22,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_read_env_defaults_to_loopback_and_validates() -> None:
     assert read_env({}) is None
     env = read_env({"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "1234"})
-    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (1, 2, 1, 1)
+    # Without LOCAL_* every rank is taken to be on this machine.
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (1, 2, 1, 2)
     assert env.master_addr == "127.0.0.1" and not env.agent_store
     env = read_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
     assert (env.local_rank, env.local_world_size) == (1, 2)
-    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE must be >= 1, got 0"):
-        read_env({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "0"})
+    for local, error in [
+        ({"LOCAL_WORLD_SIZE": "0"}, r"LOCAL_WORLD_SIZE must be in \[1, 2\], got 0"),
+        ({"LOCAL_WORLD_SIZE": "8"}, r"LOCAL_WORLD_SIZE must be in \[1, 2\], got 8"),
+        ({"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "1"}, r"LOCAL_RANK must be in \[0, 1\), got 1"),
+    ]:
+        with pytest.raises(ValueError, match=error):
+            read_env({"RANK": "1", "WORLD_SIZE": "2", **local})
     with pytest.raises(ValueError, match="RANK must be in \\[0, 2\\), got 2"):
         read_env({"RANK": "2", "WORLD_SIZE": "2"})
     with pytest.raises(ValueError, match="WORLD_SIZE must be an int, got 'two'"):

@@ -27,7 +27,8 @@ class DistributedEnv:
     local_rank: int
     """Rank on this machine (LOCAL_RANK); picks the CUDA device."""
     local_world_size: int
-    """Processes on this machine (LOCAL_WORLD_SIZE, 1 when unset): they share its RAM."""
+    """Processes on this machine (LOCAL_WORLD_SIZE): they share its RAM. Unset, all of them,
+    as an unset LOCAL_RANK is RANK."""
     master_addr: str
     """Rendezvous host (MASTER_ADDR), loopback by default."""
     master_port: int
@@ -40,8 +41,14 @@ class DistributedEnv:
             raise ValueError(f"WORLD_SIZE must be >= 1, got {self.world_size}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"RANK must be in [0, {self.world_size}), got {self.rank}")
-        if self.local_world_size < 1:
-            raise ValueError(f"LOCAL_WORLD_SIZE must be >= 1, got {self.local_world_size}")
+        if not 1 <= self.local_world_size <= self.world_size:
+            raise ValueError(
+                f"LOCAL_WORLD_SIZE must be in [1, {self.world_size}], got {self.local_world_size}"
+            )
+        if not 0 <= self.local_rank < self.local_world_size:
+            raise ValueError(
+                f"LOCAL_RANK must be in [0, {self.local_world_size}), got {self.local_rank}"
+            )
         if not 0 < self.master_port < 65536:
             raise ValueError(f"MASTER_PORT must be a TCP port, got {self.master_port}")
 
@@ -63,7 +70,7 @@ def read_env(environ: dict[str, str] | None = None) -> DistributedEnv | None:
         rank=as_int("RANK"),
         world_size=as_int("WORLD_SIZE"),
         local_rank=as_int("LOCAL_RANK", env.get("RANK")),
-        local_world_size=as_int("LOCAL_WORLD_SIZE", "1"),
+        local_world_size=as_int("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE")),
         master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
         master_port=as_int("MASTER_PORT", "29500"),
         agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true",
