@@ -218,6 +218,22 @@ def train_worker(
     return {"val_loss": result.val_loss, "losses": read_losses(run_dir) if rank == 0 else None}
 
 
+def broken_source_worker(rank: int, world_size: int, run_dir: str, init_from: str) -> str:
+    """A warm start from a broken source under expert parallelism: the error it raises."""
+    from moekit.hf.convert import load_init_source
+    from moekit.parallel.context import ParallelContext
+    from moekit.train import CheckpointError, train
+
+    model_config, train_config = tiny_train_configs()
+    ctx = ParallelContext(expert_parallel=world_size)
+    source = load_init_source(init_from)
+    try:
+        train(model_config, train_config, run_dir, parallel=ctx, plots=False, init_from=source)
+    except CheckpointError as err:
+        return str(err)
+    return "no error"
+
+
 def reshard_worker(rank: int, world_size: int, src: str, dst: str) -> None:
     """Load checkpoint `src` at expert parallel `world_size`, write it back out as `dst`.
 

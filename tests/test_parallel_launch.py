@@ -65,17 +65,16 @@ def test_a_hanging_task_is_killed_at_its_time_limit() -> None:
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_torchrun_trains_with_expert_parallel(tmp_path) -> None:
-    run_dir = tmp_path / "run"
+def _torchrun(tmp_path, *train_args: str) -> subprocess.CompletedProcess:
+    """`moekit train` on 2 CPU processes (gloo) under torchrun, expert parallel 2."""
     cmd = [
         *(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"),
         "--standalone",
         *("-m", "moekit", "train", "--expert-parallel", "2", "--dist-timeout", "60"),
         # CPU and gloo on any machine: this test is about the launch, not the GPU.
         *("--dist-backend", "gloo", "--device", "cpu"),
-        *("--preset", "tiny", "--set", "num_layers=1", "--steps", "2", "--batch-size", "2"),
-        *("--seq-len", "16", "--eval-batches", "1", "--progress", "false"),
-        *("--run-dir", str(run_dir)),
+        *("--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1"),
+        *("--progress", "false", *train_args),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     # A session of its own, so a timeout kills torchrun's workers too, not only torchrun.
@@ -94,9 +93,24 @@ def test_torchrun_trains_with_expert_parallel(tmp_path) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise
-    assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    assert out.count("done: train loss") == 1  # one rank reports
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def test_torchrun_trains_with_expert_parallel(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    tiny = ("--preset", "tiny", "--set", "num_layers=1")
+    done = _torchrun(tmp_path, *tiny, "--run-dir", str(run_dir))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("done: train loss") == 1  # one rank reports
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
     saved = sorted((run_dir / "checkpoints").iterdir())
     assert saved and (saved[-1] / "model.safetensors").is_file()
+    # A warm start from it with its weights cut short fails on the ranks' first read,
+    # before rank 0 tokenizes anything into the new run directory.
+    weights = saved[-1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    failed = _torchrun(tmp_path, "--init-from", str(run_dir), "--run-dir", str(tmp_path / "warm"))
+    assert failed.returncode != 0
+    assert "model.safetensors has" in failed.stderr
+    assert not (tmp_path / "warm").exists()

@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parallel_cases import pool, read_losses, reshard_worker, tiny_train_configs, train_worker
+from parallel_cases import (
+    broken_source_worker,
+    pool,
+    read_losses,
+    reshard_worker,
+    tiny_train_configs,
+    train_worker,
+)
 
 from moekit.train import checkpoint as ckpt_io
 
@@ -82,6 +89,20 @@ def test_a_warm_start_under_expert_parallelism_matches_one_process(runs) -> None
     )
     # Both began from the trained weights, far below where the first run began.
     assert expected[0] < read_losses(root / "single")[0] - 1.0
+
+
+def test_a_broken_source_fails_on_every_rank_before_anything_is_written(runs, tmp_path) -> None:
+    import shutil
+
+    root, _, _ = runs
+    src = tmp_path / "src"
+    shutil.copytree(root / "single", src)
+    weights = ckpt_io.list_checkpoints(src)[-1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    errors = pool(2).run(broken_source_worker, str(tmp_path / "run"), str(src), timeout_s=200)
+    assert all("model.safetensors has" in e for e in errors), errors
+    # Not even the token cache, which rank 0 writes for all ranks.
+    assert not (tmp_path / "run").exists()
 
 
 def _assert_bitwise(a: ckpt_io.Checkpoint, b: ckpt_io.Checkpoint) -> None:

@@ -151,8 +151,8 @@ def _run_dir_and_resume(args: argparse.Namespace, default: Path) -> tuple[Path, 
 
 def _init_source(src: str, resume: Path | None):
     """What --init-from gives: SRC's config, tokenizer and weights for a new run. A resumed
-    run's weights, model config and tokenizer are all in its checkpoint, so SRC is not read
-    (it may be gone)."""
+    run's weights, model config and tokenizer setting are all in its checkpoint, so SRC is
+    not read (it may be gone, unless the tokenizer setting names a file inside it)."""
     from dataclasses import replace
 
     from moekit.hf.convert import load_init_source
@@ -192,17 +192,6 @@ def _train(args: argparse.Namespace, parallel) -> int:
     model_config, train_config = build_configs(args, source)
     # Under torchrun every rank runs this; one of them reports.
     say = print if parallel is None or parallel.is_main else (lambda *a, **k: None)
-    if parallel is not None:
-        # Rank 0 tokenizes into the shared cache while the others wait, then all reuse it.
-        from moekit.data.tokenizer import load_tokenizer
-        from moekit.data.tokens import prepare_tokens
-
-        if parallel.is_main:
-            tokenizer = load_tokenizer(train_config.tokenizer)
-            prepare_tokens(
-                train_config.data, tokenizer, run_dir / "cache", train_config.val_fraction
-            )
-        parallel.barrier()
     total, active = count_parameters(model_config)
     say(
         f"training {name}: "

@@ -197,13 +197,23 @@ def train(
             f"model's vocab_size ({model_config.vocab_size})"
         )
     check_outside(config.data, run_dir, "the run directory")
+    if resume is None and ckpt_io.list_checkpoints(run_dir):
+        # A fresh run here would interleave its checkpoints and metrics with the old run's.
+        raise ValueError(
+            f"run directory {run_dir} already holds checkpoints; pass --resume to continue "
+            "that run, or choose another --run-dir"
+        )
     # Read after the memory check (a source too large to train is never read) and before
     # tokenizing, so a broken source fails before anything is written. A resumed run's
     # weights are its checkpoint's.
     init_state = None if init_from is None or resume is not None else init_from.read_state()
-    splits = prepare_tokens(
-        config.data, tokenizer, cache_dir or run_dir / "cache", config.val_fraction
-    )
+    cache_dir = cache_dir or run_dir / "cache"
+    if parallel is not None:
+        # Rank 0 tokenizes into the shared cache while the others wait, then all reuse it.
+        if is_main:
+            prepare_tokens(config.data, tokenizer, cache_dir, config.val_fraction)
+        parallel.barrier()
+    splits = prepare_tokens(config.data, tokenizer, cache_dir, config.val_fraction)
     digest = data_digest(splits)
     batches = TrainBatches(splits["train"], config.seq_len, config.batch_size, config.seed)
     evals = {"": val_batches(splits["val"], config.seq_len, config.batch_size, config.eval_batches)}
@@ -221,12 +231,6 @@ def train(
         saved = ckpt_io.load_checkpoint(resume)
         _check_resumable(saved, model_config, config)
         _check_same_data(saved.state.get("data_digest"), digest, config.data)
-    elif ckpt_io.list_checkpoints(run_dir):
-        # A fresh run here would interleave its checkpoints and metrics with the old run's.
-        raise ValueError(
-            f"run directory {run_dir} already holds checkpoints; pass --resume to continue "
-            "that run, or choose another --run-dir"
-        )
     elif is_main:
         metrics_io.truncate_after(run_dir, 0)  # records of a run that never checkpointed
     torch.manual_seed(config.seed)
