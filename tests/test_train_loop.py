@@ -174,14 +174,14 @@ def test_the_memory_check_counts_each_ranks_share(monkeypatch):
 
     from moekit.model import count_parameters
     from moekit.model.counting import expert_parameters
-    from moekit.train import loop
+    from moekit.train import preflight
 
     checks = []
-    monkeypatch.setattr(loop, "check_fits", lambda *args: checks.append(args))
+    monkeypatch.setattr(preflight, "check_fits", lambda *args: checks.append(args))
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
 
     def need(device, parallel):
-        loop._check_memory(MICRO, device, parallel)
+        preflight.check_memory(MICRO, device, parallel)
         return checks[-1][1]
 
     def ranks(expert_parallel, here):

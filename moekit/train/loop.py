@@ -20,14 +20,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moekit.data.batches import TrainBatches, val_batches
-from moekit.data.sources import absolute, check_outside
-from moekit.data.tokenizer import absolute_tokenizer, load_tokenizer
+from moekit.data.sources import check_outside
+from moekit.data.tokenizer import load_tokenizer
 from moekit.data.tokens import data_digest, prepare_tokens
-from moekit.devices import check_fits, resolve_device
+from moekit.devices import resolve_device
 from moekit.train import checkpoint as ckpt_io
 from moekit.train import metrics as metrics_io
+from moekit.train import preflight
 from moekit.train import state as state_io
-from moekit.train.config import RESUMABLE_FIELDS, TrainConfig
+from moekit.train.config import TrainConfig
 from moekit.train.init_from import InitSource, load_initial_weights
 from moekit.train.optim import build_optimizer, lr_at, set_lr
 from moekit.train.plots import can_plot, plot_run
@@ -46,93 +47,6 @@ class TrainResult:
     """Training tokens per second of pure training time (evaluation and saving excluded)."""
     train_seconds: float
     plots: list[Path] = field(default_factory=list)
-
-
-def config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    """'name: saved != now' for every differing (nested) field."""
-    diffs = []
-    for key in sorted(set(saved) | set(now)):
-        a, b = saved.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: {a!r} (checkpoint) != {b!r} (now)")
-    return diffs
-
-
-def _check_resumable(saved: ckpt_io.Checkpoint, model_config, train_config: TrainConfig) -> None:
-    now_train = {k: v for k, v in train_config.to_dict().items() if k not in RESUMABLE_FIELDS}
-    old_train = {k: v for k, v in saved.config["train"].items() if k not in RESUMABLE_FIELDS}
-    if "tokenizer" in old_train:
-        old_train["tokenizer"] = ckpt_io.resolve_tokenizer(old_train["tokenizer"], saved.path)
-    # Runs recorded data and tokenizer paths as typed before `moekit train` made them
-    # absolute: such a path is read from the working directory, as it was then.
-    for d in (now_train, old_train):
-        if "tokenizer" in d:
-            d["tokenizer"] = absolute_tokenizer(d["tokenizer"])
-        if "data" in d:
-            d["data"] = absolute(d["data"])
-    diffs = config_differences(saved.config["model"], model_config.to_dict(), "model.")
-    diffs += config_differences(old_train, now_train, "train.")
-    if diffs:
-        raise ckpt_io.CheckpointError(
-            "cannot resume: the configuration differs from the checkpoint's in "
-            f"{len(diffs)} field(s): " + "; ".join(diffs)
-        )
-
-
-def _check_memory(model_config, device: torch.device, parallel) -> None:
-    # fp32 weights, gradients and AdamW's two moments: 16 bytes a parameter, on each rank
-    # for its share: all of it under data parallelism, 1/N of the experts under expert
-    # parallelism over N ranks (which first builds the full model: 4 bytes a parameter).
-    # Ranks on one machine's CPU share its RAM; each CUDA rank has a device of its own.
-    from moekit.model.counting import count_parameters, expert_parameters
-
-    total, _ = count_parameters(model_config)
-    need = 16 * total
-    if parallel is not None and parallel.expert_parallel > 1:
-        experts = expert_parameters(model_config)
-        need = max(4 * total, 16 * (total - experts + experts // parallel.expert_parallel))
-    what = f"training this {total / 1e9:.2f}B-parameter model"
-    ranks_here = 1 if parallel is None or device.type != "cpu" else parallel.local_world_size
-    if ranks_here > 1:
-        need *= ranks_here
-        what += f" on the {ranks_here} ranks of this machine"
-    check_fits(
-        f"{what} (weights, gradients and AdamW state; the large presets are for counting "
-        "parameters: shrink one with --set)",
-        need,
-        device,
-    )
-
-
-def _resume_source(checkpoint: Path, run_dir: Path) -> Path | None:
-    """The run a resumed checkpoint branches from (None when it is run_dir's own).
-
-    Resuming rewrites the run directory's later checkpoints and metrics: those must be the
-    resumed run's own. A directory without checkpoints may take a branch of another run.
-    """
-    owner = ckpt_io.run_dir_of(checkpoint)
-    if owner is not None and owner.resolve() == run_dir.resolve():
-        return None
-    if ckpt_io.list_checkpoints(run_dir):
-        raise ValueError(
-            f"cannot resume {checkpoint} into run directory {run_dir}: it holds checkpoints "
-            "that resuming would overwrite; to continue the run in it pass --resume alone, "
-            f"to continue the checkpoint's own run pass --run-dir "
-            f"{owner if owner is not None else 'DIR'}, or branch into a new directory"
-        )
-    return owner if owner is not None else checkpoint
-
-
-def _check_same_data(saved: str | None, now: str, data: str) -> None:
-    # The data setting can name the same path while the text behind it changed; the
-    # tokens' digest cannot. (None: a checkpoint from before digests were recorded.)
-    if saved is not None and saved != now:
-        raise ckpt_io.CheckpointError(
-            f"cannot resume: the tokens of data {data!r} differ from the checkpoint's "
-            f"(digest {now}, checkpoint {saved}); the text changed since the run began"
-        )
 
 
 def compile_forward(model, mode: str):
@@ -184,7 +98,7 @@ def train(
     run_dir = Path(run_dir)
     is_main = parallel is None or parallel.is_main
     device = resolve_device(config.device)
-    _check_memory(model_config, device, parallel)
+    preflight.check_memory(model_config, device, parallel)
     if config.seq_len > model_config.max_seq_len:
         raise ValueError(
             f"seq_len ({config.seq_len}) must be <= the model's max_seq_len "
@@ -197,12 +111,8 @@ def train(
             f"model's vocab_size ({model_config.vocab_size})"
         )
     check_outside(config.data, run_dir, "the run directory")
-    if resume is None and ckpt_io.list_checkpoints(run_dir):
-        # A fresh run here would interleave its checkpoints and metrics with the old run's.
-        raise ValueError(
-            f"run directory {run_dir} already holds checkpoints; pass --resume to continue "
-            "that run, or choose another --run-dir"
-        )
+    if resume is None:
+        preflight.check_new_run_dir(run_dir)
     # Read after the memory check (a source too large to train is never read) and before
     # tokenizing, so a broken source fails before anything is written. A resumed run's
     # weights are its checkpoint's.
@@ -227,10 +137,10 @@ def train(
     saved = branched_from = None
     if resume is not None:
         resume = ckpt_io.resolve(resume)
-        branched_from = _resume_source(resume, run_dir)
+        branched_from = preflight.resume_source(resume, run_dir)
         saved = ckpt_io.load_checkpoint(resume)
-        _check_resumable(saved, model_config, config)
-        _check_same_data(saved.state.get("data_digest"), digest, config.data)
+        preflight.check_resumable(saved, model_config, config)
+        preflight.check_same_data(saved.state.get("data_digest"), digest, config.data)
     elif is_main:
         metrics_io.truncate_after(run_dir, 0)  # records of a run that never checkpointed
     torch.manual_seed(config.seed)

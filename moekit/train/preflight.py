@@ -1,0 +1,118 @@
+"""What a run checks before it trains: memory, the run directory, and a resume's config and data.
+
+Each check raises a ValueError or CheckpointError that names the problem. moekit.train.loop
+runs the memory and run-directory checks before it reads or writes anything, and a
+resume's checks once the checkpoint and the tokens are read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moekit.data.sources import absolute
+from moekit.data.tokenizer import absolute_tokenizer
+from moekit.devices import check_fits
+from moekit.train import checkpoint as ckpt_io
+from moekit.train.config import RESUMABLE_FIELDS, TrainConfig
+
+
+def config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """'name: saved != now' for every differing (nested) field."""
+    diffs = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} (checkpoint) != {b!r} (now)")
+    return diffs
+
+
+def check_resumable(saved: ckpt_io.Checkpoint, model_config, train_config: TrainConfig) -> None:
+    """CheckpointError naming every field in which the run now differs from `saved`'s."""
+    now_train = {k: v for k, v in train_config.to_dict().items() if k not in RESUMABLE_FIELDS}
+    old_train = {k: v for k, v in saved.config["train"].items() if k not in RESUMABLE_FIELDS}
+    if "tokenizer" in old_train:
+        old_train["tokenizer"] = ckpt_io.resolve_tokenizer(old_train["tokenizer"], saved.path)
+    # Runs recorded data and tokenizer paths as typed before `moekit train` made them
+    # absolute: such a path is read from the working directory, as it was then.
+    for d in (now_train, old_train):
+        if "tokenizer" in d:
+            d["tokenizer"] = absolute_tokenizer(d["tokenizer"])
+        if "data" in d:
+            d["data"] = absolute(d["data"])
+    diffs = config_differences(saved.config["model"], model_config.to_dict(), "model.")
+    diffs += config_differences(old_train, now_train, "train.")
+    if diffs:
+        raise ckpt_io.CheckpointError(
+            "cannot resume: the configuration differs from the checkpoint's in "
+            f"{len(diffs)} field(s): " + "; ".join(diffs)
+        )
+
+
+def check_memory(model_config, device: torch.device, parallel) -> None:
+    """ValueError, before anything is built or read, when training cannot fit in memory."""
+    # fp32 weights, gradients and AdamW's two moments: 16 bytes a parameter, on each rank
+    # for its share: all of it under data parallelism, 1/N of the experts under expert
+    # parallelism over N ranks (which first builds the full model: 4 bytes a parameter).
+    # Ranks on one machine's CPU share its RAM; each CUDA rank has a device of its own.
+    from moekit.model.counting import count_parameters, expert_parameters
+
+    total, _ = count_parameters(model_config)
+    need = 16 * total
+    if parallel is not None and parallel.expert_parallel > 1:
+        experts = expert_parameters(model_config)
+        need = max(4 * total, 16 * (total - experts + experts // parallel.expert_parallel))
+    what = f"training this {total / 1e9:.2f}B-parameter model"
+    ranks_here = 1 if parallel is None or device.type != "cpu" else parallel.local_world_size
+    if ranks_here > 1:
+        need *= ranks_here
+        what += f" on the {ranks_here} ranks of this machine"
+    check_fits(
+        f"{what} (weights, gradients and AdamW state; the large presets are for counting "
+        "parameters: shrink one with --set)",
+        need,
+        device,
+    )
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """ValueError when a new run would write into a directory holding another's checkpoints."""
+    if ckpt_io.list_checkpoints(run_dir):
+        # A fresh run here would interleave its checkpoints and metrics with the old run's.
+        raise ValueError(
+            f"run directory {run_dir} already holds checkpoints; pass --resume to continue "
+            "that run, or choose another --run-dir"
+        )
+
+
+def resume_source(checkpoint: Path, run_dir: Path) -> Path | None:
+    """The run a resumed checkpoint branches from (None when it is run_dir's own).
+
+    Resuming rewrites the run directory's later checkpoints and metrics: those must be the
+    resumed run's own. A directory without checkpoints may take a branch of another run.
+    """
+    owner = ckpt_io.run_dir_of(checkpoint)
+    if owner is not None and owner.resolve() == run_dir.resolve():
+        return None
+    if ckpt_io.list_checkpoints(run_dir):
+        raise ValueError(
+            f"cannot resume {checkpoint} into run directory {run_dir}: it holds checkpoints "
+            "that resuming would overwrite; to continue the run in it pass --resume alone, "
+            f"to continue the checkpoint's own run pass --run-dir "
+            f"{owner if owner is not None else 'DIR'}, or branch into a new directory"
+        )
+    return owner if owner is not None else checkpoint
+
+
+def check_same_data(saved: str | None, now: str, data: str) -> None:
+    """CheckpointError unless the tokens' digest is the checkpoint's `saved` one."""
+    # The data setting can name the same path while the text behind it changed; the
+    # tokens' digest cannot. (None: a checkpoint from before digests were recorded.)
+    if saved is not None and saved != now:
+        raise ckpt_io.CheckpointError(
+            f"cannot resume: the tokens of data {data!r} differ from the checkpoint's "
+            f"(digest {now}, checkpoint {saved}); the text changed since the run began"
+        )
