@@ -104,7 +104,7 @@ def check_outside(data: str, path: str | Path, what: str) -> None:
         return
     root, inner = Path(data).resolve(), Path(path).resolve()
     inside = inner == root or root in inner.parents
-    # Hidden directories are never read (_text_files): `--run-dir .runs/x` is fine.
+    # Hidden directories are never read (_sort_files): `--run-dir .runs/x` is fine.
     if inside and not any(part.startswith(".") for part in inner.relative_to(root).parts):
         raise ValueError(
             f"{what} {path} lies inside the data directory {data}: its files would be read "
@@ -121,14 +121,11 @@ def fingerprint(data: str) -> str:
     else:
         root = Path(data)
         parts = [str(root.resolve())]
-        for path in _text_files(root):
+        text_files, _ = _sort_files(root)
+        for path in text_files:
             st = path.stat()
             parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:16]
-
-
-def _text_files(root: Path) -> list[Path]:
-    return _sort_files(root)[0]
 
 
 def _sort_files(root: Path) -> tuple[list[Path], list[Path]]:
