@@ -260,3 +260,45 @@ def test_resuming_a_warm_started_run_does_not_need_the_source(corpus, source_run
     assert first.name == "step_00000001"
     assert main([*args, "--resume", str(first)]) == 0
     assert load_checkpoint(list_checkpoints(run_dir)[-1]).step == 2
+
+
+def test_a_warm_start_keeps_its_sources_tokenizer_and_outlives_the_source(
+    corpus, source_run, tmp_path, capsys
+):
+    pytest.importorskip("transformers")
+    import shutil
+
+    from moekit.train.checkpoint import IN_RUN
+
+    hf_dir = tmp_path / "hf"
+    assert main(["convert", str(source_run), str(hf_dir)]) == 0
+    run_dir = tmp_path / "ft"
+    args = ["train", "--init-from", str(hf_dir), *_cli_args(corpus, run_dir)]
+    args += ["--checkpoint-every", "1"]
+    assert main(args) == 0
+    assert (run_dir / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+    first = list_checkpoints(run_dir)[0]
+    assert load_checkpoint(first).config["train"]["tokenizer"] == IN_RUN + "tokenizer.json"
+    shutil.rmtree(hf_dir)
+    capsys.readouterr()
+    # Sampling decodes with the run's copy; resuming reads nothing from SRC either.
+    assert main(["sample", str(run_dir), "--prompt", "ab", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main([*args, "--resume", str(first)]) == 0
+    assert load_checkpoint(list_checkpoints(run_dir)[-1]).step == 2
+
+
+def test_a_run_dir_holding_another_tokenizer_is_refused_before_training(
+    corpus, source_run, tmp_path, capsys
+):
+    pytest.importorskip("transformers")
+    hf_dir = tmp_path / "hf"
+    assert main(["convert", str(source_run), str(hf_dir)]) == 0
+    run_dir = tmp_path / "ft"
+    run_dir.mkdir()
+    (run_dir / "tokenizer.json").write_text("mine")
+    code = main(["train", "--init-from", str(hf_dir), *_cli_args(corpus, run_dir)])
+    assert code == 2
+    assert "already holds a tokenizer.json" in capsys.readouterr().err
+    assert (run_dir / "tokenizer.json").read_text() == "mine"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["tokenizer.json"]

@@ -151,8 +151,8 @@ def _run_dir_and_resume(args: argparse.Namespace, default: Path) -> tuple[Path, 
 
 def _init_source(src: str, resume: Path | None):
     """What --init-from gives: SRC's config, tokenizer and weights for a new run. A resumed
-    run's weights, model config and tokenizer setting are all in its checkpoint, so SRC is
-    not read (it may be gone, unless the tokenizer setting names a file inside it)."""
+    run's weights, model config and tokenizer setting are all in its checkpoint (a tokenizer
+    file taken from SRC was copied into the run), so SRC is not read and may be gone."""
     from dataclasses import replace
 
     from moekit.hf.convert import load_init_source

@@ -29,7 +29,12 @@ from moekit.train import metrics as metrics_io
 from moekit.train import preflight
 from moekit.train import state as state_io
 from moekit.train.config import TrainConfig
-from moekit.train.init_from import InitSource, load_initial_weights
+from moekit.train.init_from import (
+    InitSource,
+    copy_tokenizer,
+    load_initial_weights,
+    tokenizer_to_copy,
+)
 from moekit.train.optim import build_optimizer, lr_at, set_lr
 from moekit.train.plots import can_plot, plot_run
 
@@ -111,12 +116,19 @@ def train(
             f"model's vocab_size ({model_config.vocab_size})"
         )
     check_outside(config.data, run_dir, "the run directory")
+    own_tokenizer = None
     if resume is None:
         preflight.check_new_run_dir(run_dir)
+        own_tokenizer = tokenizer_to_copy(config, init_from, run_dir)
     # Read after the memory check (a source too large to train is never read) and before
     # tokenizing, so a broken source fails before anything is written. A resumed run's
     # weights are its checkpoint's.
     init_state = None if init_from is None or resume is not None else init_from.read_state()
+    if own_tokenizer is not None:
+        # Recorded as run:tokenizer.json (`_recorded_train`): the run no longer needs SRC.
+        if is_main:
+            copy_tokenizer(*own_tokenizer)
+        config = config.replace(tokenizer=str(own_tokenizer[1]))
     cache_dir = cache_dir or run_dir / "cache"
     if parallel is not None:
         # Rank 0 tokenizes into the shared cache while the others wait, then all reuse it.
