@@ -125,6 +125,24 @@ class MoEConfig:
                     f"topk_groups ({self.topk_groups}) * experts per group "
                     f"({self.experts_per_group}) must be >= top_k ({self.top_k})"
                 )
+        # Settings the chosen router or the dropless layer would silently ignore.
+        if not self.norm_topk_prob and self.router in ("topk_softmax", "expert_choice"):
+            why = (
+                "its softmax over the K chosen logits always sums to 1"
+                if self.router == "topk_softmax"
+                else "its weights are the router's probabilities, never renormalised"
+            )
+            raise ValueError(
+                f"norm_topk_prob=False has no effect with router={self.router!r} ({why}); "
+                "use router='softmax_topk' for unnormalised top-k weights"
+            )
+        if self.drop_policy != "probs" and (
+            self.capacity_factor is None or self.router == "expert_choice"
+        ):
+            raise ValueError(
+                f"drop_policy={self.drop_policy!r} needs a capacity_factor and a token-choice "
+                f"router, got capacity_factor={self.capacity_factor!r}, router={self.router!r}"
+            )
         if (self.router_jitter or self.router_noise) and self.router == "expert_choice":
             raise ValueError(
                 f"router_jitter ({self.router_jitter!r}) and router_noise "

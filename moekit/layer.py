@@ -157,8 +157,20 @@ class MoE(nn.Module):
         """Auxiliary-loss-free balancing step (sigmoid_bias router); a no-op for others.
 
         Call after each optimizer step with the load routed since the last call
-        (`MoEOutput.routed_tokens_per_expert`, summed over the calls).
+        (`MoEOutput.routed_tokens_per_expert`, summed over the calls): [E], for every router,
+        so a wrong load is caught before a router that uses it is configured.
         """
+        E = self.config.num_experts
+        if not isinstance(tokens_per_expert, Tensor):
+            raise TypeError(
+                f"tokens_per_expert must be a [{E}] tensor, got {type(tokens_per_expert).__name__}"
+            )
+        if tokens_per_expert.shape != (E,):
+            # A 0-d total would broadcast and leave the bias where it is, silently.
+            raise ValueError(
+                f"tokens_per_expert must have shape [{E}] (one load per expert), "
+                f"got {list(tokens_per_expert.shape)}"
+            )
         if isinstance(self.router, SigmoidBias):
             self.router.update_bias(tokens_per_expert)
 
@@ -168,6 +180,13 @@ class MoE(nn.Module):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        weight = self.experts.w_up_EFD
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            # Else the router would run (it promotes to float32) and the experts' matmul fail.
+            raise TypeError(
+                f"x has dtype {x.dtype} and the layer's weights {weight.dtype}: convert one "
+                f"(e.g. moe.to({x.dtype})) or run under torch.autocast"
+            )
         if x.dim() not in (2, 3) or x.shape[-1] != D:
             raise ValueError(f"x must have shape [B, S, {D}] or [T, {D}], got {tuple(x.shape)}")
         x_TD = x.reshape(-1, D)

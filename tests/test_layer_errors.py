@@ -52,6 +52,16 @@ CONFIG_ERRORS = [
     (dict(shared_expert_gate=True), ValueError, "num_shared_experts", "0"),
     (dict(shared_d_ff=16), ValueError, "shared_d_ff=16 needs num_shared_experts", "0"),
     (dict(norm_topk_prob="yes"), TypeError, "norm_topk_prob", "'yes'"),
+    # Settings the router or a dropless layer would silently ignore.
+    (dict(router="topk_softmax", norm_topk_prob=False), ValueError, "norm_topk_prob", "False"),
+    (dict(router="expert_choice", norm_topk_prob=False), ValueError, "norm_topk_prob", "False"),
+    (dict(drop_policy="position"), ValueError, "drop_policy", "'position'"),
+    (
+        dict(router="expert_choice", capacity_factor=1.0, drop_policy="position"),
+        ValueError,
+        "drop_policy",
+        "'position'",
+    ),
 ]
 
 
@@ -118,3 +128,23 @@ def test_bad_input_names_x_and_value(moe, x, exc, name, value):
 def test_bad_padding_mask_names_mask_and_value(moe, mask, exc, value):
     with pytest.raises(exc, match=_names("padding_mask", value)):
         moe(torch.randn(2, 3, 24), padding_mask=mask)
+
+
+def test_input_of_another_dtype_than_the_weights_is_named():
+    moe = MoE(MoEConfig(**GOOD))
+    with pytest.raises(TypeError, match=r"x has dtype torch.float64 and the layer's weights"):
+        moe(torch.randn(3, 24, dtype=torch.float64))
+    # Under autocast the layer casts as nn.Linear does.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = moe(torch.randn(3, 24))
+    assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("router", ["softmax_topk", "sigmoid_bias"])
+def test_update_bias_names_a_load_of_the_wrong_shape(router):
+    moe = MoE(MoEConfig(**{**GOOD, "router": router}))
+    for load in (torch.tensor(5.0), torch.ones(3), torch.ones(2, 8)):
+        with pytest.raises(ValueError, match=r"tokens_per_expert must have shape \[8\]"):
+            moe.update_bias(load)
+    with pytest.raises(TypeError, match="tokens_per_expert must be a .* got list"):
+        moe.update_bias([1.0] * 8)
