@@ -13,6 +13,9 @@ _KEEP_ROWS_BYTES), the activation is recomputed, and the router weights' gradien
 itself is never stored. Working expert by expert also keeps each step's [N, F]
 temporaries in cache, where a dense layer streams [T, K*F] arrays through memory.
 
+The backward is written for one differentiation (once_differentiable, no jvp): double
+backward needs the reference path, and forward-mode AD gets it (moekit.paths).
+
 On CPU torch's grouped_mm has a forward but no backward (torch 2.13), and a loop of
 plain matmuls measures as fast as its forward, so the loop is the kernel here. CUDA
 uses grouped_mm through `ExpertBank.forward_grouped` instead.

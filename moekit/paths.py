@@ -55,7 +55,7 @@ class GroupedPath(ReferencePath):
     """Sort by expert, run every expert on its rows, scatter back weighted."""
 
     def __call__(self, x_TD: Tensor, routing: Routing, experts: ExpertBank) -> Tensor:
-        if _under_torch_func():
+        if _under_torch_func() or _has_tangent(x_TD, routing.weight_A, *experts.parameters()):
             return super().__call__(x_TD, routing, experts)
         perm = sort_by_expert(routing.expert_A, experts.num_experts)
         if experts.uses_grouped_mm(x_TD):
@@ -81,6 +81,13 @@ def _under_torch_func() -> bool:
     """
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
     return bool(active is not None and active())
+
+
+def _has_tangent(*tensors: Tensor) -> bool:
+    """Whether forward-mode AD (torch.autograd.forward_ad) carries a tangent on any input:
+    the fused CPU loop has no forward derivative, the reference loop's ops all do."""
+    unpack = torch.autograd.forward_ad.unpack_dual
+    return any(unpack(t).tangent is not None for t in tensors)
 
 
 PATHS = {"reference": ReferencePath, "grouped": GroupedPath}

@@ -248,6 +248,22 @@ def test_torch_func_transforms_see_the_grouped_layer_as_the_reference():
     assert_close(dy, (gx_r * tangent).sum())
 
 
+def test_forward_mode_ad_sees_the_grouped_layer_as_the_reference():
+    # The fused CPU loop has no forward derivative: with a tangent on its input the grouped
+    # path runs the reference loop, whose tangent is the directional derivative.
+    import torch.autograd.forward_ad as fwAD
+
+    ref, fast = _twins()
+    x = torch.randn(2, 7, 24, dtype=torch.float64)
+    g, tangent = torch.randn_like(x), torch.randn_like(x)
+    _, _, gx_r, _ = _run(ref, x, None, g)
+    with fwAD.dual_level():
+        y, out = fast(fwAD.make_dual(x, tangent))
+        d_objective = fwAD.unpack_dual((y * g).sum() + out.loss).tangent
+    assert d_objective is not None
+    assert_close(d_objective, (gx_r * tangent).sum())
+
+
 @pytest.mark.parametrize("router", ROUTER_NAMES)
 def test_grouped_equals_reference_when_d_model_exceeds_d_ff(router):
     # The fused loop scales whichever of h [N, F] or y [N, D] is narrower by the router
