@@ -95,10 +95,22 @@ def generate(
             padded on the left (each row's last prompt token must be real). RoPE scores
             depend on relative positions only, so a row continues as it would alone.
 
+    MoE layers decode dropless, whatever their capacity_factor: with drops a token's
+    experts would depend on the other rows and, in the prompt, on later tokens. Models
+    with an expert_choice router are refused: each expert picks its tokens from the whole
+    call, which no token-by-token decoding can reproduce.
+
     Returns:
         [B, S + N] ids, the prompt followed by N <= max_new_tokens new tokens.
     """
     _check_options(temperature, top_k, top_p, max_new_tokens)
+    choosers = [i for i, m in enumerate(model.moe_layers()) if m.config.router == "expert_choice"]
+    if choosers:
+        raise ValueError(
+            f"cannot decode with router='expert_choice' (MoE layers {choosers}): each expert "
+            "picks its top tokens from the whole input, so a token's output depends on later "
+            "tokens; sample from a model with a token-choice router"
+        )
     if not isinstance(prompt_ids, Tensor) or prompt_ids.dim() != 2:
         raise ValueError(f"prompt_ids must be a [B, S] tensor, got {prompt_ids!r}")
     B, S = prompt_ids.shape
@@ -119,7 +131,9 @@ def generate(
     model.eval()
     try:
         cache = model.new_cache(B, total)
-        logits_BV = model(prompt_ids, padding_mask=padding_mask, cache=cache).logits[:, -1]
+        logits_BV = model(prompt_ids, padding_mask=padding_mask, cache=cache, dropless=True).logits[
+            :, -1
+        ]
         done_B = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
         new: list[Tensor] = []
         for step in range(max_new_tokens):
@@ -130,7 +144,7 @@ def generate(
             new.append(next_B)
             if step == max_new_tokens - 1 or (eos_id is not None and bool(done_B.all())):
                 break
-            logits_BV = model(next_B[:, None], cache=cache).logits[:, -1]
+            logits_BV = model(next_B[:, None], cache=cache, dropless=True).logits[:, -1]
     finally:
         model.train(was_training)
     return torch.cat([prompt_ids, torch.stack(new, dim=1).to(prompt_ids.dtype)], dim=1)

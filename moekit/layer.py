@@ -90,7 +90,9 @@ class MoE(nn.Module):
 
     `y, out = moe(x, padding_mask=None)` with x [B, S, D] or [T, D]; y has x's shape.
     padding_mask (bool, x.shape[:-1]) is True at padding: those tokens are not routed,
-    get y = 0, and count in no statistic or loss.
+    get y = 0, and count in no statistic or loss. dropless=True routes every assignment
+    whatever the capacity_factor (decoding: with drops a token's experts would depend on
+    the other tokens of the call).
     """
 
     def __init__(self, config: MoEConfig) -> None:
@@ -112,7 +114,9 @@ class MoE(nn.Module):
             nn.Linear(config.d_model, 1, bias=False) if config.shared_expert_gate else None
         )
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, MoEOutput]:
+    def forward(
+        self, x: Tensor, padding_mask: Tensor | None = None, *, dropless: bool = False
+    ) -> tuple[Tensor, MoEOutput]:
         cfg = self.config
         x_TD, seq_T, num_seqs = self._flatten(x)
         real_T = self._real_tokens(x, padding_mask)
@@ -125,7 +129,7 @@ class MoE(nn.Module):
         # (Fedus et al. 2021, eq. 2) counts f_e from the argmax, so an overloaded expert
         # keeps being pushed back instead of looking balanced once capped at C.
         routed = routing
-        if cfg.capacity_factor is not None and cfg.router != "expert_choice":
+        if cfg.capacity_factor is not None and cfg.router != "expert_choice" and not dropless:
             cap = capacity(T, cfg.top_k, cfg.num_experts, cfg.capacity_factor)
             keep_A = capacity_keep(
                 routing.expert_A,

@@ -225,3 +225,51 @@ def test_sampled_text_is_the_continuation_of_the_prompt(model, tmp_path) -> None
 def test_a_seed_torch_cannot_take_is_a_clear_error(model, seed) -> None:
     with pytest.raises(ValueError, match=f"seed must be .*, got {seed}"):
         generate(model, torch.zeros(1, 2, dtype=torch.long), 2, seed=seed)
+
+
+def _capacity_model() -> Transformer:
+    # Large weights make the router confident, so capacity 1.0 drops assignments.
+    torch.manual_seed(3)
+    cfg = ModelConfig(
+        vocab_size=V,
+        d_model=24,
+        num_layers=2,
+        num_heads=4,
+        max_seq_len=24,
+        moe=MoEConfig(d_model=24, d_ff=20, num_experts=5, top_k=2, capacity_factor=1.0),
+        init_std=2.0,
+    )
+    return Transformer(cfg).double()
+
+
+def test_a_capacity_model_decodes_dropless_and_each_row_as_alone() -> None:
+    model = _capacity_model()
+    prompts = torch.randint(0, V, (3, 8))
+    with torch.no_grad():
+        dropped = model(prompts).moe[0].dropped_fraction
+        assert dropped > 0  # the case this test is about: the full forward drops
+        full = model(prompts, dropless=True)
+        assert all(float(o.dropped_fraction) == 0 for o in full.moe)
+    out = generate(model, prompts, 6, temperature=0)
+    for row in range(3):
+        assert torch.equal(out[row], generate(model, prompts[row : row + 1], 6, temperature=0)[0])
+    # Greedy decoding is the argmax of the dropless full forward, position by position.
+    ids = prompts
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = model(ids, dropless=True).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+    assert torch.equal(out, ids)
+
+
+def test_an_expert_choice_model_is_refused() -> None:
+    cfg = ModelConfig(
+        vocab_size=V,
+        d_model=24,
+        num_layers=2,
+        num_heads=4,
+        max_seq_len=24,
+        moe=MoEConfig(d_model=24, d_ff=20, num_experts=5, top_k=2, router="expert_choice"),
+    )
+    with pytest.raises(ValueError, match=r"router='expert_choice' \(MoE layers \[0, 1\]\)"):
+        generate(Transformer(cfg), torch.zeros(1, 3, dtype=torch.long), 2)

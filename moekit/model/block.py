@@ -44,12 +44,14 @@ class Block(nn.Module):
         padding_mask: Tensor | None,
         cache_layer: LayerCache | None,
         start_pos: int,
+        dropless: bool = False,
     ) -> tuple[Tensor, MoEOutput | None]:
-        """padding_mask: None or bool [B, L] over all key positions (True = padding)."""
+        """padding_mask: None or bool [B, L] over all key positions (True = padding);
+        dropless: route every assignment whatever the MoE's capacity (`MoE.forward`)."""
         h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rope, padding_mask, cache_layer, start_pos)
         z_BSD = self.ffn_norm(h_BSD)
         if not self.is_moe:
             return h_BSD + self.ffn(z_BSD), None
         new_padding = None if padding_mask is None else padding_mask[:, start_pos:]
-        y_BSD, out = self.ffn(z_BSD, padding_mask=new_padding)
+        y_BSD, out = self.ffn(z_BSD, padding_mask=new_padding, dropless=dropless)
         return h_BSD + y_BSD, out

@@ -111,12 +111,17 @@ class Transformer(nn.Module):
         ids_BS: Tensor,
         padding_mask: Tensor | None = None,
         cache: KVCache | None = None,
+        *,
+        dropless: bool = False,
     ) -> ModelOutput:
         """Next-token logits for ids_BS [B, S] (long).
 
         padding_mask: bool [B, S], True at padding; padded positions are seen by no other
         position and are not routed. cache: a `new_cache(...)` to decode incrementally;
         the S tokens then take positions cache.pos .. cache.pos + S - 1 and are appended.
+        dropless: MoE layers with a capacity_factor route every assignment (`generate`
+        does: capacity drops would make a token's output depend on the other tokens of
+        the call, later ones and other rows included).
         """
         B, S = self._check_ids(ids_BS)
         start_pos = 0 if cache is None else cache.pos
@@ -142,7 +147,7 @@ class Transformer(nn.Module):
         outs: list[MoEOutput] = []
         for i, layer in enumerate(self.layers):
             cache_layer = None if cache is None else cache.layers[i]
-            x_BSD, out = layer(x_BSD, self.rope, key_padding, cache_layer, start_pos)
+            x_BSD, out = layer(x_BSD, self.rope, key_padding, cache_layer, start_pos, dropless)
             if out is not None:
                 outs.append(out)
         if cache is not None:
