@@ -162,8 +162,9 @@ def test_init_weights_gives_documented_std() -> None:
     assert torch.equal(model.moe_layers()[0].router.expert_bias, torch.zeros(4))
 
 
-def test_meta_build_materialises_with_init_weights() -> None:
-    cfg = _cfg()
+@pytest.mark.parametrize("tie", [False, True])
+def test_meta_build_materialises_with_init_weights(tie) -> None:
+    cfg = _cfg().replace(tie_embeddings=tie)
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device="cpu")
@@ -171,6 +172,12 @@ def test_meta_build_materialises_with_init_weights() -> None:
     ref = Transformer(cfg)
     assert torch.equal(model.rope.cos, ref.rope.cos)
     assert torch.isfinite(model(torch.randint(0, V, (1, 4))).logits).all()
+    # to_empty gives the tied head a storage of its own: init_weights ties it again.
+    assert (model.lm_head.weight is model.embed.weight) == tie
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in ref.parameters())
+    assert (
+        abs(model.lm_head.weight.std() - ref.lm_head.weight.std()) < 0.1 * ref.lm_head.weight.std()
+    )
 
 
 @pytest.mark.parametrize(

@@ -79,6 +79,9 @@ class Transformer(nn.Module):
         dense FFNs, shared and routed experts; norms 1; biases and the sigmoid router's
         selection bias 0. Call after `to_empty` when a model was built on `meta`.
         """
+        if self.config.tie_embeddings:
+            # to_empty gives each parameter storage of its own: tie the head again.
+            self.lm_head.weight = self.embed.weight
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.num_layers)
         for name, module in self.named_modules():
