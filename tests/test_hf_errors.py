@@ -182,6 +182,25 @@ def test_export_refuses_what_the_family_cannot_express(checkpoint, tmp_path):
         save_pretrained(model, tmp_path / "y", family="qwen3_moe")
 
 
+def test_olmoe_needs_heads_that_span_the_model_width(tmp_path):
+    # transformers' OLMoE sizes its q/k norms from hidden_size: other head widths would
+    # write a checkpoint it cannot load.
+    cfg = ModelConfig(
+        vocab_size=97,
+        d_model=32,
+        num_layers=2,
+        num_heads=4,
+        head_dim=12,
+        max_seq_len=64,
+        qk_norm="full",
+        moe=MoEConfig(d_model=32, d_ff=24, num_experts=4, top_k=2),
+    )
+    with pytest.raises(UnsupportedConfig, match=r"head_dim=12 x 4 heads != hidden_size \(32\)"):
+        save_pretrained(Transformer(cfg), tmp_path / "x", family="olmoe")
+    with pytest.raises(UnsupportedConfig, match="no Hugging Face family"):
+        save_pretrained(Transformer(cfg), tmp_path / "y")
+
+
 @pytest.mark.parametrize("first_shards", [True, False])
 def test_reexport_leaves_no_earlier_weight_files(checkpoint, tmp_path, first_shards):
     # A leftover index would make readers load the old shards; a leftover single file is

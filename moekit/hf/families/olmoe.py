@@ -4,7 +4,14 @@ key projections, optional clamping of q, k and v (clip_qkv)."""
 from __future__ import annotations
 
 from moekit.config import MoEConfig
-from moekit.hf.families.base import Family, common_fields, common_hf, require, with_defaults
+from moekit.hf.families.base import (
+    Family,
+    UnsupportedConfig,
+    common_fields,
+    common_hf,
+    require,
+    with_defaults,
+)
 from moekit.model.config import ModelConfig
 
 NAME = "olmoe"
@@ -22,6 +29,13 @@ as num_attention_heads)."""
 def to_model_config(hf: dict) -> ModelConfig:
     hf = with_defaults(hf, DEFAULTS)
     fields = common_fields(hf, NAME, default_theta=10000.0)
+    head_dim, heads, width = fields["head_dim"], fields["num_heads"], fields["d_model"]
+    if head_dim is not None and head_dim * heads != width:
+        # transformers sizes OLMoE's q/k norms from hidden_size, whatever head_dim says.
+        raise UnsupportedConfig(
+            f"olmoe: head_dim={head_dim} x {heads} heads != hidden_size ({width}); OLMoE "
+            "normalises the whole query over hidden_size, so its heads must span it"
+        )
     moe = MoEConfig(
         d_model=fields["d_model"],
         d_ff=int(require(hf, NAME, "intermediate_size")),
