@@ -103,9 +103,9 @@ def test_default_rope_unchanged_by_yarn_fields():
         ({"rope_original_max_seq_len": 8.0}, TypeError, ["rope_original_max_seq_len", "8.0"]),
         ({"rope_beta_fast": -1.0}, ValueError, ["rope_beta_fast", "-1.0"]),
         (
-            {"rope_type": "yarn", "rope_original_max_seq_len": 8, "rope_beta_fast": 1.0},
+            {"rope_type": "yarn", "rope_original_max_seq_len": 8, "rope_beta_fast": 0.5},
             ValueError,
-            ["rope_beta_fast", "1.0"],
+            ["rope_beta_fast", "0.5"],
         ),
         ({"rope_mscale": -0.5}, ValueError, ["rope_mscale", "-0.5"]),
         ({"rope_mscale_all_dim": "1"}, TypeError, ["rope_mscale_all_dim", "'1'"]),
@@ -254,6 +254,8 @@ def test_release_sized_yarn_matches_transformers_tables_and_scale(family):
         # Both ramp ends at pair 0, a one-point ramp (0 / 0 at that pair), widened by 0.001
         # as transformers does.
         (dict(original_max_position_embeddings=4), {}),
+        # Equal betas (Kimi-K2's config): a one-point ramp away from pair 0.
+        (dict(beta_fast=1.0, beta_slow=1.0), {}),
     ],
 )
 def test_yarn_edge_settings_match_transformers(params, top):

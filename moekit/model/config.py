@@ -173,9 +173,11 @@ class ModelConfig:
             raise ValueError(
                 "rope_original_max_seq_len must be set when rope_type='yarn', got None"
             )
-        if self.rope_beta_fast <= self.rope_beta_slow:
+        # Equal betas (Kimi-K2's 1.0 and 1.0) make a one-point ramp, which rope.py widens
+        # as transformers does.
+        if self.rope_beta_fast < self.rope_beta_slow:
             raise ValueError(
-                f"rope_beta_fast must be > rope_beta_slow ({self.rope_beta_slow}), "
+                f"rope_beta_fast must be >= rope_beta_slow ({self.rope_beta_slow}), "
                 f"got {self.rope_beta_fast!r}"
             )
 
