@@ -5,6 +5,8 @@ Shapes: B batch, S prompt length, V vocab, N new tokens.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -68,6 +70,16 @@ def _check_options(temperature: object, top_k: object, top_p: object, max_new: o
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
 
 
+def _eos_ids(eos_id: object, device: torch.device) -> Tensor | None:
+    """eos_id (None, an int or a sequence of ints) as a [n] long tensor; None for none."""
+    if eos_id is None:
+        return None
+    ids = list(eos_id) if isinstance(eos_id, Sequence) else [eos_id]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"eos_id must be None, an int >= 0 or a sequence of them, got {eos_id!r}")
+    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
+
+
 @torch.no_grad()
 def generate(
     model: Transformer,
@@ -77,7 +89,7 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     padding_mask: Tensor | None = None,
 ) -> Tensor:
     """Continue each prompt row by up to max_new_tokens sampled tokens.
@@ -89,8 +101,9 @@ def generate(
         top_k, top_p: optional filters (see `filter_logits`).
         seed: a private generator seeded with it makes the output reproducible; None
             draws from torch's global generator.
-        eos_id: a row that samples it keeps emitting it; generation stops early once
-            every row has.
+        eos_id: an end-of-sequence id, or several (generation_config.json often lists
+            two); a row that samples one keeps emitting it, and generation stops early
+            once every row has.
         padding_mask: bool [B, S], True at padding, for prompts of different lengths
             padded on the left (each row's last prompt token must be real). RoPE scores
             depend on relative positions only, so a row continues as it would alone.
@@ -122,6 +135,7 @@ def generate(
         )
     if padding_mask is not None and bool(padding_mask[:, -1].any()):
         raise ValueError("padding_mask: pad prompts on the left; the last column must be real")
+    eos_ids = _eos_ids(eos_id, prompt_ids.device)
     generator = None
     if seed is not None:
         check_seed("seed", seed)
@@ -138,11 +152,13 @@ def generate(
         new: list[Tensor] = []
         for step in range(max_new_tokens):
             next_B = sample_next(logits_BV, temperature, top_k, top_p, generator)
-            if eos_id is not None:
-                next_B = next_B.masked_fill(done_B, eos_id)
-                done_B = done_B | (next_B == eos_id)
+            if eos_ids is not None:
+                # A finished row repeats the id that ended it.
+                if new:
+                    next_B = torch.where(done_B, new[-1], next_B)
+                done_B = done_B | torch.isin(next_B, eos_ids)
             new.append(next_B)
-            if step == max_new_tokens - 1 or (eos_id is not None and bool(done_B.all())):
+            if step == max_new_tokens - 1 or (eos_ids is not None and bool(done_B.all())):
                 break
             logits_BV = model(next_B[:, None], cache=cache, dropless=True).logits[:, -1]
     finally:

@@ -120,6 +120,22 @@ def test_eos_stops_rows_and_generation(model) -> None:
     assert finished.shape == (1, 4)
 
 
+def test_any_of_several_eos_ids_ends_a_row(model) -> None:
+    prompt = torch.randint(0, V, (2, 3))
+    greedy = generate(model, prompt, 6, temperature=0)
+    # Row 0's first new token and row 1's third end generation: each row stops at the
+    # first of them it samples and repeats that one.
+    eos = [int(greedy[1, 5]), int(greedy[0, 3])]
+    out = generate(model, prompt, 6, temperature=0, eos_id=eos)
+    for row in range(2):
+        at = next(i for i, t in enumerate(greedy[row, 3:].tolist()) if t in eos)
+        assert torch.equal(out[row, : 3 + at + 1], greedy[row, : 3 + at + 1])
+        assert (out[row, 3 + at :] == greedy[row, 3 + at]).all()
+    assert torch.equal(generate(model, prompt, 6, temperature=0, eos_id=[]), greedy)
+    with pytest.raises(ValueError, match=r"eos_id must be .* got \[1, -2\]"):
+        generate(model, prompt, 2, eos_id=[1, -2])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -35,20 +35,27 @@ def sample_text(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = 0,
+    eos_ids: list[int] | None = None,
+    add_special_tokens: bool = False,
 ) -> list[str]:
-    """`num_samples` continuations of `prompt` (the generated text only, prompt excluded)."""
+    """`num_samples` continuations of `prompt` (the generated text only, prompt excluded).
+
+    eos_ids end a continuation; add_special_tokens frames the prompt with the tokens the
+    tokenizer's post-processor adds (a Hugging Face model's BOS). A moekit run's text was
+    tokenized without them, so its prompts are too.
+    """
     import torch
 
     from moekit.generate import generate
 
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples!r}")
-    ids = tokenizer.encode(prompt)
+    ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
     if not ids:
         raise ValueError("the prompt must contain at least one token")
     device = next(model.parameters()).device
     prompt_ids = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
-    out = generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed)
+    out = generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_ids)
     return [continuation(tokenizer, ids, row[len(ids) :].tolist()) for row in out.cpu()]
 
 
@@ -75,14 +82,18 @@ def run(args: argparse.Namespace) -> int:
     )
 
     device = resolve_device(args.device)
+    eos_ids, special = None, False
     if is_hf_dir(args.checkpoint):
-        # A Hugging Face checkpoint directory: its own tokenizer.json, via `tokenizers`.
+        # A Hugging Face checkpoint directory: its own tokenizer.json, via `tokenizers`,
+        # its prompt framing (BOS) and its end-of-sequence ids, as transformers samples it.
         from pathlib import Path
 
         from moekit.hf import from_pretrained
+        from moekit.hf.io import eos_token_ids
 
         tokenizer = load_tokenizer(str(Path(args.checkpoint) / "tokenizer.json"))
         model = from_pretrained(args.checkpoint, device=device)
+        eos_ids, special = eos_token_ids(args.checkpoint), True
     else:
         ckpt = load_checkpoint(resolve(args.checkpoint))
         tokenizer = load_tokenizer(resolve_tokenizer(ckpt.config["train"]["tokenizer"], ckpt.path))
@@ -97,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         args.top_k,
         args.top_p,
         args.seed,
+        eos_ids,
+        special,
     )
     for i, text in enumerate(texts):
         if args.num_samples > 1:

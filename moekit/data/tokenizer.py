@@ -20,7 +20,8 @@ class ByteTokenizer:
     fingerprint = "bytes"
     vocab_size = 256
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """UTF-8 bytes; there are no special tokens to add."""
         return list(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
@@ -117,8 +118,11 @@ class HFTokenizer:
         self.fingerprint = hashlib.sha1(path.read_bytes()).hexdigest()
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of text; add_special_tokens applies the file's post-processor (a BOS
+        for Mixtral or DeepSeek), as transformers' tokenizer(text) does for a prompt.
+        Training text is encoded without: documents are streamed back to back."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode([int(i) for i in ids])

@@ -43,6 +43,30 @@ def read_config(directory: str | os.PathLike) -> dict:
     return config
 
 
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+def eos_token_ids(directory: str | os.PathLike) -> list[int]:
+    """The ids that end generation for a checkpoint: `eos_token_id` of its
+    generation_config.json, else of its config.json (an int or a list; none: [])."""
+    directory = Path(directory)
+    for name in (GENERATION_CONFIG_FILE, CONFIG_FILE):
+        path = directory / name
+        if not path.is_file():
+            continue
+        try:
+            value = json.loads(path.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+            raise CheckpointError(f"{path}: not a valid JSON object: {err}") from None
+        if value is None:
+            continue
+        ids = value if isinstance(value, list) else [value]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise CheckpointError(f"{path}: eos_token_id must be ids (ints >= 0), got {value!r}")
+        return ids
+    return []
+
+
 def _listing(items: list[str]) -> str:
     shown = items[:_MAX_LISTED]
     more = f"\n    ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
