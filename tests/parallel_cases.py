@@ -218,6 +218,26 @@ def train_worker(
     return {"val_loss": result.val_loss, "losses": read_losses(run_dir) if rank == 0 else None}
 
 
+def short_val_configs(data: str):
+    """The tiny configs on a small text whose validation holds 5 windows: batches of 4 and
+    1 rows, the second too short to split evenly over 2 ranks."""
+    model_config, train_config = tiny_train_configs()
+    train_config = train_config.replace(
+        data=data, val_fraction=0.1, steps=2, eval_every=2, eval_batches=2, warmup_steps=1
+    )
+    return model_config, train_config
+
+
+def short_val_worker(rank: int, world_size: int, run_dir: str, data: str) -> float:
+    """The validation loss of 2 data-parallel steps on `short_val_configs(data)`."""
+    from moekit.parallel.context import ParallelContext
+    from moekit.train import train
+
+    model_config, train_config = short_val_configs(data)
+    ctx = ParallelContext(expert_parallel=1)
+    return train(model_config, train_config, run_dir, parallel=ctx, plots=False).val_loss
+
+
 def broken_source_worker(rank: int, world_size: int, run_dir: str, init_from: str) -> str:
     """A warm start from a broken source under expert parallelism: the error it raises."""
     from moekit.hf.convert import load_init_source

@@ -16,6 +16,8 @@ from parallel_cases import (
     pool,
     read_losses,
     reshard_worker,
+    short_val_configs,
+    short_val_worker,
     tiny_train_configs,
     train_worker,
 )
@@ -148,3 +150,21 @@ def test_checkpoint_reshards_2_to_1_to_4_to_2(runs, tmp_path) -> None:
     src = ckpt_io.resolve(tmp_path / "four")
     pool(2).run(reshard_worker, str(src), str(tmp_path / "two"), timeout_s=120)
     _assert_bitwise(ckpt_io.load_checkpoint(ckpt_io.resolve(tmp_path / "two")), from_2)
+
+
+def test_a_short_validation_batch_is_shared_over_the_ranks(tmp_path) -> None:
+    # 370 bytes, the last tenth validation: 37 tokens, 5 windows of 32 -> batches of 4 and
+    # 1 rows. Ranks get even shards (the lone row and an ignored copy), and the loss is the
+    # one process's.
+    from moekit.data import ByteTokenizer, prepare_tokens
+    from moekit.data.batches import val_batches
+    from moekit.train import train
+
+    data = tmp_path / "small.txt"
+    data.write_text(("the cat sat on the mat. " * 16)[:370])
+    model_config, train_config = short_val_configs(str(data))
+    split = prepare_tokens(str(data), ByteTokenizer(), tmp_path / "c", 0.1)["val"]
+    assert [len(x) for x, _ in val_batches(split, 32, 4, 2)] == [4, 1]
+    single = train(model_config, train_config, tmp_path / "single", plots=False)
+    ranks = pool(2).run(short_val_worker, str(tmp_path / "dp2"), str(data), timeout_s=200)
+    assert ranks == [pytest.approx(single.val_loss, abs=1e-5)] * 2

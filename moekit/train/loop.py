@@ -67,6 +67,21 @@ def compile_forward(model, mode: str):
     return torch.compile(model, mode=None if mode == "default" else mode)
 
 
+_IGNORED = -100
+"""The target F.cross_entropy leaves out (its ignore_index): padding rows of validation."""
+
+
+def _even_rows(x_BS: Tensor, y_BS: Tensor, world_size: int) -> tuple[Tensor, Tensor]:
+    """A validation batch with rows enough for every rank to get as many: copies of its
+    last window, whose targets are ignored. The last batch may be short (val_batches),
+    and shards must be even; the summed loss and token count stay those of the batch."""
+    pad = -x_BS.shape[0] % world_size
+    if not pad:
+        return x_BS, y_BS
+    x_BS = torch.cat([x_BS, x_BS[-1:].expand(pad, -1)])
+    return x_BS, torch.cat([y_BS, y_BS.new_full((pad, y_BS.shape[1]), _IGNORED)])
+
+
 def _cross_entropy(logits_BSV: Tensor, y_BS: Tensor, reduction: str = "mean") -> Tensor:
     return F.cross_entropy(
         logits_BSV.reshape(-1, logits_BSV.shape[-1]), y_BS.reshape(-1), reduction=reduction
@@ -205,9 +220,11 @@ def train(
                 # A mean over tokens, not over batches: the last batch may be short.
                 total = torch.zeros(2, dtype=torch.float64, device=device)
                 for x, y in batches_:
+                    x, y = _even_rows(x, y, 1 if parallel is None else parallel.world_size)
                     y = shard(y).to(device)
                     ce = _cross_entropy(model(shard(x).to(device)).logits, y, "sum")
-                    total += torch.stack([ce.double(), total.new_tensor(y.numel())])
+                    counted = (y != _IGNORED).sum()
+                    total += torch.stack([ce.double(), counted.to(total.dtype)])
                 total = reduce(total)  # the mean over ranks of both: their ratio is the sum's
                 out[f"val_loss_{name}" if name else "val_loss"] = float(total[0] / total[1])
         model.train()
