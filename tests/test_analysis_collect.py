@@ -56,7 +56,7 @@ def test_labelled_batches_keep_domains_apart(tmp_path):
         labelled_batches(split, seq_len=60, batch_size=2, batches_per_domain=1)
 
 
-def test_domain_routed_model_is_fully_specialised(tmp_path):
+def test_domain_routed_model_is_fully_specialised(tmp_path, monkeypatch):
     torch.manual_seed(0)
     cfg = MoEConfig(d_model=6, d_ff=8, num_experts=5, top_k=1)
     model = _EmbedMoE(cfg)
@@ -86,6 +86,18 @@ def test_domain_routed_model_is_fully_specialised(tmp_path):
     table = format_table(summary["layers"])
     assert "1.000" in table and "0,2,4" in table
     assert model.training  # collect_routing restores the mode it found
+
+    # A figure that fails loses no numbers: routing.json is written before any is drawn.
+    import moekit.analysis.plots as aplots
+
+    def fail(*args, **kwargs):
+        raise MemoryError("figure too large")
+
+    monkeypatch.setattr(aplots, "plot_co_selection", fail)
+    with pytest.raises(MemoryError):
+        analyze_model(model, batches, domains, tmp_path / "again", dead_threshold=0.0)
+    kept = json.loads((tmp_path / "again" / "routing.json").read_text())
+    assert kept["domain_expert"] == summary["domain_expert"]
 
 
 def test_transformer_routing_matches_router_recomputed_from_layer_inputs(tmp_path):

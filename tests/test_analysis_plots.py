@@ -44,3 +44,25 @@ def test_all_figures_are_written(tmp_path):
     for p in paths:
         w, h = _png_size(p)
         assert w > 300 and h > 200
+
+
+def test_figures_of_a_large_model_stay_a_readable_size(tmp_path):
+    # 64 experts over 24 layers (OLMoE-sized): cells shrink instead of the canvas growing
+    # with E^2 x L (at full cell size co_selection.png was ~7000 x 29000 px at 16 layers).
+    g = torch.Generator().manual_seed(0)
+    counts = []
+    for _ in range(24):
+        c = LayerCounts(64, domains=("code", "prose"))
+        c.domain_expert = torch.randint(0, 50, (2, 64), generator=g).long()
+        c.tokens_per_expert = c.domain_expert.sum(0)
+        c.co_selection = torch.diag(c.tokens_per_expert)
+        c.num_tokens = int(c.tokens_per_expert.sum())
+        counts.append(c)
+    summaries = [c.summary(i) for i, c in enumerate(counts)]
+    for p in (
+        aplots.plot_load(summaries, tmp_path / "load.png"),
+        aplots.plot_specialisation(counts, tmp_path / "specialisation.png"),
+        aplots.plot_co_selection(counts, tmp_path / "co_selection.png"),
+    ):
+        w, h = _png_size(p)
+        assert w <= 2400 and h <= 8000, (p.name, w, h)

@@ -30,6 +30,18 @@ def _grid(n: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
+# Figure sizes grow with experts and layers only so far: a 256-expert, 58-layer model
+# (DeepSeek-V3) drawn at full cell size asked for a canvas of hundreds of millions of
+# pixels and ran out of memory. Cells shrink instead; values are not printed past 16 anyway.
+_MAX_PANEL = 8.0  # inches, one heatmap panel
+_MAX_TALL = 60.0  # inches, a figure of many rows of panels
+
+
+def _panel_side(cells: int, rows: int) -> float:
+    """Inches per square heatmap panel of `cells` per side, in a figure of `rows` rows."""
+    return max(3.0, min(1.5 + 0.45 * max(cells, 6), _MAX_PANEL, _MAX_TALL / rows))
+
+
 def _annotate(ax, values, fmt: str, dark_below: float, skip=frozenset()) -> None:
     """Print cell values; white on cells below dark_below (the dark end of the colour map)."""
     rows, cols = len(values), len(values[0]) if values else 0
@@ -66,7 +78,7 @@ def plot_load(summaries: list[LayerSummary], path: str | Path, title: str = "") 
         rel.append([share * E for share in s.load_share])
     L, E = len(rel), len(rel[0])
     top = max(2.0, max(max(r) for r in rel))
-    fig, axes = new_figure(2.5 + 0.6 * max(E, 8), 2.0 + 0.45 * L)
+    fig, axes = new_figure(2.5 + min(0.6 * max(E, 8), 16.0), 2.0 + min(0.45 * L, _MAX_TALL))
     ax = axes[0][0]
     from matplotlib.colors import TwoSlopeNorm
 
@@ -136,7 +148,9 @@ def plot_specialisation(counts: list[LayerCounts], path: str | Path, title: str 
     """
     rows, cols = _grid(len(counts))
     E, N = counts[0].num_experts, len(counts[0].domains)
-    fig, axes = new_figure(cols * (1.0 + 0.45 * max(E, 6)), rows * (1.4 + 0.4 * N), rows, cols)
+    width = min(1.0 + 0.45 * max(E, 6), _MAX_PANEL)
+    height = max(1.5, min(1.4 + 0.4 * N, _MAX_TALL / rows))
+    fig, axes = new_figure(cols * width, rows * height, rows, cols)
     vmax = max(2.0 / E, max(_row_norm(c.domain_expert).max().item() for c in counts))
     for i, c in enumerate(counts):
         ax = axes[i // cols][i % cols]
@@ -165,7 +179,7 @@ def plot_co_selection(counts: list[LayerCounts], path: str | Path, title: str = 
     """
     rows, cols = _grid(len(counts))
     E = counts[0].num_experts
-    side = 1.5 + 0.45 * max(E, 6)
+    side = _panel_side(E, rows)
     fig, axes = new_figure(cols * side, rows * side, rows, cols)
     conds = [stats.co_selection_conditional(c.co_selection) for c in counts]
     vmax = max(1e-9, max(m.max().item() for m in conds))

@@ -44,11 +44,6 @@ def analyze_model(
         raise ValueError("no batches of text to analyse")
     counts = collect_routing(model, batches, domains, progress=progress)
     summaries = [c.summary(i, dead_threshold) for i, c in enumerate(counts)]
-    figures = {}
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        figures = _write_figures(counts, summaries, out, title)
     summary = {
         "domains": list(domains),
         "num_tokens": summaries[0].num_tokens,
@@ -56,10 +51,16 @@ def analyze_model(
         "layers": [s.to_dict() for s in summaries],
         "co_selection": [c.co_selection.tolist() for c in counts],
         "domain_expert": [c.domain_expert.tolist() for c in counts],
-        "figures": figures,
+        "figures": {},
     }
     if out_dir is not None:
-        (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        # The numbers first: a figure that fails (memory, a plotting backend) loses no
+        # forward pass. Written again with the figures' paths once they are drawn.
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+        summary["figures"] = _write_figures(counts, summaries, out, title)
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     return summary
 
 
