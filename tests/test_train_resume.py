@@ -109,6 +109,26 @@ def test_a_run_directory_inside_the_data_directory_is_refused(tmp_path):
         train(MICRO, micro_train(corpus, steps=2), corpus / "runs" / "micro", plots=False)
 
 
+def test_a_run_directory_inside_another_runs_checkpoints_is_refused(corpus, tmp_path):
+    # Its rotation would delete the checkpoint, and the run nested in it, without a word.
+    config = micro_train(corpus)  # 6 steps, checkpoints at 3 and 6
+    cache = tmp_path / "cache"
+    train(MICRO, config, tmp_path / "a", cache_dir=cache, plots=False)
+    first = list_checkpoints(tmp_path / "a")[0]
+    before = sorted(p.name for p in first.iterdir())
+    for run_dir, resume in (
+        (first, first),  # --run-dir CHECKPOINT for --resume CHECKPOINT
+        (first, None),
+        (first / "nested", None),
+        (tmp_path / "a" / "checkpoints", None),
+    ):
+        with pytest.raises(ValueError, match="lies inside .* deletes old checkpoints"):
+            train(MICRO, config.replace(steps=8), run_dir, resume=resume, cache_dir=cache)
+    assert sorted(p.name for p in first.iterdir()) == before
+    # A directory merely named checkpoints, holding no run's checkpoints, is fine.
+    train(MICRO, config.replace(steps=2), tmp_path / "checkpoints" / "r", cache_dir=cache)
+
+
 def test_resume_of_a_finished_run_is_an_error(corpus, tmp_path):
     config = micro_train(corpus, steps=3)
     train(MICRO, config, tmp_path, plots=False)

@@ -131,6 +131,7 @@ def train(
             f"model's vocab_size ({model_config.vocab_size})"
         )
     check_outside(config.data, run_dir, "the run directory")
+    preflight.check_not_in_checkpoints(run_dir)
     own_tokenizer = None
     if resume is None:
         preflight.check_new_run_dir(run_dir)

@@ -88,6 +88,21 @@ def check_new_run_dir(run_dir: Path) -> None:
         )
 
 
+def check_not_in_checkpoints(run_dir: Path) -> None:
+    """ValueError when run_dir lies in another run's checkpoints/ (a checkpoint directory or
+    below one): that run's rotation of old checkpoints would delete it, this run and all."""
+    path = Path(run_dir).resolve()
+    for p in (path, *path.parents):
+        in_checkpoint = p.parent.name == "checkpoints" and (p / ckpt_io.MANIFEST).is_file()
+        if in_checkpoint or (p.name == "checkpoints" and ckpt_io.list_checkpoints(p.parent)):
+            raise ValueError(
+                f"run directory {run_dir} lies inside {p}, part of the run in {p.parent}: "
+                "that run deletes old checkpoints as it saves new ones; to continue from a "
+                f"checkpoint pass --resume {p if in_checkpoint else 'CHECKPOINT'} with a "
+                "--run-dir of its own"
+            )
+
+
 def resume_source(checkpoint: Path, run_dir: Path) -> Path | None:
     """The run a resumed checkpoint branches from (None when it is run_dir's own).
 
