@@ -194,6 +194,10 @@ def test_demo_trains_samples_and_replaces_only_its_own_runs(corpus, tmp_path, ca
     assert main([*demo, "--steps", "1", "--run-dir", str(run_dir)]) == 0
     assert f"removing the previous demo run in {run_dir}" in capsys.readouterr().out
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000001"]
+    # A flag the run would refuse is refused before the last demo is removed.
+    assert main([*demo, "--seq-len", "1000", "--run-dir", str(run_dir)]) == 2
+    assert "seq_len (1000) must be <=" in capsys.readouterr().err
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000001"]
     # A run the demo did not write is left alone.
     other = tmp_path / "mine"
     assert main(["train", *micro_flags(corpus, "--run-dir", str(other))]) == 0

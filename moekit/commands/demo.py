@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from moekit.errors import MissingDependency
     from moekit.figures import INSTALL_HINT, have_matplotlib
     from moekit.model import count_parameters, get_preset
+    from moekit.train import preflight
     from moekit.train.config import TrainConfig
     from moekit.train.loop import train
     from moekit.validate import SEED_MAX
@@ -100,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     run_dir = Path(args.run_dir)
+    # Before the last demo is removed: a bad flag must not cost it.
+    preflight.check_seq_len(config, model_config)
     _start_over(run_dir)
     total, active = count_parameters(model_config)
     moe = model_config.moe

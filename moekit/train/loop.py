@@ -119,11 +119,7 @@ def train(
     is_main = parallel is None or parallel.is_main
     device = resolve_device(config.device)
     preflight.check_memory(model_config, device, parallel)
-    if config.seq_len > model_config.max_seq_len:
-        raise ValueError(
-            f"seq_len ({config.seq_len}) must be <= the model's max_seq_len "
-            f"({model_config.max_seq_len})"
-        )
+    preflight.check_seq_len(config, model_config)
     tokenizer = load_tokenizer(config.tokenizer)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise ValueError(

@@ -52,6 +52,15 @@ def check_resumable(saved: ckpt_io.Checkpoint, model_config, train_config: Train
         )
 
 
+def check_seq_len(train_config: TrainConfig, model_config) -> None:
+    """ValueError when the training windows are longer than the model's context."""
+    if train_config.seq_len > model_config.max_seq_len:
+        raise ValueError(
+            f"seq_len ({train_config.seq_len}) must be <= the model's max_seq_len "
+            f"({model_config.max_seq_len})"
+        )
+
+
 def check_memory(model_config, device: torch.device, parallel) -> None:
     """ValueError, before anything is built or read, when training cannot fit in memory."""
     # fp32 weights, gradients and AdamW's two moments: 16 bytes a parameter, on each rank
