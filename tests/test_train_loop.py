@@ -200,3 +200,20 @@ def test_the_memory_check_counts_each_ranks_share(monkeypatch):
     assert "on the 5 ranks of this machine" in checks[-1][0]
     assert need(cpu, ranks(1, 2)) == 2 * 16 * total
     assert need(cuda, ranks(5, 5)) == share
+
+
+def test_validation_runs_in_micro_batches(corpus, tmp_path, monkeypatch):
+    # --grad-accum is there to fit memory: evaluation must not run 4x the rows at once.
+    from moekit.model import transformer
+
+    rows = {True: set(), False: set()}
+    forward = transformer.Transformer.forward
+
+    def recording(self, ids_BS, *args, **kwargs):
+        rows[torch.is_grad_enabled()].add(ids_BS.shape[0])
+        return forward(self, ids_BS, *args, **kwargs)
+
+    monkeypatch.setattr(transformer.Transformer, "forward", recording)
+    config = micro_train(corpus, steps=2, batch_size=8, grad_accum=4, eval_every=2)
+    train(MICRO, config, tmp_path / "run", plots=False)
+    assert rows == {True: {2}, False: {2}}

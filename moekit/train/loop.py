@@ -205,6 +205,8 @@ def train(
         else contextlib.nullcontext()
     )
     shard = parallel.shard_batch if parallel is not None else (lambda t: t)
+    world = 1 if parallel is None else parallel.world_size
+    mb = config.micro_batch_size
     reduce = parallel.mean if parallel is not None else (lambda t: t)
 
     def evaluate() -> dict[str, float]:
@@ -216,12 +218,14 @@ def train(
                     continue
                 # A mean over tokens, not over batches: the last batch may be short.
                 total = torch.zeros(2, dtype=torch.float64, device=device)
-                for x, y in batches_:
-                    x, y = _even_rows(x, y, 1 if parallel is None else parallel.world_size)
-                    y = shard(y).to(device)
-                    ce = _cross_entropy(model(shard(x).to(device)).logits, y, "sum")
-                    counted = (y != _IGNORED).sum()
-                    total += torch.stack([ce.double(), counted.to(total.dtype)])
+                for x_BS, y_BS in batches_:
+                    # In micro-batches, as training runs: --grad-accum is there to fit memory.
+                    for i in range(0, x_BS.shape[0], mb):
+                        x, y = _even_rows(x_BS[i : i + mb], y_BS[i : i + mb], world)
+                        y = shard(y).to(device)
+                        ce = _cross_entropy(model(shard(x).to(device)).logits, y, "sum")
+                        counted = (y != _IGNORED).sum()
+                        total += torch.stack([ce.double(), counted.to(total.dtype)])
                 total = reduce(total)  # the mean over ranks of both: their ratio is the sum's
                 out[f"val_loss_{name}" if name else "val_loss"] = float(total[0] / total[1])
         model.train()
@@ -233,7 +237,6 @@ def train(
         total=config.steps, initial=start, disable=not (config.progress and is_main), unit="step"
     )
     params = [p for p in base.parameters() if p.requires_grad]
-    mb = config.micro_batch_size
     train_seconds, last_loss, last_val = 0.0, float("nan"), {}
     model.train()
     for step in range(start, config.steps):
