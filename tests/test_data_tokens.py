@@ -159,6 +159,24 @@ def test_hf_tokenizer_writes_uint16_tokens(corpus, tmp_path):
         load_tokenizer(str(tmp_path / "missing.json"))
 
 
+def test_a_vocabulary_with_unused_ids_counts_up_to_its_largest(tmp_path):
+    # Four tokens, the largest id 300: the model's embedding and the token file's dtype
+    # must take id 300, so the size is 301, not 4.
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"[UNK]": 0, "the": 1, "fox": 2, "dog": 300}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    hf = load_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert hf.encode("the dog") == [1, 300]
+    assert hf.vocab_size == 301
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "a.txt").write_text("the fox the dog " * 50)
+    splits = prepare_tokens(str(tmp_path / "t"), hf, tmp_path / "cache", 0.2)
+    assert splits["train"].dtype == torch.uint16
+    assert int(splits["train"].tokens().long().max()) == 300
+
+
 def test_train_batches_are_a_function_of_seed_and_step(corpus, tmp_path):
     split = prepare_tokens(str(corpus), TOK, tmp_path / "cache", 0.3)["train"]
     tokens = split.tokens().long()

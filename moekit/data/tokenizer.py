@@ -116,7 +116,10 @@ class HFTokenizer:
         self.name = str(path.resolve())
         # What the token cache's key hashes: edits to the file must rebuild the cache.
         self.fingerprint = hashlib.sha1(path.read_bytes()).hexdigest()
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # The largest id + 1, not the number of tokens: a vocabulary may leave ids unused,
+        # and every id must fit the model's embedding and the token file's dtype.
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values(), default=-1) + 1
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of text; add_special_tokens applies the file's post-processor (a BOS
