@@ -53,6 +53,24 @@ def test_cache_is_reused_and_invalidated_by_changes(corpus, tmp_path):
     assert changed.path != first.path
 
 
+@pytest.mark.parametrize("damage", ["truncate", "remove", "meta"])
+def test_a_damaged_cache_entry_is_built_again(corpus, tmp_path, damage):
+    cache = tmp_path / "cache"
+    first = prepare_tokens(str(corpus), TOK, cache, 0.3)
+    want = {s: first[s].tokens().clone() for s in first}
+    train_bin = first["train"].path
+    if damage == "truncate":
+        train_bin.write_bytes(train_bin.read_bytes()[:100])
+    elif damage == "remove":
+        first["val"].path.unlink()
+    else:
+        (train_bin.parent / "meta.json").write_text("{")
+    again = prepare_tokens(str(corpus), TOK, cache, 0.3)
+    for s in again:
+        assert torch.equal(again[s].tokens(), want[s])
+        assert again[s].digest == first[s].digest
+
+
 def test_cache_inside_the_data_directory_is_refused(corpus):
     with pytest.raises(ValueError, match="the token cache .* lies inside the data directory"):
         prepare_tokens(str(corpus), TOK, corpus / "cache", 0.3)

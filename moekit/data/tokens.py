@@ -75,9 +75,10 @@ def prepare_tokens(
     key = hashlib.sha1(json.dumps(key_src).encode()).hexdigest()[:16]
     entry = Path(cache_dir) / key
     meta_path = entry / "meta.json"
-    if not meta_path.is_file():
+    meta = _intact_meta(entry, dtype)
+    if meta is None:
         _build(entry, data, tokenizer, dtype, val_fraction)
-    meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text())
     return {
         split: TokenSplit(
             entry / f"{split}.bin",
@@ -88,6 +89,20 @@ def prepare_tokens(
         )
         for split in SPLITS
     }
+
+
+def _intact_meta(entry: Path, dtype: torch.dtype) -> dict | None:
+    """A cache entry's meta.json when it and the token files it describes look whole (the
+    sizes the entry says), else None: a damaged entry is built again, not mapped."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        whole = all(
+            (entry / f"{s}.bin").stat().st_size == meta[s]["num_tokens"] * itemsize for s in SPLITS
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return meta if whole else None
 
 
 def _build(entry: Path, data: str, tokenizer: Tokenizer, dtype: torch.dtype, val_fraction: float):
