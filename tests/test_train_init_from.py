@@ -150,6 +150,7 @@ def test_the_command_refuses_what_cannot_fit(corpus, source_run, tmp_path, capsy
     )
     assert code == 2
     assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "x").exists()  # refused before the text was tokenized into it
 
 
 def test_a_hugging_face_source_without_tokenizer_asks_for_one(corpus, source_run, tmp_path, capsys):

@@ -46,9 +46,9 @@ class InitSource:
     CheckpointError says what is wrong with it."""
 
 
-def load_initial_weights(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
-    """Copy the weights `state` read from SRC `path` into `model` (a fresh, unsharded
-    Transformer); CheckpointError names every tensor whose name or shape differs."""
+def check_initial_weights(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+    """CheckpointError naming every tensor of `state` (read from SRC `path`) whose name or
+    shape differs from `model`'s; `model` may live on the meta device."""
     check_model_names(model, state)
     own = model.state_dict()
     differ = [
@@ -61,6 +61,12 @@ def load_initial_weights(model: nn.Module, state: dict[str, Tensor], path: Path)
             f"--init-from {path}: {len(differ)} weight(s) have another shape (was a "
             "size changed with --set?): " + "; ".join(differ[:3]) + ("; ..." if differ[3:] else "")
         )
+
+
+def load_initial_weights(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+    """Copy the weights `state` read from SRC `path` into `model` (a fresh, unsharded
+    Transformer); CheckpointError names every tensor whose name or shape differs."""
+    check_initial_weights(model, state, path)
     model.load_state_dict(state, strict=True)
 
 

@@ -31,6 +31,7 @@ from moekit.train import state as state_io
 from moekit.train.config import TrainConfig
 from moekit.train.init_from import (
     InitSource,
+    check_initial_weights,
     copy_tokenizer,
     load_initial_weights,
     tokenizer_to_copy,
@@ -136,6 +137,11 @@ def train(
     # tokenizing, so a broken source fails before anything is written. A resumed run's
     # weights are its checkpoint's.
     init_state = None if init_from is None or resume is not None else init_from.read_state()
+    if init_state is not None:
+        # Shapes against a model on meta now: a --set that changes them fails before the
+        # text is tokenized, not after.
+        with torch.device("meta"):
+            check_initial_weights(Transformer(model_config), init_state, init_from.path)
     if own_tokenizer is not None:
         # Recorded as run:tokenizer.json (`_recorded_train`): the run no longer needs SRC.
         if is_main:
