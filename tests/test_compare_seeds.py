@@ -79,10 +79,14 @@ def test_seed_and_seeds_together_is_an_error(corpus, tmp_path, capsys):
     assert "give --seed or --seeds, not both" in capsys.readouterr().err
 
 
-def test_repeated_seeds_are_an_error_before_any_training(corpus, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("seeds", "message"),
+    [("1,1", "seeds must be distinct and at least one"), (f"0,{2**64}", "seed must be <=")],
+)
+def test_bad_seeds_are_an_error_before_any_training(corpus, tmp_path, capsys, seeds, message):
     out_dir = tmp_path / "x"
-    assert main(["compare", *micro_flags(corpus, "--out-dir", str(out_dir), "--seeds", "1,1")]) == 2
-    assert "seeds must be distinct and at least one" in capsys.readouterr().err
+    assert main(["compare", *micro_flags(corpus, "--out-dir", str(out_dir), "--seeds", seeds)]) == 2
+    assert message in capsys.readouterr().err
     assert not out_dir.exists()
 
 

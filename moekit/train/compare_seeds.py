@@ -78,12 +78,15 @@ def compare_seeds(
     out_dir/seeds.json with every seed's losses and the summary."""
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+    # Every seed's config now (each validates its seed): a bad last seed must not be
+    # found only after the others have trained.
+    configs = [config.replace(seed=seed) for seed in seeds]
     out_dir = Path(out_dir)
     results = []
-    for seed in seeds:
+    for seed, seed_config in zip(seeds, configs, strict=True):
         rows, _ = compare(
             model_config,
-            config.replace(seed=seed),
+            seed_config,
             out_dir / f"seed_{seed}",
             parallel=parallel,
             cache_dir=out_dir / "cache",
