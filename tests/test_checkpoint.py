@@ -174,6 +174,9 @@ def test_config_and_weights_alone_are_verified_alone(run, tmp_path):
     weights = load_weights(latest)
     assert weights.keys() == full.model_state.keys()
     assert all(torch.equal(weights[k], full.model_state[k]) for k in weights)
+    # So do sampling and analysis (load_model): they never read the optimizer state.
+    model = load_model(latest)
+    assert all(torch.equal(t, full.model_state[k]) for k, t in model.state_dict().items())
     # Damage to either file is named before its content is parsed.
     (latest / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="config.json has 2 bytes"):

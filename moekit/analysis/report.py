@@ -200,17 +200,12 @@ def _load(path: Path, device: str) -> tuple[nn.Module, dict, Path]:
         config = json.loads(config_path.read_text())
         if "model_type" in config:  # a Hugging Face model directory
             return (*_load_hf(path, device), path)
-    from moekit.train.checkpoint import (
-        load_checkpoint,
-        model_from_checkpoint,
-        resolve,
-        resolve_tokenizer,
-    )
+    from moekit.train.checkpoint import load_model, read_config, resolve, resolve_tokenizer
 
     ckpt_dir = resolve(path)
-    ckpt = load_checkpoint(ckpt_dir)  # verifies the manifest's hashes
-    model = model_from_checkpoint(ckpt, device)
-    train = dict(ckpt.config.get("train", {}))
+    # Config and weights only (each verified against the manifest), no optimizer state.
+    model = load_model(ckpt_dir, device)
+    train = dict(read_config(ckpt_dir).get("train", {}))
     if "tokenizer" in train:
         train["tokenizer"] = resolve_tokenizer(train["tokenizer"], ckpt_dir)
     return model, train, ckpt_dir

@@ -74,12 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from moekit.data.tokenizer import load_tokenizer
     from moekit.devices import resolve_device
     from moekit.hf.convert import is_hf_dir
-    from moekit.train.checkpoint import (
-        load_checkpoint,
-        model_from_checkpoint,
-        resolve,
-        resolve_tokenizer,
-    )
+    from moekit.train.checkpoint import load_model, read_config, resolve, resolve_tokenizer
 
     device = resolve_device(args.device)
     eos_ids, special = None, False
@@ -95,9 +90,10 @@ def run(args: argparse.Namespace) -> int:
         model = from_pretrained(args.checkpoint, device=device)
         eos_ids, special = eos_token_ids(args.checkpoint), True
     else:
-        ckpt = load_checkpoint(resolve(args.checkpoint))
-        tokenizer = load_tokenizer(resolve_tokenizer(ckpt.config["train"]["tokenizer"], ckpt.path))
-        model = model_from_checkpoint(ckpt, device=device)
+        ckpt_dir = resolve(args.checkpoint)
+        recorded = read_config(ckpt_dir)["train"]["tokenizer"]
+        tokenizer = load_tokenizer(resolve_tokenizer(recorded, ckpt_dir))
+        model = load_model(ckpt_dir, device=device)
     texts = sample_text(
         model,
         tokenizer,

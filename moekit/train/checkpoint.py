@@ -235,16 +235,24 @@ def resolve_tokenizer(recorded: str, ckpt_dir: str | Path) -> str:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """The trained `Transformer` of a checkpoint (or of a run directory's newest one)."""
-    return model_from_checkpoint(load_checkpoint(resolve(path)), device)
+    """The trained `Transformer` of a checkpoint (or of a run directory's newest one).
+
+    Reads (and verifies) the config and the weights only: the optimizer state, twice the
+    weights' size, is for resuming."""
+    ckpt_dir = resolve(path)
+    return _eval_model(read_config(ckpt_dir)["model"], load_weights(ckpt_dir), device)
 
 
 def model_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu"):
     """The `Transformer` of an already loaded checkpoint, in eval mode."""
+    return _eval_model(ckpt.config["model"], ckpt.model_state, device)
+
+
+def _eval_model(model_config: dict, state: dict[str, Tensor], device: str | torch.device):
     from moekit.model import ModelConfig, Transformer
 
-    model = Transformer(ModelConfig.from_dict(ckpt.config["model"]))
-    load_model_state(model, ckpt.model_state)
+    model = Transformer(ModelConfig.from_dict(model_config))
+    load_model_state(model, state)
     return model.to(device).eval()
 
 
