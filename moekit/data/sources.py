@@ -142,6 +142,7 @@ def _sort_files(root: Path) -> tuple[list[Path], list[Path]]:
     if not root.is_dir():
         # A device, FIFO or socket: "contains no files" would blame an empty directory.
         raise ValueError(f"data path {root} is not a regular file or directory")
+    # rglob follows no directory link (no loops); a link to a file is read as the file.
     files = sorted(
         p
         for p in root.rglob("*")
