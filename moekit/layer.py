@@ -198,6 +198,14 @@ class MoE(nn.Module):
             B, S = x.shape[:2]
             seq_T = torch.arange(B, device=x.device).repeat_interleave(S)
             return x_TD, seq_T, B
+        if self.path.collective_stats and self.config.seq_aux_loss_coef:
+            # One sequence per call: over several ranks, each rank's tokens would be a
+            # sequence of their own, and the loss would not be one process's.
+            raise ValueError(
+                f"x must be [B, S, {D}] for the sequence-level loss under expert or data "
+                f"parallelism (seq_aux_loss_coef={self.config.seq_aux_loss_coef!r}), got "
+                f"{tuple(x.shape)}: a [T, D] input is one sequence per rank"
+            )
         return x_TD, torch.zeros(x.shape[0], dtype=torch.long, device=x.device), 1
 
     @staticmethod

@@ -299,7 +299,9 @@ def errors_worker(rank: int, world_size: int) -> dict:
 
     odd = MoEConfig(d_model=8, d_ff=8, num_experts=world_size + 1, top_k=1)
     twice = apply_expert_parallel(MoE(odd.replace(num_experts=world_size)))
+    seq = apply_expert_parallel(MoE(odd.replace(num_experts=world_size, seq_aux_loss_coef=0.5)))
     return {
+        "flat_seq": message(lambda: seq(torch.randn(6, 8))),
         "indivisible": message(lambda: apply_expert_parallel(MoE(odd))),
         "twice": message(lambda: apply_expert_parallel(twice)),
         "no_moe": message(lambda: apply_expert_parallel(nn.Linear(2, 2))),

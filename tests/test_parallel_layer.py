@@ -115,3 +115,5 @@ def test_misuse_is_refused_with_the_value() -> None:
     assert "already expert-parallel" in messages["twice"]
     assert "no MoE layer" in messages["no_moe"] and "Linear" in messages["no_moe"]
     assert "ValueError" in messages["bad_ep"] and "got 3" in messages["bad_ep"]
+    # A [T, D] input is one sequence per rank: the sequence-level loss needs [B, S, D].
+    assert "ValueError" in messages["flat_seq"] and "(6, 8)" in messages["flat_seq"]
