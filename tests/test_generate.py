@@ -16,10 +16,8 @@ from moekit.model import ModelConfig, Transformer
 V = 37
 
 
-@pytest.fixture(scope="module")
-def model() -> Transformer:
-    torch.manual_seed(1)
-    cfg = ModelConfig(
+def _config(init_std: float = 0.3, **moe_changes) -> ModelConfig:
+    return ModelConfig(
         vocab_size=V,
         d_model=24,
         num_layers=2,
@@ -27,10 +25,15 @@ def model() -> Transformer:
         num_kv_heads=2,
         max_seq_len=24,
         tie_embeddings=True,
-        moe=MoEConfig(d_model=24, d_ff=20, num_experts=5, top_k=2),
-        init_std=0.3,
+        moe=MoEConfig(d_model=24, d_ff=20, num_experts=5, top_k=2, **moe_changes),
+        init_std=init_std,
     )
-    return Transformer(cfg).double()
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(1)
+    return Transformer(_config()).double()
 
 
 def _logits(probs: list[float]) -> torch.Tensor:
@@ -246,16 +249,7 @@ def test_a_seed_torch_cannot_take_is_a_clear_error(model, seed) -> None:
 def _capacity_model() -> Transformer:
     # Large weights make the router confident, so capacity 1.0 drops assignments.
     torch.manual_seed(3)
-    cfg = ModelConfig(
-        vocab_size=V,
-        d_model=24,
-        num_layers=2,
-        num_heads=4,
-        max_seq_len=24,
-        moe=MoEConfig(d_model=24, d_ff=20, num_experts=5, top_k=2, capacity_factor=1.0),
-        init_std=2.0,
-    )
-    return Transformer(cfg).double()
+    return Transformer(_config(init_std=2.0, capacity_factor=1.0)).double()
 
 
 def test_a_capacity_model_decodes_dropless_and_each_row_as_alone() -> None:
@@ -279,13 +273,6 @@ def test_a_capacity_model_decodes_dropless_and_each_row_as_alone() -> None:
 
 
 def test_an_expert_choice_model_is_refused() -> None:
-    cfg = ModelConfig(
-        vocab_size=V,
-        d_model=24,
-        num_layers=2,
-        num_heads=4,
-        max_seq_len=24,
-        moe=MoEConfig(d_model=24, d_ff=20, num_experts=5, top_k=2, router="expert_choice"),
-    )
+    cfg = _config(router="expert_choice")
     with pytest.raises(ValueError, match=r"router='expert_choice' \(MoE layers \[0, 1\]\)"):
         generate(Transformer(cfg), torch.zeros(1, 3, dtype=torch.long), 2)
