@@ -248,7 +248,7 @@ def test_a_seed_torch_cannot_take_is_a_clear_error(model, seed) -> None:
 
 def _capacity_model() -> Transformer:
     # Large weights make the router confident, so capacity 1.0 drops assignments.
-    torch.manual_seed(3)
+    torch.manual_seed(7)  # a seed whose prompts below decode differently with drops
     return Transformer(_config(init_std=2.0, capacity_factor=1.0)).double()
 
 
