@@ -63,13 +63,6 @@ def check_initial_weights(model: nn.Module, state: dict[str, Tensor], path: Path
         )
 
 
-def load_initial_weights(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
-    """Copy the weights `state` read from SRC `path` into `model` (a fresh, unsharded
-    Transformer); CheckpointError names every tensor whose name or shape differs."""
-    check_initial_weights(model, state, path)
-    model.load_state_dict(state, strict=True)
-
-
 def tokenizer_to_copy(
     config: TrainConfig, source: InitSource | None, run_dir: Path
 ) -> tuple[Path, Path] | None:

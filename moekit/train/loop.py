@@ -33,7 +33,6 @@ from moekit.train.init_from import (
     InitSource,
     check_initial_weights,
     copy_tokenizer,
-    load_initial_weights,
     tokenizer_to_copy,
 )
 from moekit.train.optim import build_optimizer, lr_at, set_lr
@@ -176,8 +175,9 @@ def train(
     torch.manual_seed(config.seed)
     base = Transformer(model_config)
     if init_state is not None:
-        # Before `prepare`, which shards these full weights under expert parallelism.
-        load_initial_weights(base, init_state, init_from.path)
+        # Names and shapes were checked above. Before `prepare`, which shards these full
+        # weights under expert parallelism.
+        base.load_state_dict(init_state, strict=True)
         del init_state  # the model holds its own copy
     base = base.to(device)
     model = parallel.prepare(base) if parallel is not None else base
