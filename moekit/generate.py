@@ -145,9 +145,12 @@ def generate(
     model.eval()
     try:
         cache = model.new_cache(B, total)
-        logits_BV = model(prompt_ids, padding_mask=padding_mask, cache=cache, dropless=True).logits[
-            :, -1
-        ]
+
+        def next_logits(ids_BS: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+            out = model(ids_BS, padding_mask=padding_mask, cache=cache, dropless=True)
+            return out.logits[:, -1]
+
+        logits_BV = next_logits(prompt_ids, padding_mask)
         done_B = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
         new: list[Tensor] = []
         for step in range(max_new_tokens):
@@ -160,7 +163,7 @@ def generate(
             new.append(next_B)
             if step == max_new_tokens - 1 or (eos_ids is not None and bool(done_B.all())):
                 break
-            logits_BV = model(next_B[:, None], cache=cache, dropless=True).logits[:, -1]
+            logits_BV = next_logits(next_B[:, None])
     finally:
         model.train(was_training)
     return torch.cat([prompt_ids, torch.stack(new, dim=1).to(prompt_ids.dtype)], dim=1)
