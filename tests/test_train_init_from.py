@@ -35,6 +35,15 @@ def source_run(corpus, tmp_path_factory):
     return run_dir
 
 
+@pytest.fixture
+def hf_dir(source_run, tmp_path):
+    """The source run converted to a Hugging Face directory (its own copy: tests edit it)."""
+    pytest.importorskip("transformers")
+    directory = tmp_path / "hf"
+    assert main(["convert", str(source_run), str(directory)]) == 0
+    return directory
+
+
 def _first_batch_loss(model, config, cache):
     """Cross-entropy of `model` on the first training batch of a run with `config`."""
     tokenizer = load_tokenizer(config.tokenizer)
@@ -153,10 +162,7 @@ def test_the_command_refuses_what_cannot_fit(corpus, source_run, tmp_path, capsy
     assert not (tmp_path / "x").exists()  # refused before the text was tokenized into it
 
 
-def test_a_hugging_face_source_without_tokenizer_asks_for_one(corpus, source_run, tmp_path, capsys):
-    pytest.importorskip("transformers")
-    hf_dir = tmp_path / "hf"
-    assert main(["convert", str(source_run), str(hf_dir)]) == 0
+def test_a_hugging_face_source_without_tokenizer_asks_for_one(corpus, hf_dir, tmp_path, capsys):
     (hf_dir / "tokenizer.json").unlink()
     code = main(["train", "--init-from", str(hf_dir), *_cli_args(corpus, tmp_path / "a")])
     assert code == 2
@@ -166,12 +172,9 @@ def test_a_hugging_face_source_without_tokenizer_asks_for_one(corpus, source_run
     assert code == 0
 
 
-def test_a_hugging_face_source_begins_from_its_weights(corpus, source_run, tmp_path):
-    pytest.importorskip("transformers")
+def test_a_hugging_face_source_begins_from_its_weights(corpus, hf_dir, tmp_path):
     import moekit
 
-    hf_dir = tmp_path / "hf"
-    assert main(["convert", str(source_run), str(hf_dir)]) == 0
     source = load_init_source(hf_dir)
     assert source.tokenizer == str((hf_dir / "tokenizer.json").resolve())
     config = micro_train(corpus, steps=2, tokenizer=source.tokenizer)
@@ -181,16 +184,13 @@ def test_a_hugging_face_source_begins_from_its_weights(corpus, source_run, tmp_p
     assert read_metrics(tmp_path / "ft")[0]["loss"] == pytest.approx(want, rel=1e-6)
 
 
-def test_either_kind_of_broken_checkpoint_raises_the_one_checkpoint_error(source_run, tmp_path):
-    pytest.importorskip("transformers")
+def test_either_kind_of_broken_checkpoint_raises_the_one_checkpoint_error(hf_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
     import moekit
     import moekit.hf
 
     assert moekit.CheckpointError is moekit.hf.CheckpointError is CheckpointError
-    hf_dir = tmp_path / "hf"
-    assert main(["convert", str(source_run), str(hf_dir)]) == 0
     tensors = load_file(hf_dir / "model.safetensors")
     dropped = sorted(tensors)[0]
     save_file({k: v for k, v in tensors.items() if k != dropped}, hf_dir / "model.safetensors")
@@ -264,15 +264,12 @@ def test_resuming_a_warm_started_run_does_not_need_the_source(corpus, source_run
 
 
 def test_a_warm_start_keeps_its_sources_tokenizer_and_outlives_the_source(
-    corpus, source_run, tmp_path, capsys
+    corpus, hf_dir, tmp_path, capsys
 ):
-    pytest.importorskip("transformers")
     import shutil
 
     from moekit.train.checkpoint import IN_RUN
 
-    hf_dir = tmp_path / "hf"
-    assert main(["convert", str(source_run), str(hf_dir)]) == 0
     run_dir = tmp_path / "ft"
     args = ["train", "--init-from", str(hf_dir), *_cli_args(corpus, run_dir)]
     args += ["--checkpoint-every", "1"]
@@ -290,11 +287,8 @@ def test_a_warm_start_keeps_its_sources_tokenizer_and_outlives_the_source(
 
 
 def test_a_run_dir_holding_another_tokenizer_is_refused_before_training(
-    corpus, source_run, tmp_path, capsys
+    corpus, hf_dir, tmp_path, capsys
 ):
-    pytest.importorskip("transformers")
-    hf_dir = tmp_path / "hf"
-    assert main(["convert", str(source_run), str(hf_dir)]) == 0
     run_dir = tmp_path / "ft"
     run_dir.mkdir()
     (run_dir / "tokenizer.json").write_text("mine")
