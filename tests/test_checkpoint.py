@@ -17,7 +17,7 @@ from moekit.train import CheckpointError, load_checkpoint, load_model, train
 from moekit.train import state as state_io
 from moekit.train.checkpoint import (
     list_checkpoints,
-    model_from_checkpoint,
+    model_from_weights,
     record_tokenizer,
     resolve,
     resolve_tokenizer,
@@ -79,7 +79,7 @@ def test_checkpoint_of_another_layout_names_what_differs(tmp_path):
     # A bank saved under other names (an earlier build's [in, out] layout, say).
     ckpt.model_state[name.replace("w_up_EFD", "w_up_EDF")] = ckpt.model_state.pop(name)
     with pytest.raises(CheckpointError) as err:
-        model_from_checkpoint(ckpt)
+        model_from_weights(ckpt.config["model"], ckpt.model_state)
     message = str(err.value)
     assert f"missing {name}" in message
     assert name.replace("w_up_EFD", "w_up_EDF") in message

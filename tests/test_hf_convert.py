@@ -109,6 +109,26 @@ def test_export_takes_the_tokenizer_file_the_run_recorded(hf_dir, tmp_path):
     assert (out / "tokenizer.json").read_bytes() == elsewhere.read_bytes()
 
 
+def _flip_last_byte(file) -> None:
+    blob = bytearray(file.read_bytes())
+    blob[-1] ^= 0xFF
+    file.write_bytes(bytes(blob))
+
+
+def test_export_needs_the_weights_intact_not_the_optimizer_state(tmp_path, capsys):
+    # An export reads the config and the weights; a damaged resume state must not keep
+    # a model from being exported, and damaged weights must still be refused.
+    run = _micro_run(tmp_path / "run", "bytes")
+    ckpt = list_checkpoints(run)[-1]
+    _flip_last_byte(ckpt / "state.safetensors")
+    assert main(["convert", str(run), str(tmp_path / "hf"), "--verify"]) == 0
+    assert "verified against transformers" in capsys.readouterr().out
+    _flip_last_byte(ckpt / "model.safetensors")
+    assert main(["convert", str(run), str(tmp_path / "hf2")]) == 2
+    assert "model.safetensors fails its sha256 check" in capsys.readouterr().err
+    assert not (tmp_path / "hf2").exists()
+
+
 def test_a_hf_directory_without_tokenizer_is_refused(hf_dir, tmp_path, capsys):
     import shutil
 

@@ -155,10 +155,14 @@ def moekit_to_hf(
     max_shard_bytes: int | None = None,
 ) -> Path:
     """Write the moekit checkpoint (or run directory's newest checkpoint) src as a Hugging
-    Face checkpoint directory dst."""
+    Face checkpoint directory dst.
+
+    Reads (and verifies) the checkpoint's config and weights only: a damaged optimizer
+    state, which an export never uses, does not keep the model from being exported."""
     from moekit.train.checkpoint import (
-        load_checkpoint,
-        model_from_checkpoint,
+        load_weights,
+        model_from_weights,
+        read_config,
         resolve,
         resolve_tokenizer,
     )
@@ -166,15 +170,14 @@ def moekit_to_hf(
     src, dst = Path(src), Path(dst)
     ckpt_dir = resolve(src)
     _check_export_dst(src, dst)
-    ckpt = load_checkpoint(ckpt_dir)
-    recorded = resolve_tokenizer(ckpt.config["train"]["tokenizer"], ckpt_dir)
+    config = read_config(ckpt_dir)
+    recorded = resolve_tokenizer(config["train"]["tokenizer"], ckpt_dir)
     if recorded != "bytes" and not Path(recorded).is_file():
         raise FileNotFoundError(f"tokenizer file not found: {recorded} (recorded by {src})")
     # Read before anything is written: the recorded file may lie in dst itself.
     tokenizer = _export_tokenizer_files(recorded, [src, ckpt_dir, ckpt_dir.parent.parent])
-    save_pretrained(
-        model_from_checkpoint(ckpt), dst, family=family, max_shard_bytes=max_shard_bytes
-    )
+    model = model_from_weights(config["model"], load_weights(ckpt_dir))
+    save_pretrained(model, dst, family=family, max_shard_bytes=max_shard_bytes)
     # An earlier export's tokenizer goes, whatever this run brings: a byte-level
     # tokenizer.json left in place would read this model's ids as bytes, and --verify
     # compares logits only.
@@ -198,7 +201,7 @@ def convert(
 
     An option that does not apply is a ValueError naming it: family or max_shard_bytes
     with a Hugging Face src, dtype with a moekit one, atol without verify."""
-    from moekit.train.checkpoint import load_checkpoint, load_model, model_from_checkpoint
+    from moekit.train.checkpoint import load_model, load_weights, model_from_weights, read_config
 
     src_is_hf = is_hf_dir(src)
     _check_options(src_is_hf, family, dtype, max_shard_bytes, verify, atol)
@@ -206,12 +209,12 @@ def convert(
         result = ConvertResult(hf_to_moekit(src, dst, dtype), "hf->moekit")
         if verify:
             name, reference = reference_for_hf_dir(src)
-            ckpt = load_checkpoint(result.path)
-            candidate = model_from_checkpoint(ckpt)
+            weights = load_weights(result.path)
+            candidate = model_from_weights(read_config(result.path)["model"], weights)
             ids = probe_ids(candidate.config.vocab_size)
             # Loaded back, the weights are float32 but rounded to the dtype they were saved
             # in: the tolerance is that dtype's, else no bf16 conversion would verify.
-            saved = ckpt.model_state["embed.weight"].dtype
+            saved = weights["embed.weight"].dtype
             tol = atol if atol is not None else DEFAULT_ATOL[saved]
             result.max_abs_diff = compare_logits(
                 reference(ids), moekit_logits(candidate, ids), tol, f"{dst} vs {name}({src})"

@@ -240,15 +240,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     Reads (and verifies) the config and the weights only: the optimizer state, twice the
     weights' size, is for resuming."""
     ckpt_dir = resolve(path)
-    return _eval_model(read_config(ckpt_dir)["model"], load_weights(ckpt_dir), device)
+    return model_from_weights(read_config(ckpt_dir)["model"], load_weights(ckpt_dir), device)
 
 
-def model_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu"):
-    """The `Transformer` of an already loaded checkpoint, in eval mode."""
-    return _eval_model(ckpt.config["model"], ckpt.model_state, device)
-
-
-def _eval_model(model_config: dict, state: dict[str, Tensor], device: str | torch.device):
+def model_from_weights(
+    model_config: dict, state: dict[str, Tensor], device: str | torch.device = "cpu"
+):
+    """The `Transformer` of a checkpoint's model config and weights, in eval mode."""
     from moekit.model import ModelConfig, Transformer
 
     model = Transformer(ModelConfig.from_dict(model_config))
