@@ -264,6 +264,20 @@ def test_forward_mode_ad_sees_the_grouped_layer_as_the_reference():
     assert_close(d_objective, (gx_r * tangent).sum())
 
 
+def test_double_backward_is_exact_on_the_reference_path_and_refused_on_the_fused_one():
+    # Gradient penalties differentiate the gradient: the reference loop supports it (checked
+    # numerically), the fused CPU backward is once-differentiable and must say so rather
+    # than return a second derivative that leaves out its own terms.
+    torch.manual_seed(0)
+    ref, fast = _twins(d_ff=6, num_experts=3, top_k=2)
+    x = torch.randn(1, 3, 24, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x: ref(x)[0], (x,))
+    y, _ = fast(x)
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.square().sum().backward()
+
+
 @pytest.mark.parametrize("router", ROUTER_NAMES)
 def test_grouped_equals_reference_when_d_model_exceeds_d_ff(router):
     # The fused loop scales whichever of h [N, F] or y [N, D] is narrower by the router
