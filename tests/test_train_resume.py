@@ -215,3 +215,38 @@ def test_runs_behind_symlinks_keep_their_directory(corpus, tmp_path):
     step.mkdir(parents=True)
     (tmp_path / "best").symlink_to(step, target_is_directory=True)
     assert run_dir_of(tmp_path / "best") == tmp_path / "plain"
+
+
+def test_a_run_keeps_a_copy_of_the_tokenizer_file_it_was_given(corpus, tmp_path, capsys):
+    import json
+
+    from moekit.cli import main
+    from moekit.data.tokenizer import ByteTokenizer
+
+    given = tmp_path / "tokenizers" / "mine.json"  # outside the run, under another name
+    given.parent.mkdir()
+    given.write_text(json.dumps(ByteTokenizer.tokenizer_json()))
+    run_dir = tmp_path / "run"
+    config = micro_train(corpus, tokenizer=str(given))
+    train(MICRO, config, run_dir, plots=False)
+    assert (run_dir / "tokenizer.json").read_bytes() == given.read_bytes()
+    last = load_checkpoint(list_checkpoints(run_dir)[-1])
+    assert last.config["train"]["tokenizer"] == "run:tokenizer.json"
+    # The same flags resume (the given file and the run's copy are one tokenizer), bitwise.
+    first = list_checkpoints(run_dir)[0]
+    train(MICRO, config, run_dir, resume=first, plots=False)
+    again = load_checkpoint(list_checkpoints(run_dir)[-1])
+    assert again.config["train"]["tokenizer"] == "run:tokenizer.json"
+    for name, tensor in last.model_state.items():
+        assert torch.equal(tensor, again.model_state[name]), name
+    # The run needs nothing from the given file once it is gone.
+    given.unlink()
+    args = ["sample", str(run_dir), "--prompt", "ab", "--max-new-tokens", "3", "--seed", "0"]
+    assert main(args) == 0, capsys.readouterr().err
+    config = config.replace(tokenizer=str(run_dir / "tokenizer.json"))
+    train(MICRO, config, run_dir, resume=first, plots=False)
+    # Another tokenizer file is refused before anything is written.
+    given.write_text(json.dumps(ByteTokenizer.tokenizer_json(), indent=1))
+    with pytest.raises(ValueError, match="already holds a tokenizer.json that differs"):
+        train(MICRO, config.replace(tokenizer=str(given)), run_dir, resume=first, plots=False)
+    assert json.loads((run_dir / "tokenizer.json").read_text()) == ByteTokenizer.tokenizer_json()

@@ -47,7 +47,7 @@ class TrainConfig:
     data: str = "embedded"
     """Text: embedded (stdlib code + reference prose), a file, a directory, or hf:NAME[:CONFIG]."""
     tokenizer: str = "bytes"
-    """bytes (V=256) or a path to a tokenizer.json."""
+    """bytes (V=256) or a path to a tokenizer.json, which the run copies into its directory."""
     val_fraction: float = 0.1
     """Share of documents held out for validation (by a stable hash of their names)."""
     eval_every: int = 50

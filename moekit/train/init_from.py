@@ -11,7 +11,6 @@ by name when the weights load.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +20,6 @@ from torch import Tensor, nn
 from moekit.errors import CheckpointError
 from moekit.model.config import ModelConfig
 from moekit.train.checkpoint import check_model_names
-from moekit.train.config import TrainConfig
-
-RUN_TOKENIZER = "tokenizer.json"
-"""Where a warm-started run keeps the tokenizer file it took from SRC, in its directory."""
 
 
 @dataclass(frozen=True)
@@ -61,39 +56,3 @@ def check_initial_weights(model: nn.Module, state: dict[str, Tensor], path: Path
             f"--init-from {path}: {len(differ)} weight(s) have another shape (was a "
             "size changed with --set?): " + "; ".join(differ[:3]) + ("; ..." if differ[3:] else "")
         )
-
-
-def tokenizer_to_copy(
-    config: TrainConfig, source: InitSource | None, run_dir: Path
-) -> tuple[Path, Path] | None:
-    """(SRC's tokenizer file, its place in run_dir) when a new run takes its tokenizer from
-    SRC, else None.
-
-    The run keeps its own copy, so that sampling, analysis, conversion and --resume need
-    nothing from SRC, which may be a large download to delete once training is done. A
-    tokenizer the user named (another file than SRC's) stays where they keep it. A
-    different file already in run_dir under that name is refused, not overwritten.
-    """
-    if source is None or source.tokenizer in (None, "bytes") or config.tokenizer == "bytes":
-        return None
-    src = Path(source.tokenizer).resolve()
-    if Path(config.tokenizer).resolve() != src:
-        return None
-    dst = (Path(run_dir) / RUN_TOKENIZER).resolve()
-    if dst != src and dst.exists() and (not dst.is_file() or dst.read_bytes() != src.read_bytes()):
-        raise ValueError(
-            f"run directory {run_dir} already holds a {RUN_TOKENIZER} that is not {src}: a "
-            "run started with --init-from keeps its source's tokenizer there; move that file "
-            "or choose another --run-dir"
-        )
-    return src, dst
-
-
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    """Copy src to dst through a temporary file and a rename: never a half-written dst."""
-    if src == dst:
-        return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.write_bytes(src.read_bytes())
-    os.replace(tmp, dst)

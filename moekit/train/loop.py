@@ -29,14 +29,10 @@ from moekit.train import metrics as metrics_io
 from moekit.train import preflight
 from moekit.train import state as state_io
 from moekit.train.config import TrainConfig
-from moekit.train.init_from import (
-    InitSource,
-    check_initial_weights,
-    copy_tokenizer,
-    tokenizer_to_copy,
-)
+from moekit.train.init_from import InitSource, check_initial_weights
 from moekit.train.optim import build_optimizer, lr_at, set_lr
 from moekit.train.plots import can_plot, plot_run
+from moekit.train.run_tokenizer import copy_tokenizer, tokenizer_home
 
 
 @dataclass
@@ -128,10 +124,9 @@ def train(
         )
     check_outside(config.data, run_dir, "the run directory")
     preflight.check_not_in_checkpoints(run_dir)
-    own_tokenizer = None
     if resume is None:
         preflight.check_new_run_dir(run_dir)
-        own_tokenizer = tokenizer_to_copy(config, init_from, run_dir)
+    home = tokenizer_home(config.tokenizer, run_dir)
     # Read after the memory check (a source too large to train is never read) and before
     # tokenizing, so a broken source fails before anything is written. A resumed run's
     # weights are its checkpoint's.
@@ -141,11 +136,6 @@ def train(
         # text is tokenized, not after.
         with torch.device("meta"):
             check_initial_weights(Transformer(model_config), init_state, init_from.path)
-    if own_tokenizer is not None:
-        # Recorded as run:tokenizer.json (`_recorded_train`): the run no longer needs SRC.
-        if is_main:
-            copy_tokenizer(*own_tokenizer)
-        config = config.replace(tokenizer=str(own_tokenizer[1]))
     cache_dir = cache_dir or run_dir / "cache"
     if parallel is not None:
         # Rank 0 tokenizes into the shared cache while the others wait, then all reuse it.
@@ -204,6 +194,12 @@ def train(
     if start >= config.steps:
         raise ValueError(f"the checkpoint is at step {start}; nothing left of steps={config.steps}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if home is not None:
+        # Every check has passed. Recorded as run:tokenizer.json (`_recorded_train`): the
+        # run no longer needs the file it was given (see moekit.train.run_tokenizer).
+        if is_main:
+            copy_tokenizer(*home)
+        config = config.replace(tokenizer=str(home[1]))
     log = metrics_io.MetricsLog(run_dir) if is_main else None
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)

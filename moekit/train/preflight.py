@@ -16,6 +16,7 @@ from moekit.data.tokenizer import absolute_tokenizer
 from moekit.devices import check_fits
 from moekit.train import checkpoint as ckpt_io
 from moekit.train.config import RESUMABLE_FIELDS, TrainConfig
+from moekit.train.run_tokenizer import same_tokenizer
 
 
 def config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
@@ -43,6 +44,9 @@ def check_resumable(saved: ckpt_io.Checkpoint, model_config, train_config: Train
             d["tokenizer"] = absolute_tokenizer(d["tokenizer"])
         if "data" in d:
             d["data"] = absolute(d["data"])
+    if "tokenizer" in old_train and same_tokenizer(old_train["tokenizer"], now_train["tokenizer"]):
+        # The run's copy of its tokenizer file and the file it was given are one tokenizer.
+        now_train["tokenizer"] = old_train["tokenizer"]
     diffs = config_differences(saved.config["model"], model_config.to_dict(), "model.")
     diffs += config_differences(old_train, now_train, "train.")
     if diffs:
