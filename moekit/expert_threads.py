@@ -74,19 +74,22 @@ def side_by_side(tasks: list) -> list:
     """Run the callables concurrently, each on its own thread with one intra-op thread.
 
     torch ops release the GIL, so the threads overlap in the matmuls. The caller's
-    grad mode holds in every thread and its thread count is restored afterwards;
-    results come back in task order.
+    grad mode and inference mode hold in every thread and its thread count is restored
+    afterwards; results come back in task order.
     """
     threads = torch.get_num_threads()
     results: list = [None] * len(tasks)
     errors: list[BaseException] = []
 
-    grad_enabled = torch.is_grad_enabled()  # thread-local: off inside autograd Functions
+    # Both thread-local. Grad mode is off inside autograd Functions; under inference mode
+    # the caller's buffers are inference tensors, which only inference mode may update.
+    grad_enabled = torch.is_grad_enabled()
+    inference = torch.is_inference_mode_enabled()
 
     def run(i: int) -> None:
         try:
             torch.set_num_threads(1)
-            with torch.set_grad_enabled(grad_enabled):
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad_enabled):
                 results[i] = tasks[i]()
         except BaseException as err:  # re-raised on the calling thread
             errors.append(err)

@@ -57,6 +57,9 @@ def test_split_combined_equals_reference(activation, counts, keep_rows, monkeypa
         assert_close(a, torch.zeros_like(i) if b is None else b)
     with torch.no_grad():
         assert_close(_combined(bank, x, rows, weight, counts, split=True), y_ref)
+    # Inference mode is per thread too: the workers update the caller's inference tensors.
+    with torch.inference_mode():
+        assert_close(_combined(bank, x, rows, weight, counts, split=True), y_ref.detach())
 
 
 def test_split_grouped_rows_equal_reference():
