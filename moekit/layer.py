@@ -185,11 +185,15 @@ class MoE(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         weight = self.experts.w_up_EFD
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            # Else the router would run (it promotes to float32) and the experts' matmul fail.
+        # Else the router would run (it promotes to float32) and the experts' matmul fail.
+        # Autocast casts float32 and half tensors to its dtype but leaves float64 alone, so
+        # under it a float64 input or weight must still match: nn.Linear fails there too.
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if x.dtype != weight.dtype and (not autocast or torch.float64 in (x.dtype, weight.dtype)):
             raise TypeError(
                 f"x has dtype {x.dtype} and the layer's weights {weight.dtype}: convert one "
-                f"(e.g. moe.to({x.dtype})) or run under torch.autocast"
+                f"(e.g. moe.to({x.dtype}))"
+                + (" (autocast leaves float64 as it is)" if autocast else " or run under autocast")
             )
         if x.dim() not in (2, 3) or x.shape[-1] != D:
             raise ValueError(f"x must have shape [B, S, {D}] or [T, {D}], got {tuple(x.shape)}")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moekit import MoE, MoEConfig
+from moekit.config import IMPLS
 
 GOOD = dict(d_model=24, d_ff=40, num_experts=8, top_k=2)
 
@@ -138,6 +139,16 @@ def test_input_of_another_dtype_than_the_weights_is_named():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, _ = moe(torch.randn(3, 24))
     assert y.dtype == torch.bfloat16
+    # ... and leaves float64 alone, as autocast does: on every path, with or without
+    # shared experts, the mismatch is named instead of failing inside a matmul.
+    for impl in IMPLS:
+        for shared in (0, 1):
+            layer = MoE(MoEConfig(**GOOD, impl=impl, num_shared_experts=shared))
+            with (
+                torch.autocast("cpu", dtype=torch.bfloat16),
+                pytest.raises(TypeError, match="autocast leaves float64 as it is"),
+            ):
+                layer(torch.randn(3, 24, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("router", ["softmax_topk", "sigmoid_bias"])
