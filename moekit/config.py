@@ -53,7 +53,9 @@ class MoEConfig:
     shared_expert_gate: bool = False
     """Scale the shared experts' output by sigmoid(x @ w) (Qwen2-MoE)."""
     aux_loss_coef: float = 0.01
-    """Weight of the Switch/GShard load-balancing loss (1.0 when perfectly balanced)."""
+    """Weight of the Switch/GShard load-balancing loss (1.0 when perfectly balanced). Under
+    expert_choice every expert is full by construction: the loss stays at 1.0, with no
+    gradient, whatever this weight."""
     seq_aux_loss_coef: float = 0.0
     """Weight of the per-sequence balancing loss (DeepSeek-V2/V3)."""
     z_loss_coef: float = 1e-3

@@ -92,7 +92,7 @@ class MoE(nn.Module):
     padding_mask (bool, x.shape[:-1]) is True at padding: those tokens are not routed,
     get y = 0, and count in no statistic or loss. dropless=True routes every assignment
     whatever the capacity_factor (decoding: with drops a token's experts would depend on
-    the other tokens of the call).
+    the other tokens of the call); expert-choice routing has no dropless form and refuses it.
     """
 
     def __init__(self, config: MoEConfig) -> None:
@@ -118,6 +118,12 @@ class MoE(nn.Module):
         self, x: Tensor, padding_mask: Tensor | None = None, *, dropless: bool = False
     ) -> tuple[Tensor, MoEOutput]:
         cfg = self.config
+        if dropless and cfg.router == "expert_choice":
+            raise ValueError(
+                "dropless=True cannot apply to router='expert_choice': each expert takes its "
+                "C best tokens of the call, so a token's experts depend on the other tokens "
+                "whatever is dropped"
+            )
         x_TD, seq_T, num_seqs = self._flatten(x)
         real_T = self._real_tokens(x, padding_mask)
         if real_T is not None:

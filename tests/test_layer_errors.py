@@ -159,3 +159,10 @@ def test_update_bias_names_a_load_of_the_wrong_shape(router):
             moe.update_bias(load)
     with pytest.raises(TypeError, match="tokens_per_expert must be a .* got list"):
         moe.update_bias([1.0] * 8)
+
+
+def test_dropless_is_refused_by_expert_choice_which_has_no_such_form():
+    moe = MoE(MoEConfig(**{**GOOD, "router": "expert_choice"}))
+    with pytest.raises(ValueError, match="dropless=True cannot apply to router='expert_choice'"):
+        moe(torch.randn(2, 3, 24), dropless=True)
+    moe(torch.randn(2, 3, 24))  # routed as configured
