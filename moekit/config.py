@@ -27,7 +27,9 @@ class MoEConfig:
     router: str = "softmax_topk"
     """Router: softmax_topk, topk_softmax, sigmoid_bias or expert_choice."""
     norm_topk_prob: bool = True
-    """Renormalise the K selected weights to sum to 1 (softmax_topk, sigmoid_bias)."""
+    """Renormalise the K selected weights to sum to 1 (softmax_topk, sigmoid_bias). With
+    top_k=1 that makes every weight 1 and the router learns from the balancing losses only:
+    `moekit train` refuses it."""
     num_groups: int = 1
     """Expert groups for group-limited routing (sigmoid_bias); 1 disables it."""
     topk_groups: int = 1

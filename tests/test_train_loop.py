@@ -169,6 +169,44 @@ def test_a_model_larger_than_memory_is_refused_before_anything_is_written(corpus
     assert not (tmp_path / "run").exists()
 
 
+def _largest_router_grad(config) -> float:
+    """The largest router-weight gradient of the language-model loss alone, at init."""
+    torch.manual_seed(0)
+    model = Transformer(config)
+    ids = torch.randint(0, config.vocab_size, (2, 9))
+    logits = model(ids[:, :-1]).logits
+    F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+    return max(moe.router.weight.grad.abs().max().item() for moe in model.moe_layers())
+
+
+@pytest.mark.parametrize(
+    "changes, fix",
+    [
+        ({"router": "softmax_topk"}, "--set moe.norm_topk_prob=false"),
+        ({"router": "sigmoid_bias"}, "--set moe.norm_topk_prob=false"),
+        ({"router": "topk_softmax"}, "--set moe.router=softmax_topk"),
+    ],
+)
+def test_top1_routing_with_a_constant_weight_is_refused_for_training(
+    corpus, tmp_path, changes, fix
+):
+    # Renormalised over one expert, the combine weight is 1 and the router never sees the
+    # language-model loss: shown first, then refused before anything is written.
+    config = MICRO.replace(
+        moe=MICRO.moe.replace(top_k=1, aux_loss_coef=0.0, z_loss_coef=0.0, **changes)
+    )
+    assert _largest_router_grad(config) < 1e-9
+    with pytest.raises(ValueError, match="combine weight of exactly 1") as err:
+        train(config, micro_train(corpus), tmp_path / "run", plots=False)
+    assert fix in str(err.value)
+    assert not (tmp_path / "run").exists()
+    # Unnormalised top-1 weights are the router's scores, which it learns through.
+    if changes["router"] != "topk_softmax":
+        learns = config.replace(moe=config.moe.replace(norm_topk_prob=False))
+        assert _largest_router_grad(learns) > 1e-6
+        train(learns, micro_train(corpus, steps=1), tmp_path / "ok", plots=False)
+
+
 def test_the_memory_check_counts_each_ranks_share(monkeypatch):
     from types import SimpleNamespace
 

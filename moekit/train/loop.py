@@ -116,6 +116,7 @@ def train(
     device = resolve_device(config.device)
     preflight.check_memory(model_config, device, parallel)
     preflight.check_seq_len(config, model_config)
+    preflight.check_router_learns(model_config)
     tokenizer = load_tokenizer(config.tokenizer)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise ValueError(

@@ -65,6 +65,31 @@ def check_seq_len(train_config: TrainConfig, model_config) -> None:
         )
 
 
+def check_router_learns(model_config) -> None:
+    """ValueError when top-1 routing gives every token a combine weight of exactly 1.
+
+    A single weight renormalised over K=1, or a softmax over one logit, is 1: the router
+    then gets no gradient from the language-model loss, only from the balancing losses.
+    Switch Transformer (Fedus et al. 2021) scales its one expert by the router probability.
+    The layer itself computes such a config faithfully (a loaded checkpoint may have one);
+    only training it is refused.
+    """
+    moe = model_config.moe
+    if moe is None or model_config.moe_as_dense or moe.top_k != 1:
+        return
+    if moe.router == "topk_softmax":
+        what, fix = "", "--set moe.router=softmax_topk --set moe.norm_topk_prob=false"
+    elif moe.router in ("softmax_topk", "sigmoid_bias") and moe.norm_topk_prob:
+        what, fix = " and moe.norm_topk_prob=True", "--set moe.norm_topk_prob=false"
+    else:
+        return
+    raise ValueError(
+        f"moe.top_k=1 with moe.router={moe.router!r}{what} gives every token a combine weight "
+        "of exactly 1, so the router would learn from the balancing losses only, never from "
+        f"the language-model loss; to scale the expert by the router's score, {fix}"
+    )
+
+
 def check_memory(model_config, device: torch.device, parallel) -> None:
     """ValueError, before anything is built or read, when training cannot fit in memory."""
     # fp32 weights, gradients and AdamW's two moments: 16 bytes a parameter, on each rank
