@@ -161,6 +161,7 @@ def test_no_safetensors_means_no_pickle(checkpoint):
         ({"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}}, "linear"),
         ({"sliding_window": 16}, "sliding_window=16"),
         ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"rms_norm_eps": None}, "required field 'rms_norm_eps'"),
         ({"router_jitter_noise": 0.1}, "router_jitter_noise"),
         ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
         ({"model_type": "llama"}, "model_type"),

@@ -173,6 +173,39 @@ def test_config_variants(family, overrides, tmp_path):
     torch.testing.assert_close(hf_models.hf_logits(back, ids), hf_models.hf_logits(hf, ids), **TOL)
 
 
+@pytest.mark.parametrize(
+    ("family", "changes", "dropped"),
+    [
+        # Qwen's window is off unless use_sliding_window says otherwise: full attention.
+        ("qwen3_moe", {"sliding_window": 4}, "use_sliding_window"),
+        ("qwen2_moe", {"sliding_window": 4}, "use_sliding_window"),
+        # transformers' activation table reads "swish" as SiLU.
+        ("mixtral", {"hidden_act": "swish"}, None),
+    ],
+)
+def test_config_json_variants_read_as_transformers_reads_them(family, changes, dropped, tmp_path):
+    hf_models.build(family, tmp_path, seed=5)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(changes)
+    config.pop(dropped, None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ids = _ids(seed=4)
+    want = hf_models.hf_logits(hf_models.load_hf(tmp_path), ids)
+    torch.testing.assert_close(_logits(moekit.from_pretrained(tmp_path), ids), want, **TOL)
+
+
+def test_a_mixtral_window_applies_whatever_use_sliding_window_says(tmp_path):
+    # Mixtral has no such switch (a key copied from a Qwen config): transformers runs the
+    # window, which moekit does not, so the checkpoint is refused, not loaded as full attention.
+    hf_models.build("mixtral", tmp_path, seed=5)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(sliding_window=4, use_sliding_window=False)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert hf_models.load_hf(tmp_path).config.sliding_window == 4
+    with pytest.raises(moekit.hf.UnsupportedConfig, match="sliding_window=4"):
+        moekit.from_pretrained(tmp_path)
+
+
 def test_export_records_the_dtype_and_skips_training_only_settings(tmp_path):
     # Router jitter is a training setting: the export drops it rather than refusing.
     moe = moekit.MoEConfig(d_model=32, d_ff=24, num_experts=4, top_k=2, router_jitter=0.1)

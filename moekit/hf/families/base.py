@@ -104,7 +104,8 @@ def rope_parameters(config: ModelConfig) -> dict:
 
 def common_fields(hf: dict, family: str, default_theta: float) -> dict:
     """ModelConfig fields every family reads the same way; hf has the family's defaults."""
-    if hf.get("hidden_act", "silu") != "silu":
+    # transformers' ACT2FN maps "swish" to the same SiLU.
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
         raise unsupported(family, "hidden_act", hf["hidden_act"], "experts are SwiGLU with silu")
     if hf.get("quantization_config"):
         method = hf["quantization_config"].get("quant_method", "?")
@@ -122,8 +123,8 @@ def common_fields(hf: dict, family: str, default_theta: float) -> dict:
         num_heads=num_heads,
         num_kv_heads=None if kv_heads in (None, num_heads) else int(kv_heads),
         head_dim=None if head_dim is None else int(head_dim),
-        max_seq_len=int(hf["max_position_embeddings"]),
-        norm_eps=float(hf["rms_norm_eps"]),
+        max_seq_len=int(require(hf, family, "max_position_embeddings")),
+        norm_eps=float(require(hf, family, "rms_norm_eps")),
         **rope_fields(hf, family, default_theta),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         activation="swiglu",
@@ -155,10 +156,19 @@ def common_hf(config: ModelConfig, model_type: str, architecture: str) -> dict:
     }
 
 
-def refuse_sliding_window(hf: dict, family: str) -> None:
-    """Sliding-window attention is not run: refuse it wherever it would take effect."""
-    window = hf.get("sliding_window")
-    active = hf.get("use_sliding_window", window is not None)
+def refuse_sliding_window(hf: dict, family: str, switch: str | None = None) -> None:
+    """Sliding-window attention is not run: refuse it wherever it would take effect.
+
+    switch: the config key that turns the window on (Qwen's use_sliding_window, off by
+    default, with a window of 4096 when on and unset). Without one (Mixtral), a window
+    that is set always applies, whatever else the config says.
+    """
+    if switch is None:
+        window = hf.get("sliding_window")
+        active = window is not None
+    else:
+        window = hf.get("sliding_window", 4096)
+        active = bool(hf.get(switch, False))
     if "sliding_attention" in (hf.get("layer_types") or []):
         raise unsupported(family, "layer_types", "sliding_attention", "no sliding windows")
     if active and window and window < hf.get("max_position_embeddings", float("inf")):

@@ -25,13 +25,14 @@ DEFAULTS = {
     # Qwen2-MoE checkpoints predate the qkv_bias field; their q/k/v always had biases.
     "qkv_bias": True,
     "decoder_sparse_step": 1,
+    "use_sliding_window": False,
 }
 """transformers' Qwen2MoeConfig defaults of the keys read here."""
 
 
 def to_model_config(hf: dict) -> ModelConfig:
     hf = with_defaults(hf, DEFAULTS)
-    refuse_sliding_window(hf, NAME)
+    refuse_sliding_window(hf, NAME, switch="use_sliding_window")
     fields = common_fields(hf, NAME, default_theta=10000.0)
     moe_ff = int(require(hf, NAME, "moe_intermediate_size"))
     shared_ff = int(require(hf, NAME, "shared_expert_intermediate_size"))

@@ -24,13 +24,14 @@ DEFAULTS = {
     "router_aux_loss_coef": 0.001,
     "attention_bias": False,
     "decoder_sparse_step": 1,
+    "use_sliding_window": False,
 }
 """transformers' Qwen3MoeConfig defaults of the keys read here."""
 
 
 def to_model_config(hf: dict) -> ModelConfig:
     hf = with_defaults(hf, DEFAULTS)
-    refuse_sliding_window(hf, NAME)
+    refuse_sliding_window(hf, NAME, switch="use_sliding_window")
     fields = common_fields(hf, NAME, default_theta=10000.0)
     # Hub configs say num_experts; transformers 5 writes its alias num_local_experts.
     num_experts = hf.get("num_experts", hf.get("num_local_experts"))
