@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 pytest.importorskip("transformers")
 
@@ -141,6 +142,21 @@ def test_sharded_and_fused_layouts_load(tmp_path):
     torch.testing.assert_close(
         _logits(moekit.from_pretrained(out), ids), hf_models.hf_logits(hf, ids), **TOL
     )
+
+
+def test_a_directory_with_both_layouts_loads_the_weights_transformers_loads(tmp_path):
+    # model.safetensors beside an index of other shards: transformers reads the single file.
+    hf_models.build("mixtral", tmp_path, seed=0)
+    files = TensorFiles(tmp_path)
+    tensors = {k: files.get(k) for k in files.names()}
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 3
+    shard = "model-00001-of-00001.safetensors"
+    save_file(tensors, tmp_path / shard, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": dict.fromkeys(tensors, shard)}
+    (tmp_path / INDEX_FILE).write_text(json.dumps(index))
+    ids = _ids(seed=2)
+    want = hf_models.hf_logits(hf_models.load_hf(tmp_path), ids)
+    torch.testing.assert_close(_logits(moekit.from_pretrained(tmp_path), ids), want, **TOL)
 
 
 @pytest.mark.parametrize(

@@ -117,12 +117,14 @@ class TensorFiles:
         single, index = self.directory / SINGLE_FILE, self.directory / INDEX_FILE
         self._file_of: dict[str, Path] = {}
         self._info: dict[str, tuple[tuple[int, ...], str]] = {}
-        if index.is_file():
-            self._read_index(index)
-        elif single.is_file():
+        # The single file first where both exist, as transformers reads them: the two
+        # libraries must never load different weights from one directory.
+        if single.is_file():
             header = _read_header(single)
             self._info.update(header)
             self._file_of.update(dict.fromkeys(header, single))
+        elif index.is_file():
+            self._read_index(index)
         else:
             found = sorted(p.name for p in self.directory.glob("*"))
             hint = (
@@ -233,9 +235,9 @@ def save_tensors(
 ) -> list[Path]:
     """Write tensors as `model.safetensors`, or as shards plus an index past max_shard_bytes.
 
-    Weight files of an earlier save in `directory` are deleted first: a leftover index
-    would make readers (this one included) load the old shards, and a leftover single
-    file is what transformers reads when the new save is sharded.
+    Weight files of an earlier save in `directory` are deleted first: a leftover single
+    file is what readers (transformers and this one) load when the new save is sharded,
+    and leftover shards would lie beside the new ones.
     """
     if max_shard_bytes is not None:
         check_int("max_shard_bytes", max_shard_bytes)
