@@ -108,6 +108,8 @@ def test_integer_tensor_is_named(checkpoint):
 )
 def test_malformed_json_files_are_named(checkpoint, name, text, match):
     _, directory = checkpoint
+    if name == "model.safetensors.index.json":  # read only where no single file is
+        (directory / "model.safetensors").unlink()
     (directory / name).write_bytes(text.encode("utf-8", "surrogateescape"))
     with pytest.raises(CheckpointError, match=match):
         moekit.from_pretrained(directory)
