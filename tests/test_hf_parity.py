@@ -159,6 +159,23 @@ def test_a_directory_with_both_layouts_loads_the_weights_transformers_loads(tmp_
     torch.testing.assert_close(_logits(moekit.from_pretrained(tmp_path), ids), want, **TOL)
 
 
+@pytest.mark.parametrize("head", ["copy", "other"])
+def test_a_tied_config_with_a_stored_head_loads_as_transformers_loads_it(head, tmp_path):
+    # Some exporters write the tied head anyway: a copy keeps the model tied; a head of
+    # other values is kept apart by transformers, and its logits use it.
+    hf_models.build("qwen3_moe", tmp_path, seed=0, tie_word_embeddings=True)
+    files = TensorFiles(tmp_path)
+    tensors = {k: files.get(k) for k in files.names()}
+    embed = tensors["model.embed_tokens.weight"]
+    tensors["lm_head.weight"] = embed.clone() if head == "copy" else torch.randn_like(embed)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ids = _ids(seed=3)
+    want = hf_models.hf_logits(hf_models.load_hf(tmp_path), ids)
+    model = moekit.from_pretrained(tmp_path)
+    torch.testing.assert_close(_logits(model, ids), want, **TOL)
+    assert model.config.tie_embeddings == (head == "copy")
+
+
 @pytest.mark.parametrize(
     ("family", "overrides"),
     [

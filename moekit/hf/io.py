@@ -181,6 +181,25 @@ class TensorFiles:
         """The safetensors dtype name of a tensor (F32, BF16, I64, ...)."""
         return self._info[key][1]
 
+    def same_values(self, a: str, b: str, rows: int = 1024) -> bool:
+        """Whether tensors a and b hold equal values (shapes equal; dtypes may differ),
+        compared a block of rows at a time: an embedding can be gigabytes."""
+        shape = self.shape(a)
+        if shape != self.shape(b):
+            return False
+        with (
+            safe_open(self._file_of[a], framework="pt") as fa,
+            safe_open(self._file_of[b], framework="pt") as fb,
+        ):
+            sa, sb = fa.get_slice(a), fb.get_slice(b)
+            for start in range(0, shape[0] if shape else 1, rows):
+                block = slice(start, start + rows)
+                x, y = (sa[block], sb[block]) if shape else (sa[:], sb[:])
+                # float64 holds every value of each float dtype exactly.
+                if not torch.equal(x.to(torch.float64), y.to(torch.float64)):
+                    return False
+        return True
+
     def get(self, key: str) -> torch.Tensor:
         """One tensor, read from its file (memory-mapped by safetensors)."""
         with safe_open(self._file_of[key], framework="pt") as f:

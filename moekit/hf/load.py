@@ -25,10 +25,27 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def read_model_config(directory: str | os.PathLike) -> tuple[Family, ModelConfig, dict]:
-    """(family, ModelConfig, raw config dict) of a Hugging Face checkpoint directory."""
+    """(family, ModelConfig, raw config dict) of a Hugging Face checkpoint directory.
+
+    A config that ties the head to the embeddings, in a directory whose weights also hold
+    an lm_head.weight of other values, is read untied: transformers then keeps the two
+    apart (with a warning), and the stored head is what its logits use.
+    """
     hf = read_config(directory)
     family = get_family(hf.get("model_type"))
-    return family, family.to_model_config(hf), hf
+    config = family.to_model_config(hf)
+    if config.tie_embeddings and _holds_its_own_head(directory):
+        config = config.replace(tie_embeddings=False)
+    return family, config, hf
+
+
+def _holds_its_own_head(directory: str | os.PathLike) -> bool:
+    try:
+        files = TensorFiles(directory)
+    except FileNotFoundError:  # no weights: the config alone ties them
+        return False
+    embed, head = "model.embed_tokens.weight", "lm_head.weight"
+    return embed in files and head in files and not files.same_values(embed, head)
 
 
 def _ignored(files: TensorFiles, config: ModelConfig, extra_layers: int) -> frozenset[str]:
@@ -41,7 +58,9 @@ def _ignored(files: TensorFiles, config: ModelConfig, extra_layers: int) -> froz
             if m and config.num_layers <= int(m[1]) < last:
                 skip.add(key)
     if config.tie_embeddings and "lm_head.weight" in files:
-        skip.add("lm_head.weight")  # a tied copy some exporters write anyway
+        # A tied copy some exporters write anyway; one of other values unties the config
+        # (read_model_config), so it is not skipped.
+        skip.add("lm_head.weight")
     return frozenset(skip)
 
 
