@@ -159,6 +159,17 @@ def test_a_directory_with_both_layouts_loads_the_weights_transformers_loads(tmp_
     torch.testing.assert_close(_logits(moekit.from_pretrained(tmp_path), ids), want, **TOL)
 
 
+def test_transformers_own_saved_layout_loads(checkpoint, tmp_path):
+    # save_original_format=False keeps transformers 5's module names and fused experts
+    # (Mixtral's MoE block is then `mlp`, not `block_sparse_moe`).
+    family, _, hf = checkpoint
+    hf.save_pretrained(tmp_path, save_original_format=False)
+    ids = _ids(seed=5)
+    torch.testing.assert_close(
+        _logits(moekit.from_pretrained(tmp_path), ids), hf_models.hf_logits(hf, ids), **TOL
+    )
+
+
 @pytest.mark.parametrize("head", ["copy", "other"])
 def test_a_tied_config_with_a_stored_head_loads_as_transformers_loads_it(head, tmp_path):
     # Some exporters write the tied head anyway: a copy keeps the model tied; a head of

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -64,11 +65,24 @@ def _ignored(files: TensorFiles, config: ModelConfig, extra_layers: int) -> froz
     return frozenset(skip)
 
 
+def _as_named_in(files: TensorFiles, family: Family, config: ModelConfig) -> Family:
+    """The family as this checkpoint names its MoE blocks. transformers 5 saved without
+    its conversion (`save_original_format=False`) names every family's block `mlp`, where
+    Mixtral's Hub checkpoints say `block_sparse_moe`."""
+    if family.moe_key == "mlp" or not config.moe_layer_ids:
+        return family
+    layer = f"model.layers.{config.moe_layer_ids[0]}"
+    if f"{layer}.mlp.gate.weight" in files and f"{layer}.{family.moe_key}.gate.weight" not in files:
+        return replace(family, moe_key="mlp")
+    return family
+
+
 def load_state(
     directory: str | os.PathLike, family: Family, config: ModelConfig, hf: dict
 ) -> dict[str, Tensor]:
     """The moekit state dict of a checkpoint, every tensor accounted for and shape-checked."""
     files = TensorFiles(directory)
+    family = _as_named_in(files, family, config)
     ledger = Ledger(files, _ignored(files, config, family.extra_layers(hf)))
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}

@@ -10,7 +10,8 @@ checkpoints hold them in one of two layouts, both read here:
 
 - per expert (Hub checkpoints, and what transformers 5.23's save_pretrained writes):
   `experts.{j}.{gate}.weight` [F, D], `.{up}.weight` [F, D], `.{down}.weight` [D, F];
-- fused (transformers 5 in memory): `experts.gate_up_proj` [E, 2F, D] (gate rows first)
+- fused (transformers 5 in memory, and saved with `save_original_format=False`, where
+  Mixtral's block is named `mlp` too): `experts.gate_up_proj` [E, 2F, D] (gate rows first)
   and `experts.down_proj` [E, D, F].
 
 Export writes the per-expert layout, which every transformers version loads.
