@@ -202,6 +202,8 @@ def test_a_tied_config_with_a_stored_head_loads_as_transformers_loads_it(head, t
                 topk_group=1,
             ),
         ),
+        # No shared expert: transformers stores one of width 0.
+        ("deepseek_v3", dict(n_shared_experts=0)),
         ("qwen3_moe", dict(tie_word_embeddings=True, attention_bias=True, mlp_only_layers=[0])),
         ("qwen2_moe", dict(decoder_sparse_step=2, mlp_only_layers=[], norm_topk_prob=True)),
         ("mixtral", dict(num_key_value_heads=4, head_dim=10, tie_word_embeddings=True)),

@@ -58,6 +58,9 @@ def _ignored(files: TensorFiles, config: ModelConfig, extra_layers: int) -> froz
             m = re.match(r"model\.layers\.(\d+)\.", key)
             if m and config.num_layers <= int(m[1]) < last:
                 skip.add(key)
+    # Tensors without elements: DeepSeek-V3 with n_shared_experts=0 stores a shared MLP of
+    # width 0, which adds exactly 0 to every token.
+    skip.update(key for key in files.names() if 0 in files.shape(key))
     if config.tie_embeddings and "lm_head.weight" in files:
         # A tied copy some exporters write anyway; one of other values unties the config
         # (read_model_config), so it is not skipped.
