@@ -309,16 +309,17 @@ def errors_worker(rank: int, world_size: int) -> dict:
     }
 
 
-def hung_rank_worker(rank: int, world_size: int, timeout_s: float) -> dict:
-    """Rank 1 stalls (alive, silent) past the group's collective timeout mid-step."""
-    import datetime
+def hung_rank_worker(rank: int, world_size: int, timeout_s: float, expert_parallel: int) -> dict:
+    """Rank 1 stalls (alive, silent) mid-step past the collective timeout of a
+    ParallelContext: the layer's collectives run on the context's own groups (the experts'
+    all-to-all, the balancing statistics under data parallelism), which must keep it."""
+    from moekit.parallel import ParallelContext
 
-    from moekit.parallel import apply_expert_parallel
-
-    group = dist.new_group(list(range(world_size)), timeout=datetime.timedelta(seconds=timeout_s))
+    ctx = ParallelContext(expert_parallel=expert_parallel, timeout_s=timeout_s)
     cfg = MoEConfig(d_model=8, d_ff=12, num_experts=2 * world_size, top_k=2)
     torch.manual_seed(0)
-    moe = apply_expert_parallel(MoE(cfg), group)
+    moe = MoE(cfg)
+    ctx.prepare(moe)  # shards moe in place; called directly, without the DDP wrapper
     x = torch.randn(6, cfg.d_model)
     moe(x)  # one healthy step
     if rank == 1:

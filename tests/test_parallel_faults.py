@@ -24,8 +24,9 @@ def test_dead_rank_fails_the_others_in_bounded_time() -> None:
         assert r.value["seconds"] < COLLECTIVE_TIMEOUT_S + 5, r.value
 
 
-def test_stalled_rank_times_out_the_others() -> None:
+@pytest.mark.parametrize("expert_parallel", [2, 1], ids=["expert-parallel", "data-parallel"])
+def test_stalled_rank_times_out_the_others(expert_parallel) -> None:
     timeout_s = 3.0
-    waiting, _ = pool(2).run(hung_rank_worker, timeout_s, timeout_s=60)
+    waiting, _ = pool(2).run(hung_rank_worker, timeout_s, expert_parallel, timeout_s=60)
     assert waiting["error"] is not None, "the step finished without its peer"
     assert timeout_s - 0.5 < waiting["seconds"] < timeout_s + 5, waiting

@@ -26,6 +26,7 @@ the layout. With them global, every layout trains like one process on the global
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import math
 from collections.abc import Iterable
@@ -83,20 +84,23 @@ class ParallelContext:
             else torch.device("cpu")
         )
         # Every rank creates every group, in the same order (new_group is collective).
+        # Each with timeout_s: a group takes torch's default (30 min) otherwise, and the
+        # MoE's collectives all run on these.
+        timeout = datetime.timedelta(seconds=timeout_s)
         self.ep_group = self.expert_dp_group = None
         for start in range(0, self.world_size, N):
-            group = dist.new_group(list(range(start, start + N)))
+            group = dist.new_group(list(range(start, start + N)), timeout=timeout)
             if start <= self.rank < start + N:
                 self.ep_group = group
         replicas = self.world_size // N
         for offset in range(N):
-            group = dist.new_group([offset + k * N for k in range(replicas)])
+            group = dist.new_group([offset + k * N for k in range(replicas)], timeout=timeout)
             if self.rank % N == offset:
                 self.expert_dp_group = group
         # Balancing statistics over the whole world, so the losses are the global batch's
         # whatever the layout; a group of its own keeps these collectives, issued inside
         # backward, apart from DDP's on the default group.
-        self.stats_group = dist.new_group(list(range(self.world_size)))
+        self.stats_group = dist.new_group(list(range(self.world_size)), timeout=timeout)
         self._model: nn.Module | None = None
 
     @property
