@@ -155,7 +155,8 @@ class MoE(nn.Module):
                 shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
 
-        out = self._output(routing, routed, seq_T, num_seqs)
+        # A [T, D] call is one sequence; over several ranks, their tokens together are it.
+        out = self._output(routing, routed, seq_T, num_seqs, seqs_span_group=x.dim() == 2)
         if real_T is not None:
             y_full = y_TD.new_zeros(x.numel() // cfg.d_model, cfg.d_model)
             y_TD = y_full.index_copy(0, real_T, y_TD)
@@ -208,14 +209,6 @@ class MoE(nn.Module):
             B, S = x.shape[:2]
             seq_T = torch.arange(B, device=x.device).repeat_interleave(S)
             return x_TD, seq_T, B
-        if self.path.collective_stats and self.config.seq_aux_loss_coef:
-            # One sequence per call: over several ranks, each rank's tokens would be a
-            # sequence of their own, and the loss would not be one process's.
-            raise ValueError(
-                f"x must be [B, S, {D}] for the sequence-level loss under expert or data "
-                f"parallelism (seq_aux_loss_coef={self.config.seq_aux_loss_coef!r}), got "
-                f"{tuple(x.shape)}: a [T, D] input is one sequence per rank"
-            )
         return x_TD, torch.zeros(x.shape[0], dtype=torch.long, device=x.device), 1
 
     @staticmethod
@@ -232,14 +225,23 @@ class MoE(nn.Module):
             )
         return (~padding_mask).reshape(-1).nonzero().squeeze(1)
 
-    def _output(self, routing: Routing, routed: Routing, seq_T: Tensor, num_seqs: int) -> MoEOutput:
+    def _output(
+        self,
+        routing: Routing,
+        routed: Routing,
+        seq_T: Tensor,
+        num_seqs: int,
+        seqs_span_group: bool,
+    ) -> MoEOutput:
         gs = self.path.group_sum
         E = self.config.num_experts
         # One count serves the aux loss and the load statistic unless capacity dropped
         # assignments in between.
         routed_E = count_ids(routed.expert_A, E)
         kept_E = routed_E if routing is routed else count_ids(routing.expert_A, E)
-        stats = RoutingStats(self.config, routing, routed, routed_E, kept_E, seq_T, num_seqs, gs)
+        stats = RoutingStats(
+            self.config, routing, routed, routed_E, kept_E, seq_T, num_seqs, gs, seqs_span_group
+        )
         if self.path.collective_stats:
             stats.compute_all()
         elif torch.is_grad_enabled():

@@ -63,13 +63,17 @@ def sequence_aux_loss(
     num_experts: int,
     top_k: int,
     group_sum: GroupSum = _identity,
+    spans_group: bool = False,
 ) -> Tensor:
     """Sequence-level balancing loss (DeepSeek-V2 eq. 12; DeepSeek-V3 eq. 17-20).
 
     For each sequence s: sum_e f_se * P_se with f_se = E / (K * S_s) * count_se and
     P_se the mean probability of e over the sequence's S_s real tokens; averaged over
     sequences that have real tokens. A uniform router scores 1.0. Each sequence lives
-    on one rank, so only the mean over sequences needs the group.
+    on one rank, so only the mean over sequences needs the group; with spans_group, every
+    rank holds a part of the same num_seqs sequences (a [T, D] call is one sequence, and
+    over several ranks their tokens together are it), so the sequences' counts,
+    probability sums and lengths are summed over the group first.
     """
     E = num_experts
     dtype = probs_TE.dtype
@@ -79,11 +83,19 @@ def sequence_aux_loss(
     prob_sum_SE = torch.zeros(num_seqs, E, dtype=dtype, device=probs_TE.device)
     prob_sum_SE = prob_sum_SE.index_add(0, seq_T, probs_TE)
     len_S = count_ids(seq_T, num_seqs).to(dtype)
+    if spans_group:
+        counts_SE, prob_sum_SE, len_S = (
+            group_sum(counts_SE),
+            group_sum(prob_sum_SE),
+            group_sum(len_S),
+        )
     present = len_S > 0
     len_S = len_S.clamp(min=1)
     f_SE = counts_SE * (E / top_k) / len_S[:, None]
     P_SE = prob_sum_SE / len_S[:, None]
     per_seq = (f_SE * P_SE).sum(dim=-1) * present
+    if spans_group:  # already the group's sequences, equal on every rank
+        return per_seq.sum() / present.sum().to(dtype).clamp(min=1)
     totals = group_sum(torch.stack([per_seq.sum(), present.sum().to(dtype)]))
     return totals[0] / totals[1].clamp(min=1)
 

@@ -41,7 +41,8 @@ class RoutingStats:
     """The statistics of one call: `routed` before capacity drops, `routing` after.
 
     routed_E, kept_E [E]: assignments per expert before and after the drops (the same
-    tensor when nothing can drop); seq_T [T]: each real token's sequence.
+    tensor when nothing can drop); seq_T [T]: each real token's sequence; seqs_span_group:
+    the ranks of the group hold parts of the same sequences (a [T, D] call's one sequence).
     """
 
     def __init__(
@@ -54,12 +55,14 @@ class RoutingStats:
         seq_T: Tensor,
         num_seqs: int,
         group_sum: GroupSum,
+        seqs_span_group: bool = False,
     ) -> None:
         self.config = config
         self.routing, self.routed = routing, routed
         self.routed_E, self.kept_E = routed_E, kept_E
         self.seq_T, self.num_seqs = seq_T, num_seqs
         self.group_sum = group_sum
+        self.seqs_span_group = seqs_span_group
         self.grad_enabled = torch.is_grad_enabled()
         self.inference = torch.is_inference_mode_enabled()
 
@@ -98,6 +101,7 @@ class RoutingStats:
                 cfg.num_experts,
                 cfg.top_k,
                 self.group_sum,
+                self.seqs_span_group,
             )
 
     @cached_property

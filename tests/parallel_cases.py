@@ -55,6 +55,8 @@ class LayerCase:
     """Push this expert's logit far up: with top_k=1 it receives every token."""
     bias: list[float] = field(default_factory=list)
     """expert_bias for the sigmoid_bias router."""
+    flat: bool = False
+    """Feed [T, D] rows (one sequence per call; over the ranks, one sequence in all)."""
 
 
 def build_case(case: LayerCase, world_size: int):
@@ -97,9 +99,12 @@ def layer_worker(rank: int, world_size: int, cases: list[LayerCase]) -> list[dic
     for case in cases:
         moe, x, mask, g = build_case(case, world_size)
         apply_expert_parallel(moe)
-        x_local = rank_rows(x, rank, world_size).clone().requires_grad_(True)
-        y, out = moe(x_local, padding_mask=rank_rows(mask, rank, world_size))
-        loss = (y * rank_rows(g, rank, world_size)).sum() + out.loss
+        x_local, mask_local = rank_rows(x, rank, world_size), rank_rows(mask, rank, world_size)
+        if case.flat:
+            x_local, mask_local = x_local.flatten(0, 1), mask_local.flatten()
+        x_local = x_local.clone().requires_grad_(True)
+        y, out = moe(x_local, padding_mask=mask_local)
+        loss = (y * rank_rows(g, rank, world_size).view_as(y)).sum() + out.loss
         loss.backward()
         results.append(
             {
@@ -129,6 +134,8 @@ def single_process_reference(case: LayerCase, world_size: int) -> dict:
     W ranks' losses: sum(y * g) + W * out.loss (each rank adds the group-wide loss once).
     """
     moe, x, mask, g = build_case(case, world_size)
+    if case.flat:
+        x, mask, g = x.flatten(0, 1), mask.flatten(), g.flatten(0, 1)
     x = x.clone().requires_grad_(True)
     y, out = moe(x, padding_mask=mask)
     loss = (y * g).sum() + world_size * out.loss
@@ -218,6 +225,36 @@ def train_worker(
     return {"val_loss": result.val_loss, "losses": read_losses(run_dir) if rank == 0 else None}
 
 
+def noisy_train_worker(rank: int, world_size: int, run_dir: str, resume: str | None) -> dict:
+    """4 data-parallel steps of the tiny model with router noise, or the same run resumed
+    from `resume`; returns the noise this rank's routers drew at their first training call."""
+    import torch.nn.functional as F
+
+    from moekit.parallel.context import ParallelContext
+    from moekit.router import Router
+    from moekit.train import train
+
+    model_config, train_config = tiny_train_configs()
+    model_config = model_config.replace(moe=model_config.moe.replace(router_noise=1.0))
+    train_config = train_config.replace(steps=4, eval_every=4, checkpoint_every=2)
+    noise = []
+    logits = Router.logits
+
+    def spy(router, x_TD):
+        out = logits(router, x_TD)
+        if router.training and not noise:
+            noise.append(out.detach() - F.linear(x_TD.detach().float(), router.weight.detach()))
+        return out
+
+    Router.logits = spy
+    try:
+        ctx = ParallelContext(expert_parallel=1)
+        train(model_config, train_config, run_dir, parallel=ctx, plots=False, resume=resume)
+    finally:
+        Router.logits = logits
+    return {"noise": noise[0]}
+
+
 def short_val_configs(data: str):
     """The tiny configs on a small text whose validation holds 5 windows: batches of 4 and
     1 rows, the second too short to split evenly over 2 ranks."""
@@ -299,9 +336,7 @@ def errors_worker(rank: int, world_size: int) -> dict:
 
     odd = MoEConfig(d_model=8, d_ff=8, num_experts=world_size + 1, top_k=1)
     twice = apply_expert_parallel(MoE(odd.replace(num_experts=world_size)))
-    seq = apply_expert_parallel(MoE(odd.replace(num_experts=world_size, seq_aux_loss_coef=0.5)))
     return {
-        "flat_seq": message(lambda: seq(torch.randn(6, 8))),
         "indivisible": message(lambda: apply_expert_parallel(MoE(odd))),
         "twice": message(lambda: apply_expert_parallel(twice)),
         "no_moe": message(lambda: apply_expert_parallel(nn.Linear(2, 2))),

@@ -42,6 +42,18 @@ CASES = [
         dead_expert=4,
     ),
     LayerCase(
+        "softmax_topk fp64, [T, D] rows: one sequence over all ranks",
+        dict(BASE, top_k=2, seq_aux_loss_coef=0.3),
+        dtype=torch.float64,
+        empty_last_rank=True,
+        flat=True,
+    ),
+    LayerCase(
+        "sigmoid_bias fp32, [T, D] rows: one sequence over all ranks",
+        dict(BASE, top_k=3, router="sigmoid_bias", seq_aux_loss_coef=0.3),
+        flat=True,
+    ),
+    LayerCase(
         "softmax_topk fp64, every token to one expert",
         dict(BASE, top_k=1),
         dtype=torch.float64,
@@ -115,5 +127,3 @@ def test_misuse_is_refused_with_the_value() -> None:
     assert "already expert-parallel" in messages["twice"]
     assert "no MoE layer" in messages["no_moe"] and "Linear" in messages["no_moe"]
     assert "ValueError" in messages["bad_ep"] and "got 3" in messages["bad_ep"]
-    # A [T, D] input is one sequence per rank: the sequence-level loss needs [B, S, D].
-    assert "ValueError" in messages["flat_seq"] and "(6, 8)" in messages["flat_seq"]

@@ -13,6 +13,7 @@ import pytest
 import torch
 from parallel_cases import (
     broken_source_worker,
+    noisy_train_worker,
     pool,
     read_losses,
     reshard_worker,
@@ -168,3 +169,19 @@ def test_a_short_validation_batch_is_shared_over_the_ranks(tmp_path) -> None:
     single = train(model_config, train_config, tmp_path / "single", plots=False)
     ranks = pool(2).run(short_val_worker, str(tmp_path / "dp2"), str(data), timeout_s=200)
     assert ranks == [pytest.approx(single.val_loss, abs=1e-5)] * 2
+
+
+def test_ranks_draw_their_own_router_noise_and_resume_exactly(tmp_path) -> None:
+    # One generator seeded alike on every rank had given rank 1's tokens rank 0's noise.
+    full = pool(2).run(noisy_train_worker, str(tmp_path / "full"), None, timeout_s=200)
+    assert full[0]["noise"].shape == full[1]["noise"].shape
+    assert full[0]["noise"].abs().mean() > 0.5  # noise of std 1 was drawn
+    assert not torch.allclose(full[0]["noise"], full[1]["noise"])
+    # Seeded by (seed, step, rank), the draws of a resumed run are the uninterrupted run's.
+    half = ckpt_io.list_checkpoints(tmp_path / "full")[0]
+    assert half.name.endswith("2")
+    pool(2).run(noisy_train_worker, str(tmp_path / "resumed"), str(half), timeout_s=200)
+    _assert_bitwise(
+        ckpt_io.load_checkpoint(ckpt_io.resolve(tmp_path / "resumed")),
+        ckpt_io.load_checkpoint(ckpt_io.resolve(tmp_path / "full")),
+    )

@@ -244,6 +244,12 @@ def train(
     model.train()
     for step in range(start, config.steps):
         t0 = time.perf_counter()
+        if world > 1:
+            # Router noise and jitter come from the global generator: seeded alike, every
+            # rank would give its tokens rank 0's noise rows. A seed of (seed, step, rank)
+            # keeps the draws independent, and a resume exact on every rank, though only
+            # rank 0's generator state is saved.
+            torch.manual_seed(_rank_step_seed(config.seed, step, parallel.rank, world))
         set_lr(optimizer, lr_at(step, config))
         x_BS, y_BS = batches(step)
         ce_sum = aux_sum = 0.0
@@ -327,6 +333,11 @@ def train(
     if plots and is_main and can_plot():
         result.plots = plot_run(run_dir)
     return result
+
+
+def _rank_step_seed(seed: int, step: int, rank: int, world: int) -> int:
+    """A distinct seed for every (step, rank) of a run, and for every run seed."""
+    return (seed * 0x9E3779B97F4A7C15 + step * world + rank) % 2**63
 
 
 def _recorded_train(config: TrainConfig, run_dir: Path) -> dict:
