@@ -20,7 +20,9 @@ from moekit.data.batches import val_batches
 from moekit.data.tokens import TokenSplit
 
 Batch = tuple[Tensor, Tensor | None]
-"""ids_BS (long) and domain_BS (long index into the domain names, -1 = skip; or None)."""
+"""ids_BS (long) and domain_BS (long index into the domain names, or None). A label of -1
+means no domain: the token is routed and counted in the layer's load statistics like any
+other, and only the domain-by-expert table leaves it out."""
 
 
 def labelled_batches(
