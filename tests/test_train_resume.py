@@ -250,3 +250,36 @@ def test_a_run_keeps_a_copy_of_the_tokenizer_file_it_was_given(corpus, tmp_path,
     with pytest.raises(ValueError, match="already holds a tokenizer.json that differs"):
         train(MICRO, config.replace(tokenizer=str(given)), run_dir, resume=first, plots=False)
     assert json.loads((run_dir / "tokenizer.json").read_text()) == ByteTokenizer.tokenizer_json()
+
+
+def test_a_run_directory_is_neither_a_file_nor_a_hugging_face_checkpoint(corpus, tmp_path):
+    # sample, analyze and --init-from read a directory with a Hugging Face config.json as
+    # that checkpoint: a run trained into it would never be read back.
+    import json
+
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    with pytest.raises(ValueError, match="is a Hugging Face checkpoint directory"):
+        train(MICRO, micro_train(corpus), hf_dir, plots=False)
+    assert sorted(p.name for p in hf_dir.iterdir()) == ["config.json"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        train(MICRO, micro_train(corpus), tmp_path / "file", plots=False)
+
+
+def test_a_run_directory_named_like_a_checkpoint_resolves_to_its_newest(corpus, tmp_path):
+    from moekit.cli import main
+    from moekit.train.checkpoint import resolve
+
+    run_dir = tmp_path / "step_1"
+    config = micro_train(corpus)
+    train(MICRO, config, run_dir, plots=False)
+    assert resolve(run_dir) == list_checkpoints(run_dir)[-1]
+    args = ["sample", str(run_dir), "--prompt", "ab", "--max-new-tokens", "2"]
+    assert main(args) == 0
+    # A checkpoint cut short (no manifest) is still named as one.
+    cut = run_dir / "checkpoints" / "step_00000009"
+    cut.mkdir()
+    with pytest.raises(CheckpointError, match="manifest.json is missing"):
+        load_checkpoint(resolve(cut))

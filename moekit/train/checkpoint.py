@@ -201,7 +201,9 @@ def _verified_files(path: Path, names: tuple[str, ...]) -> dict[str, bytes]:
 def resolve(path: str | Path) -> Path:
     """A checkpoint directory as given, or the newest complete checkpoint of a run directory."""
     path = Path(path)
-    if (path / MANIFEST).is_file() or _STEP_DIR.match(path.name):
+    # A step directory without its manifest is a checkpoint cut short (load_checkpoint
+    # says so); a run directory may itself be named step_<n>.
+    if (path / MANIFEST).is_file() or (_STEP_DIR.match(path.name) and run_dir_of(path)):
         return path
     found = list_checkpoints(path)
     if not found:

@@ -117,7 +117,19 @@ def check_memory(model_config, device: torch.device, parallel) -> None:
 
 
 def check_new_run_dir(run_dir: Path) -> None:
-    """ValueError when a new run would write into a directory holding another's checkpoints."""
+    """ValueError when a new run would write into a directory holding another's checkpoints,
+    into a Hugging Face checkpoint directory, or where a file stands."""
+    from moekit.hf.convert import is_hf_dir
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run directory {run_dir} is a file, not a directory")
+    if is_hf_dir(run_dir):
+        # sample, analyze and --init-from read such a directory as the Hugging Face
+        # checkpoint: the run written into it would never be read back.
+        raise ValueError(
+            f"run directory {run_dir} is a Hugging Face checkpoint directory (config.json "
+            "with a model_type); choose another --run-dir"
+        )
     if ckpt_io.list_checkpoints(run_dir):
         # A fresh run here would interleave its checkpoints and metrics with the old run's.
         raise ValueError(
