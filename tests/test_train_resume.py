@@ -239,6 +239,11 @@ def test_a_run_keeps_a_copy_of_the_tokenizer_file_it_was_given(corpus, tmp_path,
     assert again.config["train"]["tokenizer"] == "run:tokenizer.json"
     for name, tensor in last.model_state.items():
         assert torch.equal(tensor, again.model_state[name]), name
+    # A branch into a directory of its own keeps a copy of its own.
+    train(MICRO, config, tmp_path / "branch", resume=first, plots=False)
+    assert (tmp_path / "branch" / "tokenizer.json").read_bytes() == given.read_bytes()
+    branch_last = load_checkpoint(list_checkpoints(tmp_path / "branch")[-1])
+    assert branch_last.config["train"]["tokenizer"] == "run:tokenizer.json"
     # The run needs nothing from the given file once it is gone.
     given.unlink()
     args = ["sample", str(run_dir), "--prompt", "ab", "--max-new-tokens", "3", "--seed", "0"]
