@@ -70,6 +70,41 @@ def test_resumed_run_is_bitwise_equal(corpus, tmp_path, monkeypatch):
     assert resumed.tokens_per_s == pytest.approx(3 * config.tokens_per_step / sum(seconds))
 
 
+def test_resuming_an_earlier_checkpoint_rewrites_the_history_after_it(
+    corpus, tmp_path, monkeypatch
+):
+    # Later checkpoints of the old history would outrank the new ones: pruned ahead of
+    # them, and taken by a plain --resume, leaving a gap in the metrics.
+    import shutil
+
+    config = micro_train(corpus, checkpoint_every=1, keep_checkpoints=1)
+    full = tmp_path / "full"
+    train(MICRO, config.replace(keep_checkpoints=6), full, plots=False)
+    run_dir = tmp_path / "run"
+    train(MICRO, config, run_dir, plots=False)
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_00000006"]
+    # Step 2 of an identical run, as if kept from earlier.
+    shutil.copytree(list_checkpoints(full)[1], run_dir / "checkpoints" / "step_00000002")
+    real_call = TrainBatches.__call__
+
+    def crash_at_step_4(self, step):
+        if step == 4:
+            raise _Crash
+        return real_call(self, step)
+
+    monkeypatch.setattr(TrainBatches, "__call__", crash_at_step_4)
+    with pytest.raises(_Crash):
+        train(MICRO, config, run_dir, resume=run_dir / "checkpoints" / "step_00000002")
+    monkeypatch.setattr(TrainBatches, "__call__", real_call)
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_00000004"]
+    train(MICRO, config, run_dir, resume=run_dir, plots=False)
+    assert _history(run_dir) == _history(full)
+    a = load_checkpoint(list_checkpoints(run_dir)[-1])
+    b = load_checkpoint(list_checkpoints(full)[-1])
+    for name, t in a.model_state.items():
+        assert torch.equal(t, b.model_state[name]), name
+
+
 def test_resume_with_a_different_config_names_the_fields(corpus, tmp_path):
     config = micro_train(corpus, steps=3)
     train(MICRO, config, tmp_path, plots=False)

@@ -84,6 +84,15 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def drop_after(run_dir: str | Path, step: int) -> None:
+    """Delete the run's checkpoints after `step`: a resume from `step` rewrites its history
+    from there (its metrics are cut at the same step), and a later checkpoint of the old
+    history would be kept by the pruning ahead of the new ones and taken by --resume."""
+    for path in list_checkpoints(run_dir):
+        if int(_STEP_DIR.match(path.name).group(1)) > step:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,

@@ -190,6 +190,7 @@ def train(
         start = saved.step
         if is_main and branched_from is None:
             metrics_io.truncate_after(run_dir, start)
+            ckpt_io.drop_after(run_dir, start)
         elif is_main:  # a branch's history up to its start is the run it came from
             metrics_io.copy_until(branched_from, run_dir, start)
     if start >= config.steps:
