@@ -85,7 +85,7 @@ def test_train_resume_flag_continues_the_run(corpus, tmp_path, capsys):
         (["--data", "{missing}"], "data path not found"),
         (["--data", "{empty}"], "contains no text"),
         (["--seq-len", "64"], "seq_len \\(64\\) must be <= the model's max_seq_len \\(32\\)"),
-        (["--run-dir", "{file}"], "Not a directory"),
+        (["--run-dir", "{file}"], "is a file, not a directory"),
     ],
 )
 def test_bad_input_is_a_one_line_error(args, message, tmp_path, capsys):

@@ -70,6 +70,23 @@ def test_resumed_run_is_bitwise_equal(corpus, tmp_path, monkeypatch):
     assert resumed.tokens_per_s == pytest.approx(3 * config.tokens_per_step / sum(seconds))
 
 
+def test_a_resume_checks_config_and_steps_before_tokenizing(corpus, tmp_path, monkeypatch):
+    # A changed flag or a finished run must not first cost the corpus's tokenization.
+    import moekit.train.loop as loop
+
+    config = micro_train(corpus, steps=3)
+    train(MICRO, config, tmp_path, plots=False)
+
+    def tokenize(*args, **kwargs):
+        raise AssertionError("tokenized before the checkpoint was checked")
+
+    monkeypatch.setattr(loop, "prepare_tokens", tokenize)
+    with pytest.raises(CheckpointError, match="train.lr"):
+        train(MICRO, config.replace(lr=1e-3), tmp_path, resume=tmp_path, plots=False)
+    with pytest.raises(ValueError, match="nothing left of steps=3"):
+        train(MICRO, config, tmp_path, resume=tmp_path, plots=False)
+
+
 def test_resuming_an_earlier_checkpoint_rewrites_the_history_after_it(
     corpus, tmp_path, monkeypatch
 ):
@@ -115,9 +132,9 @@ def test_resume_with_a_different_config_names_the_fields(corpus, tmp_path):
 
 
 def test_resume_from_a_checkpoint_with_other_weight_names_names_them(corpus, tmp_path):
-    config = micro_train(corpus, steps=3)
+    config = micro_train(corpus, steps=3, checkpoint_every=1)
     train(MICRO, config, tmp_path / "run", plots=False)
-    ckpt = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])
+    ckpt = load_checkpoint(list_checkpoints(tmp_path / "run")[-2])  # a step left to run
     name = next(k for k in ckpt.model_state if k.endswith("w_up_EFD"))
     # The same weights under an earlier build's name for the [in, out] layout.
     state = dict(ckpt.model_state)
@@ -131,11 +148,12 @@ def test_resume_from_a_checkpoint_with_other_weight_names_names_them(corpus, tmp
 
 def test_resume_on_changed_text_is_an_error(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
-    config = micro_train(corpus, steps=2)
+    config = micro_train(corpus, steps=2, checkpoint_every=1)
     train(MICRO, config, tmp_path / "run", plots=False)
     (corpus / "prose.txt").write_text("Other words entirely, and more of them. " * 60)
+    first = list_checkpoints(tmp_path / "run")[0]  # a step left to run
     with pytest.raises(CheckpointError, match="tokens of data .* differ from the checkpoint"):
-        train(MICRO, config, tmp_path / "run", resume=tmp_path / "run", plots=False)
+        train(MICRO, config, tmp_path / "run", resume=first, plots=False)
 
 
 def test_a_run_directory_inside_the_data_directory_is_refused(tmp_path):
@@ -287,7 +305,7 @@ def test_a_run_keeps_a_copy_of_the_tokenizer_file_it_was_given(corpus, tmp_path,
     train(MICRO, config, run_dir, resume=first, plots=False)
     # Another tokenizer file is refused before anything is written.
     given.write_text(json.dumps(ByteTokenizer.tokenizer_json(), indent=1))
-    with pytest.raises(ValueError, match="already holds a tokenizer.json that differs"):
+    with pytest.raises(CheckpointError, match="train.tokenizer: .* != .*mine.json"):
         train(MICRO, config.replace(tokenizer=str(given)), run_dir, resume=first, plots=False)
     assert json.loads((run_dir / "tokenizer.json").read_text()) == ByteTokenizer.tokenizer_json()
 

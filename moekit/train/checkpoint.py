@@ -164,6 +164,15 @@ def read_config(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} is corrupted: config.json ({err})") from err
 
 
+def read_step(path: str | Path) -> int:
+    """A checkpoint's step alone, from its verified state.json."""
+    blob = _verified_files(Path(path), ("state.json",))["state.json"]
+    try:
+        return int(json.loads(blob)["step"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} is corrupted: state.json ({err})") from err
+
+
 def load_weights(path: str | Path) -> dict[str, Tensor]:
     """A checkpoint's model weights alone, verified: a warm start needs no optimizer state."""
     blob = _verified_files(Path(path), ("model.safetensors",))["model.safetensors"]

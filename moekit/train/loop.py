@@ -125,8 +125,16 @@ def train(
         )
     check_outside(config.data, run_dir, "the run directory")
     preflight.check_not_in_checkpoints(run_dir)
+    branched_from = None
     if resume is None:
         preflight.check_new_run_dir(run_dir)
+    else:
+        # The checkpoint's config and step before the text is tokenized: a changed flag
+        # must not cost a multi-GB corpus's tokenization first.
+        resume = ckpt_io.resolve(resume)
+        branched_from = preflight.resume_source(resume, run_dir)
+        preflight.check_resumable(ckpt_io.read_config(resume), resume, model_config, config)
+        preflight.check_steps_left(ckpt_io.read_step(resume), config)
     home = tokenizer_home(config.tokenizer, run_dir)
     # Read after the memory check (a source too large to train is never read) and before
     # tokenizing, so a broken source fails before anything is written. A resumed run's
@@ -154,12 +162,9 @@ def train(
                 splits["val"], config.seq_len, config.batch_size, config.eval_batches, d
             )
 
-    saved = branched_from = None
+    saved = None
     if resume is not None:
-        resume = ckpt_io.resolve(resume)
-        branched_from = preflight.resume_source(resume, run_dir)
         saved = ckpt_io.load_checkpoint(resume)
-        preflight.check_resumable(saved, model_config, config)
         preflight.check_same_data(saved.state.get("data_digest"), digest, config.data)
     elif is_main:
         metrics_io.truncate_after(run_dir, 0)  # records of a run that never checkpointed
@@ -193,8 +198,6 @@ def train(
             ckpt_io.drop_after(run_dir, start)
         elif is_main:  # a branch's history up to its start is the run it came from
             metrics_io.copy_until(branched_from, run_dir, start)
-    if start >= config.steps:
-        raise ValueError(f"the checkpoint is at step {start}; nothing left of steps={config.steps}")
     run_dir.mkdir(parents=True, exist_ok=True)
     if home is not None:
         # Every check has passed. Recorded as run:tokenizer.json (`_recorded_train`): the

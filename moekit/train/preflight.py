@@ -1,8 +1,8 @@
 """What a run checks before it trains: memory, the run directory, and a resume's config and data.
 
 Each check raises a ValueError or CheckpointError that names the problem. moekit.train.loop
-runs the memory and run-directory checks before it reads or writes anything, and a
-resume's checks once the checkpoint and the tokens are read.
+runs the memory and run-directory checks and a resume's config and step checks before it
+reads the text or writes anything, and a resume's data check once the tokens are read.
 """
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ def config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
-def check_resumable(saved: ckpt_io.Checkpoint, model_config, train_config: TrainConfig) -> None:
-    """CheckpointError naming every field in which the run now differs from `saved`'s."""
+def check_resumable(saved: dict, path: Path, model_config, train_config: TrainConfig) -> None:
+    """CheckpointError naming every field in which the run now differs from the config
+    `saved` of the checkpoint at `path`."""
     now_train = {k: v for k, v in train_config.to_dict().items() if k not in RESUMABLE_FIELDS}
-    old_train = {k: v for k, v in saved.config["train"].items() if k not in RESUMABLE_FIELDS}
+    old_train = {k: v for k, v in saved["train"].items() if k not in RESUMABLE_FIELDS}
     if "tokenizer" in old_train:
-        old_train["tokenizer"] = ckpt_io.resolve_tokenizer(old_train["tokenizer"], saved.path)
+        old_train["tokenizer"] = ckpt_io.resolve_tokenizer(old_train["tokenizer"], path)
     # Runs recorded data and tokenizer paths as typed before `moekit train` made them
     # absolute: such a path is read from the working directory, as it was then.
     for d in (now_train, old_train):
@@ -47,12 +48,20 @@ def check_resumable(saved: ckpt_io.Checkpoint, model_config, train_config: Train
     if "tokenizer" in old_train and same_tokenizer(old_train["tokenizer"], now_train["tokenizer"]):
         # The run's copy of its tokenizer file and the file it was given are one tokenizer.
         now_train["tokenizer"] = old_train["tokenizer"]
-    diffs = config_differences(saved.config["model"], model_config.to_dict(), "model.")
+    diffs = config_differences(saved["model"], model_config.to_dict(), "model.")
     diffs += config_differences(old_train, now_train, "train.")
     if diffs:
         raise ckpt_io.CheckpointError(
             "cannot resume: the configuration differs from the checkpoint's in "
             f"{len(diffs)} field(s): " + "; ".join(diffs)
+        )
+
+
+def check_steps_left(step: int, train_config: TrainConfig) -> None:
+    """ValueError when a resumed checkpoint has already run every step."""
+    if step >= train_config.steps:
+        raise ValueError(
+            f"the checkpoint is at step {step}; nothing left of steps={train_config.steps}"
         )
 
 
