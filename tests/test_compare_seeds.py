@@ -71,6 +71,11 @@ def test_compare_over_seeds_reports_each_and_summarises(corpus, tmp_path, capsys
     assert record["seeds"][1]["moe_val_loss"] == rows[0]["val_loss"]
     # Different seeds drew different runs.
     assert record["seeds"][0]["moe_val_loss"] != record["seeds"][1]["moe_val_loss"]
+    # A list whose last seed's directory holds a comparison is refused before any training.
+    flags = micro_flags(corpus, "--out-dir", str(out_dir), "--seeds", "1-3")
+    assert main(["compare", *flags]) == 2
+    assert f"{out_dir / 'seed_3'} already holds a comparison" in capsys.readouterr().err
+    assert not (out_dir / "seed_1").exists()
 
 
 def test_seed_and_seeds_together_is_an_error(corpus, tmp_path, capsys):

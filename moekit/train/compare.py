@@ -38,6 +38,18 @@ def training_flops_per_step(model_config, config: TrainConfig) -> float:
     return 3 * flops_per_token(model_config, config.seq_len).total * config.tokens_per_step
 
 
+def check_new_comparison(out_dir: Path) -> None:
+    """ValueError when out_dir already holds a comparison's runs."""
+    from moekit.train.checkpoint import list_checkpoints
+
+    for name in ("moe", "dense"):
+        if list_checkpoints(out_dir / name):
+            raise ValueError(
+                f"{out_dir} already holds a comparison ({out_dir / name} has checkpoints); "
+                "choose another --out-dir"
+            )
+
+
 def compare(
     model_config,
     config: TrainConfig,
@@ -53,17 +65,11 @@ def compare(
     cache_dir: where token files go (default out_dir/cache).
     """
     from moekit.model import count_parameters, dense_twin
-    from moekit.train.checkpoint import list_checkpoints
 
     if model_config.moe is None or model_config.moe_as_dense:
         raise ValueError("compare needs an MoE model config (moe set, moe_as_dense False)")
     out_dir = Path(out_dir)
-    for name in ("moe", "dense"):
-        if list_checkpoints(out_dir / name):
-            raise ValueError(
-                f"{out_dir} already holds a comparison ({out_dir / name} has checkpoints); "
-                "choose another --out-dir"
-            )
+    check_new_comparison(out_dir)
     rows, curves = [], {}
     plots = can_plot()  # one warning for the comparison, not one per model
     cache = cache_dir or out_dir / "cache"

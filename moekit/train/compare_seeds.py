@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from moekit.train.compare import compare, text_table
+from moekit.train.compare import check_new_comparison, compare, text_table
 from moekit.train.config import TrainConfig
 
 
@@ -82,6 +82,8 @@ def compare_seeds(
     # found only after the others have trained.
     configs = [config.replace(seed=seed) for seed in seeds]
     out_dir = Path(out_dir)
+    for seed in seeds:  # and every seed's directory, for the same reason
+        check_new_comparison(out_dir / f"seed_{seed}")
     results = []
     for seed, seed_config in zip(seeds, configs, strict=True):
         rows, _ = compare(
