@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -69,6 +70,33 @@ def test_a_damaged_cache_entry_is_built_again(corpus, tmp_path, damage):
     for s in again:
         assert torch.equal(again[s].tokens(), want[s])
         assert again[s].digest == first[s].digest
+
+
+def test_builds_left_by_dead_processes_are_removed(corpus, tmp_path):
+    # A process killed mid-build leaves its partial copy (gigabytes, for a large corpus).
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    entry = prepare_tokens(str(corpus), TOK, cache, 0.3)["train"].path.parent
+    shutil.rmtree(entry)
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    host = socket.gethostname()
+    left = {
+        "dead": f"{entry.name}.tmp-{host}-{gone.pid}",
+        "dead, as earlier builds named it": f"{entry.name}.tmp-{gone.pid}",
+        "alive": f"{entry.name}.tmp-{host}-{os.getppid()}",
+        "another host's": f"{entry.name}.tmp-elsewhere.example-{gone.pid}",
+    }
+    for name in left.values():
+        (cache / name).mkdir()
+    prepare_tokens(str(corpus), TOK, cache, 0.3)
+    kept = {what for what, name in left.items() if (cache / name).exists()}
+    assert kept == {"alive", "another host's"}
+    assert entry.is_dir()
 
 
 def test_cache_inside_the_data_directory_is_refused(corpus):

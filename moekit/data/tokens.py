@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import array
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,8 +107,32 @@ def _intact_meta(entry: Path, dtype: torch.dtype) -> dict | None:
     return meta if whole else None
 
 
+def _remove_dead_builds(entry: Path, host: str) -> None:
+    """Delete the half-built copies of this entry left by processes of this host that are
+    gone (killed mid-build): each can be gigabytes. A live process's build, or another
+    host's on shared storage, is left alone."""
+    prefix = f"{entry.name}.tmp-"
+    for tmp in entry.parent.glob(f"{glob.escape(prefix)}*"):
+        # tmp-<host>-<pid>; tmp-<pid> as earlier builds named it, on one host.
+        pid = tmp.name.removeprefix(prefix).removeprefix(f"{host}-")
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def _build(entry: Path, data: str, tokenizer: Tokenizer, dtype: torch.dtype, val_fraction: float):
-    tmp = entry.with_name(entry.name + f".tmp-{os.getpid()}")
+    host = socket.gethostname()
+    _remove_dead_builds(entry, host)
+    tmp = entry.with_name(f"{entry.name}.tmp-{host}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     counts = {s: 0 for s in SPLITS}
