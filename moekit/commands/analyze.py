@@ -55,7 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="bytes or a tokenizer.json (default: the checkpoint's own)",
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--device", default="cpu", help="cpu, cuda, cuda:N or auto (cuda when available)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
