@@ -81,6 +81,13 @@ def test_a_window_longer_than_the_model_context_is_refused(run_dir, tmp_path, ca
     assert not (tmp_path / "a").exists()  # refused before any text is tokenized
 
 
+def test_an_out_path_that_is_a_file_is_refused_in_one_line(run_dir, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main(["analyze", str(run_dir), "--out", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a directory" in err and err.count("\n") == 1
+
+
 def test_the_default_window_is_the_training_length_within_the_context():
     from moekit.analysis.report import _window
 

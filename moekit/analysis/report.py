@@ -113,6 +113,8 @@ def analyze_checkpoint(
         )
     run_dir = run_dir_of(source)
     out_dir = Path(out_dir) if out_dir is not None else (run_dir or source) / "analysis"
+    if out_dir.exists() and not out_dir.is_dir():  # before the text is read and routed
+        raise ValueError(f"out_dir {out_dir} is a file, not a directory")
     if cache_dir is None:
         # The training run's token cache when there is one (same key: nothing is redone).
         cache_dir = run_dir / "cache" if run_dir is not None else out_dir / "cache"
