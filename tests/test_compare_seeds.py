@@ -78,6 +78,12 @@ def test_compare_over_seeds_reports_each_and_summarises(corpus, tmp_path, capsys
     assert not (out_dir / "seed_1").exists()
 
 
+def test_an_out_dir_that_is_a_file_is_an_error(corpus, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main(["compare", *micro_flags(corpus, "--out-dir", str(tmp_path / "f"))]) == 2
+    assert "--out-dir" in (err := capsys.readouterr().err) and "is a file" in err
+
+
 def test_seed_and_seeds_together_is_an_error(corpus, tmp_path, capsys):
     flags = micro_flags(corpus, "--out-dir", str(tmp_path / "x"), "--seeds", "0,1", "--seed", "2")
     assert main(["compare", *flags]) == 2

@@ -39,8 +39,11 @@ def training_flops_per_step(model_config, config: TrainConfig) -> float:
 
 
 def check_new_comparison(out_dir: Path) -> None:
-    """ValueError when out_dir already holds a comparison's runs."""
+    """ValueError when out_dir already holds a comparison's runs, or is a file."""
     from moekit.train.checkpoint import list_checkpoints
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {out_dir} is a file, not a directory")
 
     for name in ("moe", "dense"):
         if list_checkpoints(out_dir / name):
