@@ -130,15 +130,16 @@ def test_corrupted_checkpoint_is_detected_and_previous_still_loads(run, tmp_path
     copy = tmp_path / "run"
     shutil.copytree(run_dir / "checkpoints", copy / "checkpoints")
     previous, latest = list_checkpoints(copy)[-2:]
-    weights = latest / "model.safetensors"
+    # The latest intact, an earlier one (with steps left to run) damaged.
+    weights = previous / "model.safetensors"
     blob = bytearray(weights.read_bytes())
     blob[-5] ^= 0xFF  # one flipped bit pattern inside tensor data: safetensors alone can't tell
     weights.write_bytes(bytes(blob))
     with pytest.raises(CheckpointError, match="model.safetensors fails its sha256 check"):
-        load_model(latest)
+        load_model(previous)
     with pytest.raises(CheckpointError, match="corrupted"):
-        train(MICRO, run[1].replace(steps=9), copy, resume=copy, plots=False)
-    assert isinstance(load_model(previous), Transformer)
+        train(MICRO, run[1], copy, resume=previous, plots=False)
+    assert isinstance(load_model(latest), Transformer)
 
 
 def test_truncated_checkpoint_is_detected(run, tmp_path):
