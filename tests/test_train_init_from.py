@@ -7,7 +7,14 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from train_common import MICRO, micro_train, one_thread, write_corpus  # noqa: F401
+from train_common import (  # noqa: F401
+    MICRO,
+    Crash,
+    crash_at,
+    micro_train,
+    one_thread,
+    write_corpus,
+)
 
 from moekit.cli import main
 from moekit.data import TrainBatches, load_tokenizer, prepare_tokens
@@ -17,10 +24,6 @@ from moekit.train.checkpoint import list_checkpoints
 from moekit.train.metrics import read_metrics
 
 _TIMING = ("tokens_per_s",)
-
-
-class _Crash(Exception):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -79,22 +82,13 @@ def test_a_run_begins_from_the_source_weights_with_a_fresh_optimizer(corpus, sou
     assert first["lr"] == pytest.approx(config.lr / config.warmup_steps)
 
 
-def test_an_interrupted_warm_started_run_resumes_bitwise(corpus, source_run, tmp_path, monkeypatch):
+def test_an_interrupted_warm_started_run_resumes_bitwise(corpus, source_run, tmp_path):
     config = micro_train(corpus)
     cache = tmp_path / "cache"
     source = load_init_source(source_run)
     train(MICRO, config, tmp_path / "full", cache_dir=cache, plots=False, init_from=source)
-    real_call = TrainBatches.__call__
-
-    def crash_at_step_4(self, step):
-        if step == 4:
-            raise _Crash
-        return real_call(self, step)
-
-    monkeypatch.setattr(TrainBatches, "__call__", crash_at_step_4)
-    with pytest.raises(_Crash):
+    with crash_at(4), pytest.raises(Crash):
         train(MICRO, config, tmp_path / "cut", cache_dir=cache, plots=False, init_from=source)
-    monkeypatch.setattr(TrainBatches, "__call__", real_call)
     # As the command line does it: the same flags, --init-from included, plus --resume.
     train(
         MICRO,

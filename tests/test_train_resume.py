@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_common import MICRO, micro_train, one_thread, write_corpus  # noqa: F401
+from train_common import (  # noqa: F401
+    MICRO,
+    Crash,
+    crash_at,
+    micro_train,
+    one_thread,
+    write_corpus,
+)
 
-from moekit.data.batches import TrainBatches
 from moekit.train import CheckpointError, load_checkpoint, train
 from moekit.train.checkpoint import list_checkpoints, save_checkpoint
 from moekit.train.metrics import read_metrics
@@ -21,31 +27,18 @@ def _history(run_dir):
     return [{k: v for k, v in r.items() if k not in _TIMING} for r in read_metrics(run_dir)]
 
 
-class _Crash(Exception):
-    pass
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-def test_resumed_run_is_bitwise_equal(corpus, tmp_path, monkeypatch):
+def test_resumed_run_is_bitwise_equal(corpus, tmp_path):
     config = micro_train(corpus)
     cache = tmp_path / "cache"
     full = train(NOISY, config, tmp_path / "full", cache_dir=cache, plots=False)
 
-    real_call = TrainBatches.__call__
-
-    def crash_at_step_4(self, step):
-        if step == 4:  # after the step-3 checkpoint, mid-way to the next one
-            raise _Crash
-        return real_call(self, step)
-
-    monkeypatch.setattr(TrainBatches, "__call__", crash_at_step_4)
-    with pytest.raises(_Crash):
+    with crash_at(4), pytest.raises(Crash):
         train(NOISY, config, tmp_path / "cut", cache_dir=cache, plots=False)
-    monkeypatch.setattr(TrainBatches, "__call__", real_call)
     assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step_00000003"]
     assert max(r["step"] for r in read_metrics(tmp_path / "cut")) == 4
 
@@ -87,9 +80,7 @@ def test_a_resume_checks_config_and_steps_before_tokenizing(corpus, tmp_path, mo
         train(MICRO, config, tmp_path, resume=tmp_path, plots=False)
 
 
-def test_resuming_an_earlier_checkpoint_rewrites_the_history_after_it(
-    corpus, tmp_path, monkeypatch
-):
+def test_resuming_an_earlier_checkpoint_rewrites_the_history_after_it(corpus, tmp_path):
     # Later checkpoints of the old history would outrank the new ones: pruned ahead of
     # them, and taken by a plain --resume, leaving a gap in the metrics.
     import shutil
@@ -102,17 +93,8 @@ def test_resuming_an_earlier_checkpoint_rewrites_the_history_after_it(
     assert [p.name for p in list_checkpoints(run_dir)] == ["step_00000006"]
     # Step 2 of an identical run, as if kept from earlier.
     shutil.copytree(list_checkpoints(full)[1], run_dir / "checkpoints" / "step_00000002")
-    real_call = TrainBatches.__call__
-
-    def crash_at_step_4(self, step):
-        if step == 4:
-            raise _Crash
-        return real_call(self, step)
-
-    monkeypatch.setattr(TrainBatches, "__call__", crash_at_step_4)
-    with pytest.raises(_Crash):
+    with crash_at(4), pytest.raises(Crash):
         train(MICRO, config, run_dir, resume=run_dir / "checkpoints" / "step_00000002")
-    monkeypatch.setattr(TrainBatches, "__call__", real_call)
     assert [p.name for p in list_checkpoints(run_dir)] == ["step_00000004"]
     train(MICRO, config, run_dir, resume=run_dir, plots=False)
     assert _history(run_dir) == _history(full)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sysconfig
 from pathlib import Path
 
@@ -86,3 +87,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class Crash(Exception):
+    """Raised where a training step would begin, as a killed run stops there."""
+
+
+@contextlib.contextmanager
+def crash_at(step: int):
+    """Within the block, training stops with Crash when it asks for the batch of `step`."""
+    from moekit.data.batches import TrainBatches
+
+    real_call = TrainBatches.__call__
+
+    def call(self, at):
+        if at == step:
+            raise Crash
+        return real_call(self, at)
+
+    TrainBatches.__call__ = call
+    try:
+        yield
+    finally:
+        TrainBatches.__call__ = real_call
