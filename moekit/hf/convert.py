@@ -37,6 +37,7 @@ from moekit.model.config import ModelConfig
 from moekit.validate import check_non_negative
 
 if TYPE_CHECKING:
+    from moekit.model.transformer import Transformer
     from moekit.train.init_from import InitSource
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
@@ -159,6 +160,13 @@ def moekit_to_hf(
 
     Reads (and verifies) the checkpoint's config and weights only: a damaged optimizer
     state, which an export never uses, does not keep the model from being exported."""
+    return _export(src, dst, family, max_shard_bytes)[0]
+
+
+def _export(
+    src: str | Path, dst: str | Path, family: str | None, max_shard_bytes: int | None
+) -> tuple[Path, Transformer]:
+    """`moekit_to_hf`, returning the model it read from src too (what --verify checks)."""
     from moekit.train.checkpoint import (
         load_weights,
         model_from_weights,
@@ -185,7 +193,7 @@ def moekit_to_hf(
         (dst / name).unlink(missing_ok=True)
     for name, blob in tokenizer.items():
         (dst / name).write_bytes(blob)
-    return dst
+    return dst, model
 
 
 def convert(
@@ -201,7 +209,7 @@ def convert(
 
     An option that does not apply is a ValueError naming it: family or max_shard_bytes
     with a Hugging Face src, dtype with a moekit one, atol without verify."""
-    from moekit.train.checkpoint import load_model, load_weights, model_from_weights, read_config
+    from moekit.train.checkpoint import load_weights, model_from_weights, read_config
 
     src_is_hf = is_hf_dir(src)
     _check_options(src_is_hf, family, dtype, max_shard_bytes, verify, atol)
@@ -221,9 +229,10 @@ def convert(
             )
             result.reference = name
         return result
-    result = ConvertResult(moekit_to_hf(src, dst, family, max_shard_bytes), "moekit->hf")
+    path, source = _export(src, dst, family, max_shard_bytes)
+    result = ConvertResult(path, "moekit->hf")
     if verify:
-        source = load_model(src)
+        # The model the export was written from, not src read and verified a second time.
         ids = probe_ids(source.config.vocab_size)
         name, candidate = reference_for_hf_dir(dst)
         tol = atol if atol is not None else DEFAULT_ATOL[torch.float32]
