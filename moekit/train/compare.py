@@ -44,7 +44,6 @@ def check_new_comparison(out_dir: Path) -> None:
 
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out-dir {out_dir} is a file, not a directory")
-
     for name in ("moe", "dense"):
         if list_checkpoints(out_dir / name):
             raise ValueError(
