@@ -2,11 +2,15 @@
 
     moekit compare --preset tiny --steps 300
     moekit compare --preset tiny --steps 1500 --seeds 0-6   # one comparison per seed
+    moekit compare --preset tiny --steps 1500 --seeds 0-6 --resume   # after an interruption
 
 Prints a table (validation loss, training FLOPs, tokens/s, total and active parameters)
 and writes compare.png (validation loss against training FLOPs) and compare.json. With
 --seeds, one comparison per seed in seed_<s>/, then each seed's losses and whether the
 difference is more than the draw (moekit.train.compare_seeds), also in seeds.json.
+--resume continues an interrupted comparison with the same flags: finished models are
+read back, an interrupted one continues from its newest checkpoint, exactly as
+`moekit train --resume`, and what had not begun trains.
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="LIST",
         help="compare once per seed, e.g. 0,1,2 or 0-6, and summarise (instead of --seed)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted comparison in --out-dir, given the same flags: finished "
+        "models are read back, an interrupted one continues from its newest checkpoint",
     )
     add_threads_argument(p)
     add_config_flags(p, TrainConfig)
@@ -62,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir or f"runs/compare-{preset_name(args)}")
     if args.seeds is not None:
         return _run_seeds(args, model_config, train_config, out_dir)
-    rows, plot = compare(model_config, train_config, out_dir)
+    rows, plot = compare(model_config, train_config, out_dir, resume=args.resume)
     print(format_table(rows))
     moe, dense = rows
     verdict = "lower" if moe.val_loss < dense.val_loss else "higher (or equal)"
@@ -84,7 +94,7 @@ def _run_seeds(args: argparse.Namespace, model_config, train_config, out_dir: Pa
 
     if args.cfg_seed is not None:
         raise ValueError("give --seed or --seeds, not both")
-    summary = compare_seeds(model_config, train_config, out_dir, args.seeds)
+    summary = compare_seeds(model_config, train_config, out_dir, args.seeds, resume=args.resume)
     print(format_seed_table(summary))
     figure = "compare.png" if have_matplotlib() else "compare.json"
     print(f"per seed: {out_dir}/seed_<s>/{figure}  summary: {out_dir / 'seeds.json'}")

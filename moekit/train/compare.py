@@ -42,14 +42,34 @@ def check_new_comparison(out_dir: Path) -> None:
     """ValueError when out_dir already holds a comparison's runs, or is a file."""
     from moekit.train.checkpoint import list_checkpoints
 
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out-dir {out_dir} is a file, not a directory")
-    for name in ("moe", "dense"):
+    _check_not_file(out_dir)
+    for name in MODELS:
         if list_checkpoints(out_dir / name):
             raise ValueError(
                 f"{out_dir} already holds a comparison ({out_dir / name} has checkpoints); "
-                "choose another --out-dir"
+                "pass --resume to continue it, or choose another --out-dir"
             )
+
+
+def check_comparison_to_resume(out_dir: Path) -> None:
+    """ValueError unless out_dir holds a comparison with a checkpoint to continue from."""
+    from moekit.train.checkpoint import list_checkpoints
+
+    _check_not_file(out_dir)
+    if not any(list_checkpoints(out_dir / name) for name in MODELS):
+        raise ValueError(
+            f"--resume: {out_dir} holds no comparison to continue (no checkpoint in "
+            f"{out_dir / MODELS[0]} or {out_dir / MODELS[1]}); run without --resume to start one"
+        )
+
+
+def _check_not_file(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {out_dir} is a file, not a directory")
+
+
+MODELS = ("moe", "dense")
+"""The comparison's two runs, out_dir/moe and out_dir/dense, trained in this order."""
 
 
 def compare(
@@ -58,6 +78,7 @@ def compare(
     out_dir: str | Path,
     parallel=None,
     cache_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> tuple[list[CompareRow], Path | None]:
     """Train `model_config` and its dense twin into out_dir/{moe,dense}.
 
@@ -65,29 +86,39 @@ def compare(
     against training FLOPs (None without matplotlib); also writes `compare.json` with the
     rows and the curves.
     cache_dir: where token files go (default out_dir/cache).
+    resume: continue an interrupted comparison in out_dir (`_train_or_continue`).
     """
     from moekit.model import count_parameters, dense_twin
 
     if model_config.moe is None or model_config.moe_as_dense:
         raise ValueError("compare needs an MoE model config (moe set, moe_as_dense False)")
     out_dir = Path(out_dir)
-    check_new_comparison(out_dir)
+    if resume:
+        check_comparison_to_resume(out_dir)
+    else:
+        check_new_comparison(out_dir)
     rows, curves = [], {}
     plots = can_plot()  # one warning for the comparison, not one per model
     cache = cache_dir or out_dir / "cache"
-    for name, cfg in (("moe", model_config), ("dense", dense_twin(model_config))):
-        result = train(cfg, config, out_dir / name, parallel=parallel, cache_dir=cache, plots=plots)
+    twins = dict(zip(MODELS, (model_config, dense_twin(model_config)), strict=True))
+    for name, cfg in twins.items():
+        run_dir = out_dir / name
+        _train_or_continue(cfg, config, run_dir, resume, parallel, cache, plots)
         per_step = training_flops_per_step(cfg, config)
-        val = [r for r in read_metrics(out_dir / name) if r.get("kind") == "val"]
+        records = read_metrics(run_dir)
+        val = [r for r in records if r.get("kind") == "val"]
         curves[name] = ([r["step"] * per_step for r in val], [r["val_loss"] for r in val])
+        final = _final_val(val, config.steps, run_dir)
         total, active = count_parameters(cfg)
         rows.append(
             CompareRow(
                 name=name,
-                val_loss=result.val_loss,
-                val_losses_by_domain=result.val_losses_by_domain,
+                val_loss=final["val_loss"],
+                val_losses_by_domain={
+                    k[len("val_loss_") :]: v for k, v in final.items() if k.startswith("val_loss_")
+                },
                 train_flops=per_step * config.steps,
-                tokens_per_s=result.tokens_per_s,
+                tokens_per_s=_tokens_per_s(records, config.tokens_per_step),
                 total_params=total,
                 active_params=active,
             )
@@ -96,6 +127,53 @@ def compare(
     summary = {"rows": [asdict(r) for r in rows], "curves": curves, "train": config.to_dict()}
     (out_dir / "compare.json").write_text(json.dumps(summary, indent=1))
     return rows, plot
+
+
+def _train_or_continue(
+    cfg, config: TrainConfig, run_dir: Path, resume: bool, parallel, cache, plots
+):
+    """Train one model of the comparison; with `resume`, only what it lacks.
+
+    A run without checkpoints trains from the start; one whose newest checkpoint is short
+    of config.steps continues from it exactly (as `moekit train --resume`); a finished one
+    is only checked against the config: the comparison must be of the runs it names.
+    """
+    from moekit.train import checkpoint as ckpt_io
+    from moekit.train import preflight
+
+    found = ckpt_io.list_checkpoints(run_dir) if resume else []
+    if not found:
+        train(cfg, config, run_dir, parallel=parallel, cache_dir=cache, plots=plots)
+        return
+    newest = found[-1]
+    step = ckpt_io.read_step(newest)
+    if step < config.steps:
+        train(cfg, config, run_dir, resume=newest, parallel=parallel, cache_dir=cache, plots=plots)
+        return
+    preflight.check_resumable(ckpt_io.read_config(newest), newest, cfg, config)
+    if step > config.steps:  # steps is part of the config checked above: a corrupt state
+        raise ValueError(f"{newest} is at step {step}, past steps={config.steps}")
+
+
+def _final_val(val: list[dict], steps: int, run_dir: Path) -> dict:
+    """The validation record of the last step (every run evaluates at its end)."""
+    for record in reversed(val):
+        if record.get("step") == steps and "val_loss" in record:
+            return record
+    raise ValueError(
+        f"{run_dir / 'metrics.jsonl'} has no validation loss at step {steps}, the run's "
+        "last: its metrics were changed or lost"
+    )
+
+
+def _tokens_per_s(records: list[dict], tokens_per_step: int) -> float:
+    """Training tokens/s over the run's logged steps, however many processes ran them:
+    the tokens of those steps over the sum of their times (each record's tokens_per_s
+    is one step's tokens over that step's time)."""
+    rates = [r["tokens_per_s"] for r in records if r.get("kind") == "train"]
+    if not rates:
+        return float("nan")
+    return len(rates) * tokens_per_step / sum(tokens_per_step / t for t in rates)
 
 
 def format_table(rows: list[CompareRow]) -> str:

@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from moekit.train.compare import check_new_comparison, compare, text_table
+from moekit.train.compare import MODELS, check_new_comparison, compare, text_table
 from moekit.train.config import TrainConfig
 
 
@@ -72,18 +72,30 @@ def summarize(results: list[SeedResult]) -> SeedSummary:
 
 
 def compare_seeds(
-    model_config, config: TrainConfig, out_dir: str | Path, seeds: list[int], parallel=None
+    model_config,
+    config: TrainConfig,
+    out_dir: str | Path,
+    seeds: list[int],
+    parallel=None,
+    resume: bool = False,
 ) -> SeedSummary:
     """`compare` once per seed into out_dir/seed_<s> (one shared token cache); writes
-    out_dir/seeds.json with every seed's losses and the summary."""
+    out_dir/seeds.json with every seed's losses and the summary.
+
+    resume: continue an interrupted run of the same seeds: each seed's comparison
+    continues where it stopped (`compare`'s resume), and seeds not yet begun start.
+    """
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
     # Every seed's config now (each validates its seed): a bad last seed must not be
     # found only after the others have trained.
     configs = [config.replace(seed=seed) for seed in seeds]
     out_dir = Path(out_dir)
-    for seed in seeds:  # and every seed's directory, for the same reason
-        check_new_comparison(out_dir / f"seed_{seed}")
+    if resume:
+        _check_seeds_to_resume(out_dir, seeds)
+    else:
+        for seed in seeds:  # and every seed's directory, for the same reason
+            check_new_comparison(out_dir / f"seed_{seed}")
     results = []
     for seed, seed_config in zip(seeds, configs, strict=True):
         rows, _ = compare(
@@ -92,6 +104,7 @@ def compare_seeds(
             out_dir / f"seed_{seed}",
             parallel=parallel,
             cache_dir=out_dir / "cache",
+            resume=resume and _has_runs(out_dir / f"seed_{seed}"),
         )
         moe, dense = rows
         results.append(SeedResult(seed, moe.val_loss, dense.val_loss))
@@ -103,6 +116,35 @@ def compare_seeds(
     }
     (out_dir / "seeds.json").write_text(json.dumps(record, indent=1))
     return summary
+
+
+def _has_runs(seed_dir: Path) -> bool:
+    from moekit.train.checkpoint import list_checkpoints
+
+    return any(list_checkpoints(seed_dir / name) for name in MODELS)
+
+
+def _check_seeds_to_resume(out_dir: Path, seeds: list[int]) -> None:
+    """ValueError unless some seed's comparison has a checkpoint to continue from; a
+    directory of another seed is named, since --seeds must list the first run's seeds."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {out_dir} is a file, not a directory")
+    listed = {f"seed_{s}" for s in seeds}
+    others = sorted(
+        p.name
+        for p in (out_dir.iterdir() if out_dir.is_dir() else [])
+        if p.name.startswith("seed_") and p.name not in listed and _has_runs(p)
+    )
+    if others:
+        raise ValueError(
+            f"--resume: {out_dir} holds comparisons of seeds not in --seeds ({', '.join(others)}); "
+            "give the seeds of the run to continue"
+        )
+    if not any(_has_runs(out_dir / f"seed_{s}") for s in seeds):
+        raise ValueError(
+            f"--resume: {out_dir} holds no comparison of seeds {seeds} to continue; run "
+            "without --resume to start one"
+        )
 
 
 def format_seed_table(summary: SeedSummary) -> str:
