@@ -80,12 +80,14 @@ def inverse(order_A: Tensor) -> Tensor:
 
 
 def capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
-    """Tokens per expert: ceil(cf * T * K / E), the GShard/Switch definition."""
+    """Tokens per expert: ceil(cf * T * K / E), the GShard/Switch definition (>= 1 when
+    there are tokens)."""
     exact = capacity_factor * num_tokens * top_k / num_experts
     # Decimal factors are inexact in binary: 0.07 * 25 * 4 is 7.000000000000001, whose
-    # ceil would be 8. A product within rounding error of an integer is that integer.
+    # ceil would be 8. A product within rounding error of a positive integer is that
+    # integer; a tiny positive product is not 0, which would drop every assignment.
     nearest = round(exact)
-    if abs(exact - nearest) <= 1e-9 * max(1.0, exact):
+    if nearest >= 1 and abs(exact - nearest) <= 1e-9 * exact:
         return nearest
     return math.ceil(exact)
 

@@ -171,6 +171,8 @@ def test_small_capacity_caps_each_expert(router, policy, impl, monkeypatch):
         (50, 8, 2, 0.07, 14),
         (3, 1, 8, 1.0, 1),
         (0, 2, 4, 1.25, 0),
+        (3, 2, 4, 1e-10, 1),  # within 1e-9 of 0, and still ceil'd to 1: tokens exist
+        (7, 1, 7, 1 + 1e-12, 1),  # within rounding error of 1
     ],
 )
 def test_capacity_is_ceil_of_cf_t_k_over_e(T, K, E, cf, C):
