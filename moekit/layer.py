@@ -15,6 +15,7 @@ from moekit.mlp import MLP
 from moekit.paths import PATHS
 from moekit.router import ROUTERS, Routing, SigmoidBias
 from moekit.routing_stats import STATISTICS, RoutingStats
+from moekit.validate import check_bool
 
 
 class MoEOutput:
@@ -118,6 +119,7 @@ class MoE(nn.Module):
         self, x: Tensor, padding_mask: Tensor | None = None, *, dropless: bool = False
     ) -> tuple[Tensor, MoEOutput]:
         cfg = self.config
+        check_bool("dropless", dropless)
         if dropless and cfg.router == "expert_choice":
             raise ValueError(
                 "dropless=True cannot apply to router='expert_choice': each expert takes its "
@@ -132,7 +134,7 @@ class MoE(nn.Module):
 
         routing = self.router(x_TD)
         # The balancing losses see the router's choices before capacity drops: Switch
-        # (Fedus et al. 2021, eq. 2) counts f_e from the argmax, so an overloaded expert
+        # (Fedus et al. 2021, eq. 5) counts f_e from the argmax, so an overloaded expert
         # keeps being pushed back instead of looking balanced once capped at C.
         routed = routing
         if cfg.capacity_factor is not None and cfg.router != "expert_choice" and not dropless:
@@ -181,6 +183,12 @@ class MoE(nn.Module):
             raise ValueError(
                 f"tokens_per_expert must have shape [{E}] (one load per expert), "
                 f"got {list(tokens_per_expert.shape)}"
+            )
+        # One host read per optimizer step. A NaN would make the mean NaN and sign() 0:
+        # the step skipped for every expert, silently.
+        if not bool((tokens_per_expert.isfinite() & (tokens_per_expert >= 0)).all()):
+            raise ValueError(
+                f"tokens_per_expert must be finite counts >= 0, got {tokens_per_expert.tolist()}"
             )
         if isinstance(self.router, SigmoidBias):
             self.router.update_bias(tokens_per_expert)

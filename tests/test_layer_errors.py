@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -159,6 +160,19 @@ def test_update_bias_names_a_load_of_the_wrong_shape(router):
             moe.update_bias(load)
     with pytest.raises(TypeError, match="tokens_per_expert must be a .* got list"):
         moe.update_bias([1.0] * 8)
+    # A NaN would make the mean NaN and skip the step for every expert, silently.
+    for bad in (math.nan, math.inf, -1.0):
+        load = torch.ones(8)
+        load[3] = bad
+        with pytest.raises(ValueError, match=r"tokens_per_expert must be finite counts >= 0"):
+            moe.update_bias(load)
+    moe.update_bias(torch.zeros(8))  # no tokens routed: a valid load
+
+
+def test_dropless_must_be_a_bool():
+    moe = MoE(MoEConfig(**{**GOOD, "capacity_factor": 0.5}))
+    with pytest.raises(TypeError, match="dropless must be a bool, got str 'no'"):
+        moe(torch.randn(2, 3, 24), dropless="no")
 
 
 def test_dropless_is_refused_by_expert_choice_which_has_no_such_form():
