@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from moekit.model.transformer import Transformer
+from moekit.model.transformer import Transformer, check_padding_mask
 from moekit.validate import check_seed
 
 
@@ -62,12 +62,17 @@ def sample_next(
 def _check_options(temperature: object, top_k: object, top_p: object, max_new: object) -> None:
     if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new!r}")
-    if not isinstance(temperature, int | float) or not temperature >= 0:
+    if not _is_number(temperature) or not temperature >= 0:
         raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, int | float) or not 0 < top_p <= 1):
+    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+
+
+def _is_number(value: object) -> bool:
+    # bool is an int to Python: temperature=True would sample at temperature 1.
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _eos_ids(eos_id: object, device: torch.device) -> Tensor | None:
@@ -96,7 +101,8 @@ def generate(
 
     Args:
         model: the language model; run in eval mode (its mode is restored afterwards).
-        prompt_ids: [B, S] long token ids, no padding.
+        prompt_ids: [B, S] long token ids; rows may be left-padded where padding_mask
+            says so.
         temperature: 0 = greedy; otherwise logits are divided by it before sampling.
         top_k, top_p: optional filters (see `filter_logits`).
         seed: a private generator seeded with it makes the output reproducible; None
@@ -133,8 +139,11 @@ def generate(
             f"prompt length {S} + max_new_tokens {max_new_tokens} must be <= max_seq_len "
             f"({model.config.max_seq_len}), got {total}"
         )
-    if padding_mask is not None and bool(padding_mask[:, -1].any()):
-        raise ValueError("padding_mask: pad prompts on the left; the last column must be real")
+    if padding_mask is not None:
+        # Checked here, not only by the model: the last column is read first.
+        check_padding_mask(padding_mask, B, S)
+        if bool(padding_mask[:, -1].any()):
+            raise ValueError("padding_mask: pad prompts on the left; the last column must be real")
     eos_ids = _eos_ids(eos_id, prompt_ids.device)
     generator = None
     if seed is not None:

@@ -148,6 +148,8 @@ def test_any_of_several_eos_ids_ends_a_row(model) -> None:
         ({"top_k": 0}, "top_k.*0"),
         ({"top_p": 1.5}, "top_p.*1.5"),
         ({"top_p": math.nan}, "top_p.*nan"),
+        ({"temperature": True}, "temperature.*True"),  # a bool is no number of its own
+        ({"top_p": True}, "top_p.*True"),
     ],
 )
 def test_bad_options(model, kwargs, match) -> None:
@@ -166,6 +168,13 @@ def test_left_padded_prompts_continue_as_alone(model) -> None:
     assert torch.equal(out[1], generate(model, long, 5, temperature=0)[0])
     with pytest.raises(ValueError, match="left"):
         generate(model, prompts, 5, padding_mask=pad.flip(1))
+    # A mask of another shape or kind is named before any of it is read.
+    with pytest.raises(ValueError, match=r"padding_mask must have shape \(2, 6\), got \(6,\)"):
+        generate(model, prompts, 5, padding_mask=pad[0])
+    with pytest.raises(TypeError, match="padding_mask must be a bool tensor .* got <class 'list'>"):
+        generate(model, prompts, 5, padding_mask=pad.tolist())
+    with pytest.raises(TypeError, match="padding_mask must be a bool tensor .* got torch.int64"):
+        generate(model, prompts, 5, padding_mask=pad.long())
 
 
 @pytest.mark.gpu

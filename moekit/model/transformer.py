@@ -134,7 +134,7 @@ class Transformer(nn.Module):
                 f"got {start_pos + S}"
             )
         if padding_mask is not None:
-            self._check_padding(padding_mask, B, S)
+            check_padding_mask(padding_mask, B, S)
         if cache is not None:
             if cache.batch_size != B:
                 raise ValueError(f"cache holds batch size {cache.batch_size}, ids have {B}")
@@ -205,11 +205,11 @@ class Transformer(nn.Module):
             raise ValueError(f"ids must lie in [0, vocab_size={V}), got values in [{lo}, {hi}]")
         return ids_BS.shape[0], ids_BS.shape[1]
 
-    @staticmethod
-    def _check_padding(padding_mask: Tensor, B: int, S: int) -> None:
-        if not isinstance(padding_mask, Tensor) or padding_mask.dtype != torch.bool:
-            raise TypeError("padding_mask must be a bool tensor (True = padding)")
-        if padding_mask.shape != (B, S):
-            raise ValueError(
-                f"padding_mask must have shape {(B, S)}, got {tuple(padding_mask.shape)}"
-            )
+
+def check_padding_mask(padding_mask: object, B: int, S: int) -> None:
+    """TypeError / ValueError unless padding_mask is a bool [B, S] tensor."""
+    if not isinstance(padding_mask, Tensor) or padding_mask.dtype != torch.bool:
+        kind = padding_mask.dtype if isinstance(padding_mask, Tensor) else type(padding_mask)
+        raise TypeError(f"padding_mask must be a bool tensor (True = padding), got {kind}")
+    if padding_mask.shape != (B, S):
+        raise ValueError(f"padding_mask must have shape {(B, S)}, got {tuple(padding_mask.shape)}")
