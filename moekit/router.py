@@ -26,12 +26,12 @@ class Routing:
     """What a router decided for T tokens.
 
     expert_A, token_A, weight_A: one entry per (token, expert) assignment; weight_A is the
-    combine weight (float32). score_A is the router's own score of the assignment, before
-    renormalisation and scaling (a softmax probability or a sigmoid score): the probs drop
-    policy keeps the highest, as a renormalised top-1 weight is 1 for every token. slot_A
-    is the choice rank of a token-choice assignment (0 = the token's first choice), used
-    by the position drop policy.
-    logits_TE: float32 router logits (z-loss). probs_TE: rows summing to 1, the
+    combine weight (float32, or float64 for float64 input). score_A is the router's own
+    score of the assignment, before renormalisation and scaling (a softmax probability or
+    a sigmoid score): the probs drop policy keeps the highest, as a renormalised top-1
+    weight is 1 for every token. slot_A is the choice rank of a token-choice assignment
+    (0 = the token's first choice), used by the position drop policy.
+    logits_TE: router logits (z-loss), in the same dtype. probs_TE: rows summing to 1, the
     router's distribution used by the balancing losses and entropy.
     """
 
