@@ -183,6 +183,34 @@ def dense_width_if_used(config_fields: dict, intermediate_size: int | None) -> i
     return intermediate_size
 
 
+def with_aux_coef(config: ModelConfig, router_aux_loss_coef: object) -> ModelConfig:
+    """config with the aux_loss_coef that weighs balancing as transformers weighs it.
+
+    transformers' load_balancing_loss_func pools the counts and probabilities of every
+    MoE layer, scores K for a uniform router, and multiplies that one loss by
+    router_aux_loss_coef. moekit scores each layer alone (1.0 when uniform: pooled
+    statistics let one layer's imbalance cancel another's) and sums the L layers. With
+    coef * K / L both give, at balance, the same loss and the same gradient per router
+    probability; a plain copy of the number would weigh balancing L / K times as much
+    (16x for Mixtral-8x7B). Training-only: the logits never depend on it.
+    """
+    if isinstance(router_aux_loss_coef, bool) or not isinstance(router_aux_loss_coef, int | float):
+        raise UnsupportedConfig(
+            f"router_aux_loss_coef must be a number, got {router_aux_loss_coef!r}"
+        )
+    coef = float(router_aux_loss_coef)
+    layers = len(config.moe_layer_ids)
+    if not layers:
+        return config
+    return config.replace(moe=config.moe.replace(aux_loss_coef=coef * config.moe.top_k / layers))
+
+
+def hf_aux_coef(config: ModelConfig) -> float:
+    """router_aux_loss_coef for config's aux_loss_coef: the inverse of `with_aux_coef`."""
+    layers = len(config.moe_layer_ids)
+    return config.moe.aux_loss_coef * layers / config.moe.top_k if layers else 0.0
+
+
 def with_defaults(hf: dict, defaults: dict) -> dict:
     """config.json with each key it leaves out at the family's default.
 

@@ -7,9 +7,11 @@ from moekit.hf.families.base import (
     Family,
     common_fields,
     common_hf,
+    hf_aux_coef,
     refuse_sliding_window,
     require,
     unsupported,
+    with_aux_coef,
     with_defaults,
 )
 from moekit.model.config import ModelConfig
@@ -39,10 +41,10 @@ def to_model_config(hf: dict) -> ModelConfig:
         top_k=int(hf["num_experts_per_tok"]),
         router="softmax_topk",
         norm_topk_prob=True,
-        aux_loss_coef=float(hf["router_aux_loss_coef"]),
         z_loss_coef=0.0,
     )
-    return ModelConfig(**fields, moe=moe)
+    config = ModelConfig(**fields, moe=moe)
+    return with_aux_coef(config, hf["router_aux_loss_coef"])
 
 
 def to_hf_config(config: ModelConfig) -> dict:
@@ -52,7 +54,7 @@ def to_hf_config(config: ModelConfig) -> dict:
         "intermediate_size": moe.d_ff,
         "num_local_experts": moe.num_experts,
         "num_experts_per_tok": moe.top_k,
-        "router_aux_loss_coef": moe.aux_loss_coef,
+        "router_aux_loss_coef": hf_aux_coef(config),
         "router_jitter_noise": 0.0,
         "sliding_window": None,
     }

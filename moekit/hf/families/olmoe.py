@@ -9,7 +9,9 @@ from moekit.hf.families.base import (
     UnsupportedConfig,
     common_fields,
     common_hf,
+    hf_aux_coef,
     require,
+    with_aux_coef,
     with_defaults,
 )
 from moekit.model.config import ModelConfig
@@ -43,12 +45,11 @@ def to_model_config(hf: dict) -> ModelConfig:
         top_k=int(require(hf, NAME, "num_experts_per_tok")),
         router="softmax_topk",
         norm_topk_prob=bool(hf["norm_topk_prob"]),
-        aux_loss_coef=float(hf["router_aux_loss_coef"]),
         z_loss_coef=0.0,
     )
     bias = bool(hf["attention_bias"])
     clip = hf.get("clip_qkv")
-    return ModelConfig(
+    config = ModelConfig(
         **fields,
         moe=moe,
         qk_norm="full",
@@ -56,6 +57,7 @@ def to_model_config(hf: dict) -> ModelConfig:
         qkv_bias=bias,
         o_bias=bias,
     )
+    return with_aux_coef(config, hf["router_aux_loss_coef"])
 
 
 def to_hf_config(config: ModelConfig) -> dict:
@@ -68,7 +70,7 @@ def to_hf_config(config: ModelConfig) -> dict:
         "norm_topk_prob": moe.norm_topk_prob,
         "clip_qkv": config.clip_qkv,
         "attention_bias": config.qkv_bias,
-        "router_aux_loss_coef": moe.aux_loss_coef,
+        "router_aux_loss_coef": hf_aux_coef(config),
     }
 
 

@@ -9,8 +9,10 @@ from moekit.hf.families.base import (
     common_fields,
     common_hf,
     dense_width_if_used,
+    hf_aux_coef,
     refuse_sliding_window,
     require,
+    with_aux_coef,
     with_defaults,
 )
 from moekit.model.config import ModelConfig
@@ -44,7 +46,6 @@ def to_model_config(hf: dict) -> ModelConfig:
         top_k=int(require(hf, NAME, "num_experts_per_tok")),
         router="softmax_topk",
         norm_topk_prob=bool(hf["norm_topk_prob"]),
-        aux_loss_coef=float(hf["router_aux_loss_coef"]),
         z_loss_coef=0.0,
     )
     bias = bool(hf["attention_bias"])
@@ -56,9 +57,10 @@ def to_model_config(hf: dict) -> ModelConfig:
         moe_every=int(hf["decoder_sparse_step"]),
         dense_layers=tuple(sorted(int(i) for i in hf.get("mlp_only_layers") or [])),
     )
-    return ModelConfig(
+    config = ModelConfig(
         **fields, dense_d_ff=dense_width_if_used(fields, hf.get("intermediate_size"))
     )
+    return with_aux_coef(config, hf["router_aux_loss_coef"])
 
 
 def to_hf_config(config: ModelConfig) -> dict:
@@ -74,7 +76,7 @@ def to_hf_config(config: ModelConfig) -> dict:
         "attention_bias": config.qkv_bias,
         "decoder_sparse_step": config.moe_every,
         "mlp_only_layers": list(config.dense_layers),
-        "router_aux_loss_coef": moe.aux_loss_coef,
+        "router_aux_loss_coef": hf_aux_coef(config),
         "use_sliding_window": False,
     }
 
