@@ -170,7 +170,7 @@ def test_transformers_own_saved_layout_loads(checkpoint, tmp_path):
     )
 
 
-@pytest.mark.parametrize("head", ["copy", "other"])
+@pytest.mark.parametrize("head", ["copy", "other", "alone"])
 def test_a_tied_config_with_a_stored_head_loads_as_transformers_loads_it(head, tmp_path):
     # Some exporters write the tied head anyway: a copy keeps the model tied; a head of
     # other values is kept apart by transformers, and its logits use it.
@@ -179,12 +179,14 @@ def test_a_tied_config_with_a_stored_head_loads_as_transformers_loads_it(head, t
     tensors = {k: files.get(k) for k in files.names()}
     embed = tensors["model.embed_tokens.weight"]
     tensors["lm_head.weight"] = embed.clone() if head == "copy" else torch.randn_like(embed)
+    if head == "alone":  # only the head stored: transformers ties the embedding to it
+        del tensors["model.embed_tokens.weight"]
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     ids = _ids(seed=3)
     want = hf_models.hf_logits(hf_models.load_hf(tmp_path), ids)
     model = moekit.from_pretrained(tmp_path)
     torch.testing.assert_close(_logits(model, ids), want, **TOL)
-    assert model.config.tie_embeddings == (head == "copy")
+    assert model.config.tie_embeddings == (head != "other")
 
 
 @pytest.mark.parametrize(
@@ -207,6 +209,9 @@ def test_a_tied_config_with_a_stored_head_loads_as_transformers_loads_it(head, t
         ("qwen3_moe", dict(tie_word_embeddings=True, attention_bias=True, mlp_only_layers=[0])),
         ("qwen2_moe", dict(decoder_sparse_step=2, mlp_only_layers=[], norm_topk_prob=True)),
         ("mixtral", dict(num_key_value_heads=4, head_dim=10, tie_word_embeddings=True)),
+        # Layer indices past the last layer: every layer dense, or an entry of no layer.
+        ("deepseek_v3", dict(num_hidden_layers=2, first_k_dense_replace=3)),
+        ("qwen3_moe", dict(mlp_only_layers=[1, 5, 1])),
     ],
 )
 def test_config_variants(family, overrides, tmp_path):
@@ -227,6 +232,9 @@ def test_config_variants(family, overrides, tmp_path):
         ("qwen2_moe", {"sliding_window": 4}, "use_sliding_window"),
         # transformers' activation table reads "swish" as SiLU.
         ("mixtral", {"hidden_act": "swish"}, None),
+        # A null dtype names none: float32 weights load in float32.
+        ("mixtral", {"dtype": None}, "torch_dtype"),
+        ("olmoe", {"torch_dtype": None}, "dtype"),
     ],
 )
 def test_config_json_variants_read_as_transformers_reads_them(family, changes, dropped, tmp_path):
@@ -238,6 +246,75 @@ def test_config_json_variants_read_as_transformers_reads_them(family, changes, d
     ids = _ids(seed=4)
     want = hf_models.hf_logits(hf_models.load_hf(tmp_path), ids)
     torch.testing.assert_close(_logits(moekit.from_pretrained(tmp_path), ids), want, **TOL)
+
+
+def test_deepseek_without_first_k_dense_replace_takes_the_default_of_3(tmp_path):
+    # Three dense layers of a model of two: transformers makes both dense.
+    hf_models.build("deepseek_v3", tmp_path, seed=6, num_hidden_layers=2, first_k_dense_replace=3)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["first_k_dense_replace"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ids = _ids(seed=2)
+    want = hf_models.hf_logits(hf_models.load_hf(tmp_path), ids)
+    model = moekit.from_pretrained(tmp_path)
+    assert model.config.moe_layer_ids == ()
+    torch.testing.assert_close(_logits(model, ids), want, **TOL)
+
+
+@pytest.mark.parametrize(("family", "default"), [("qwen2_moe", 5632), ("qwen3_moe", 6144)])
+def test_qwen_dense_layers_without_intermediate_size_take_the_class_default(
+    family, default, tmp_path
+):
+    hf_models.build(family, tmp_path, seed=6, intermediate_size=default, mlp_only_layers=[1])
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["intermediate_size"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ids = _ids(seed=2)
+    want = hf_models.hf_logits(hf_models.load_hf(tmp_path), ids)
+    model = moekit.from_pretrained(tmp_path)
+    assert model.config.dense_width == default
+    torch.testing.assert_close(_logits(model, ids), want, **TOL)
+
+
+@pytest.mark.parametrize(
+    ("family", "changes"),
+    [
+        ("mixtral", {"sliding_window": 0}),
+        ("qwen3_moe", {"sliding_window": 0, "use_sliding_window": True}),
+        ("qwen2_moe", {"sliding_window": 0, "use_sliding_window": True}),
+    ],
+)
+def test_a_window_of_zero_is_a_window(family, changes, tmp_path):
+    # transformers masks every key then; loaded as full attention it had differed by 3-4.
+    hf_models.build(family, tmp_path, seed=5, max_window_layers=3)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(changes)
+    config.pop("layer_types", None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(moekit.hf.UnsupportedConfig, match="sliding_window=0"):
+        moekit.from_pretrained(tmp_path)
+
+
+def test_without_a_config_dtype_the_stored_weights_dtype_loads(tmp_path):
+    # transformers' dtype="auto": the config's dtype, else the first stored weights'.
+    hf_models.build("mixtral", tmp_path, seed=1)
+    files = TensorFiles(tmp_path)
+    tensors = {k: files.get(k).to(torch.bfloat16) for k in files.names()}
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        config.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    import transformers as tf
+
+    hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert next(hf.parameters()).dtype == torch.bfloat16
+    assert moekit.from_pretrained(tmp_path).embed.weight.dtype == torch.bfloat16
+    assert moekit.from_pretrained(tmp_path, dtype="float32").embed.weight.dtype == torch.float32
+    config["dtype"] = "float64"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"got 'float64' \(config.json's dtype\); pass dtype"):
+        moekit.from_pretrained(tmp_path)
 
 
 def test_a_mixtral_window_applies_whatever_use_sliding_window_says(tmp_path):

@@ -171,6 +171,15 @@ class TensorFiles:
     def names(self) -> list[str]:
         return sorted(self._info)
 
+    def first_float_dtype(self) -> str | None:
+        """The dtype of the first floating-point tensor, by name, of the first file: what
+        transformers loads a checkpoint in (dtype="auto") when its config names none."""
+        first = min(self._file_of.values(), default=None)
+        for name in sorted(k for k, path in self._file_of.items() if path == first):
+            if self._info[name][1] in _FLOAT_DTYPES:
+                return self._info[name][1]
+        return None
+
     def __contains__(self, key: str) -> bool:
         return key in self._info
 

@@ -23,6 +23,8 @@ from moekit.model.config import ModelConfig
 from moekit.model.transformer import Transformer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
+"""Every family's names of the token embedding and the output head."""
 
 
 def read_model_config(directory: str | os.PathLike) -> tuple[Family, ModelConfig, dict]:
@@ -45,8 +47,7 @@ def _holds_its_own_head(directory: str | os.PathLike) -> bool:
         files = TensorFiles(directory)
     except FileNotFoundError:  # no weights: the config alone ties them
         return False
-    embed, head = "model.embed_tokens.weight", "lm_head.weight"
-    return embed in files and head in files and not files.same_values(embed, head)
+    return _EMBED in files and _HEAD in files and not files.same_values(_EMBED, _HEAD)
 
 
 def _ignored(files: TensorFiles, config: ModelConfig, extra_layers: int) -> frozenset[str]:
@@ -61,9 +62,9 @@ def _ignored(files: TensorFiles, config: ModelConfig, extra_layers: int) -> froz
     # Tensors without elements: DeepSeek-V3 with n_shared_experts=0 stores a shared MLP of
     # width 0, which adds exactly 0 to every token.
     skip.update(key for key in files.names() if 0 in files.shape(key))
-    if config.tie_embeddings and "lm_head.weight" in files:
+    if config.tie_embeddings and "lm_head.weight" in files and _EMBED in files:
         # A tied copy some exporters write anyway; one of other values unties the config
-        # (read_model_config), so it is not skipped.
+        # (read_model_config), so it is not skipped. Stored alone, it is the embedding.
         skip.add("lm_head.weight")
     return frozenset(skip)
 
@@ -93,7 +94,11 @@ def load_state(
     for name, shape in shapes.items():
         if ".ffn.experts." in name or (name == "lm_head.weight" and config.tie_embeddings):
             continue
-        state[name] = ledger.take(hf_name(family, config, name), shape)
+        key = hf_name(family, config, name)
+        if key == _EMBED and config.tie_embeddings and _EMBED not in files and _HEAD in files:
+            # Tied, and only the head stored: transformers ties the embedding to it.
+            key = _HEAD
+        state[name] = ledger.take(key, shape)
     moe = config.moe
     for i in config.moe_layer_ids:
         bank = read_bank(
@@ -111,12 +116,26 @@ def load_state(
     return state
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None, hf: dict) -> torch.dtype:
+_STORED_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, hf: dict, files: TensorFiles) -> torch.dtype:
+    """dtype as given; else as transformers' dtype="auto" picks it: the config's dtype,
+    else the stored weights' (a null in config.json names none)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    name = dtype if dtype is not None else hf.get("dtype", hf.get("torch_dtype", "float32"))
+    name, source = dtype, ""
+    if name is None:
+        name, source = hf.get("dtype") or hf.get("torch_dtype"), " (config.json's dtype)"
+    if name is None:
+        stored = files.first_float_dtype()
+        name = _STORED_DTYPES.get(stored, "float32")
+        source = " (the stored weights' dtype)"
     if name not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+        raise ValueError(
+            f"dtype must be one of {sorted(_DTYPES)}, got {name!r}{source}"
+            + ("; pass dtype to load it in another" if source else "")
+        )
     return _DTYPES[name]
 
 
@@ -131,19 +150,23 @@ def from_pretrained(
         directory: holds config.json and model.safetensors or model.safetensors.index.json
             (safetensors only; nothing is unpickled). Families: mixtral, qwen2_moe,
             qwen3_moe, olmoe, deepseek_v3.
-        dtype: parameter dtype; None = the checkpoint's config dtype (float32 if unset).
+        dtype: parameter dtype; None = the config's dtype, else that of the stored
+            weights, as transformers' dtype="auto".
             The sigmoid router's correction bias stays float32.
         device: where the model lives.
 
     Returns:
-        The model; `model(ids_BS).logits` equals transformers' logits for the checkpoint.
+        The model; in float32 `model(ids_BS).logits` equals transformers' logits for the
+        checkpoint to float rounding (tested to 1e-5). In bf16 the two round the expert
+        combine at different points, so logits differ by bf16 noise (about what either
+        differs from its own float32 run).
 
     Raises:
         UnsupportedConfig: a config option moekit cannot reproduce (named in the message).
         CheckpointError: missing, unknown, misshapen or truncated tensors (all listed).
     """
     family, config, hf = read_model_config(directory)
-    target = _resolve_dtype(dtype, hf)
+    target = _resolve_dtype(dtype, hf, TensorFiles(directory))
     state = load_state(directory, family, config, hf)
     for name, t in state.items():
         # Float32 always for the selection bias: its updates are below bf16 resolution.

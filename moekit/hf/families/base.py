@@ -171,7 +171,8 @@ def refuse_sliding_window(hf: dict, family: str, switch: str | None = None) -> N
         active = bool(hf.get(switch, False))
     if "sliding_attention" in (hf.get("layer_types") or []):
         raise unsupported(family, "layer_types", "sliding_attention", "no sliding windows")
-    if active and window and window < hf.get("max_position_embeddings", float("inf")):
+    # A window of 0 is a window (transformers then lets no query see any key), not none.
+    if active and window is not None and window < hf.get("max_position_embeddings", float("inf")):
         raise unsupported(family, "sliding_window", window, "no sliding windows")
 
 
@@ -209,6 +210,13 @@ def hf_aux_coef(config: ModelConfig) -> float:
     """router_aux_loss_coef for config's aux_loss_coef: the inverse of `with_aux_coef`."""
     layers = len(config.moe_layer_ids)
     return config.moe.aux_loss_coef * layers / config.moe.top_k if layers else 0.0
+
+
+def dense_layer_ids(hf: dict) -> tuple[int, ...]:
+    """Qwen's mlp_only_layers as moekit's dense_layers: transformers tests membership
+    only, so indices of no layer (after the layer count was cut, say) change nothing."""
+    layers = int(hf["num_hidden_layers"])
+    return tuple(sorted({int(i) for i in hf.get("mlp_only_layers") or [] if 0 <= int(i) < layers}))
 
 
 def with_defaults(hf: dict, defaults: dict) -> dict:

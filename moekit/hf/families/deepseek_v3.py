@@ -74,7 +74,9 @@ def to_model_config(hf: dict) -> ModelConfig:
         aux_loss_coef=0.0,
         z_loss_coef=0.0,
     )
-    first_dense = int(hf["first_k_dense_replace"] or 0)
+    # transformers makes every layer dense when first_k_dense_replace >= the layer count
+    # (its default of 3 does that to a model of two layers).
+    first_dense = min(int(hf["first_k_dense_replace"] or 0), fields["num_layers"])
     bias = bool(hf["attention_bias"])
     q_rank = hf["q_lora_rank"]
     return ModelConfig(

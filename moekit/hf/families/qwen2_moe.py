@@ -8,6 +8,7 @@ from moekit.hf.families.base import (
     Family,
     common_fields,
     common_hf,
+    dense_layer_ids,
     dense_width_if_used,
     hf_aux_coef,
     refuse_sliding_window,
@@ -27,6 +28,7 @@ DEFAULTS = {
     # Qwen2-MoE checkpoints predate the qkv_bias field; their q/k/v always had biases.
     "qkv_bias": True,
     "decoder_sparse_step": 1,
+    "intermediate_size": 5632,
     "use_sliding_window": False,
 }
 """transformers' Qwen2MoeConfig defaults of the keys read here."""
@@ -54,7 +56,7 @@ def to_model_config(hf: dict) -> ModelConfig:
         moe=moe,
         qkv_bias=bool(hf["qkv_bias"]),
         moe_every=int(hf["decoder_sparse_step"]),
-        dense_layers=tuple(sorted(int(i) for i in hf.get("mlp_only_layers") or [])),
+        dense_layers=dense_layer_ids(hf),
     )
     config = ModelConfig(
         **fields, dense_d_ff=dense_width_if_used(fields, hf.get("intermediate_size"))

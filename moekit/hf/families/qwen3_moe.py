@@ -8,6 +8,7 @@ from moekit.hf.families.base import (
     Family,
     common_fields,
     common_hf,
+    dense_layer_ids,
     dense_width_if_used,
     hf_aux_coef,
     refuse_sliding_window,
@@ -26,6 +27,7 @@ DEFAULTS = {
     "router_aux_loss_coef": 0.001,
     "attention_bias": False,
     "decoder_sparse_step": 1,
+    "intermediate_size": 6144,
     "use_sliding_window": False,
 }
 """transformers' Qwen3MoeConfig defaults of the keys read here."""
@@ -55,7 +57,7 @@ def to_model_config(hf: dict) -> ModelConfig:
         qkv_bias=bias,
         o_bias=bias,
         moe_every=int(hf["decoder_sparse_step"]),
-        dense_layers=tuple(sorted(int(i) for i in hf.get("mlp_only_layers") or [])),
+        dense_layers=dense_layer_ids(hf),
     )
     config = ModelConfig(
         **fields, dense_d_ff=dense_width_if_used(fields, hf.get("intermediate_size"))
