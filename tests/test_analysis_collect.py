@@ -145,6 +145,7 @@ def test_transformer_routing_matches_router_recomputed_from_layer_inputs(tmp_pat
         torch.testing.assert_close(c.co_selection, rc)
         torch.testing.assert_close(c.tokens_per_expert, r.sum(0))
         assert c.num_tokens == sum(ids.numel() for ids, _ in batches)
+        assert c.top_k == K and c.summary(0).collapsed_imbalance == E / K
 
 
 def test_dense_model_is_refused():

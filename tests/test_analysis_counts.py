@@ -91,3 +91,6 @@ def test_counts_reject_wrong_expert_count():
         LayerCounts(5).add(out, 4)
     with pytest.raises(ValueError, match="num_experts"):
         LayerCounts(0)
+    for k in (0, 6, True, 1.5):
+        with pytest.raises(ValueError, match=r"top_k must be an int in \[1, 5\]"):
+            LayerCounts(5, top_k=k)

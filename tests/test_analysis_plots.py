@@ -66,3 +66,38 @@ def test_figures_of_a_large_model_stay_a_readable_size(tmp_path):
     ):
         w, h = _png_size(p)
         assert w <= 2400 and h <= 8000, (p.name, w, h)
+
+
+def _drawn(monkeypatch, draw):
+    """The axes of the figure `draw()` writes."""
+    figures = []
+
+    def keep(fig, path):
+        figures.append(fig)
+        return path
+
+    monkeypatch.setattr(aplots, "_save", keep)
+    draw()
+    return figures[0].axes[0]
+
+
+def test_collapse_is_drawn_at_e_over_k_and_a_collapsed_layer_reaches_it(monkeypatch, tmp_path):
+    c = LayerCounts(8, top_k=2)
+    c.tokens_per_expert = torch.tensor([64.0, 64.0] + [0.0] * 6, dtype=torch.float64)
+    c.num_tokens = 64
+    summary = c.summary(0)
+    assert summary.imbalance == summary.collapsed_imbalance == 4.0
+    ax = _drawn(monkeypatch, lambda: aplots.plot_imbalance([summary], tmp_path / "i.png"))
+    lines = {line.get_label(): line.get_ydata()[0] for line in ax.get_lines()}
+    assert lines == {"balanced": 1.0, "collapsed (E/K = 4)": 4.0}
+    assert ax.get_ylim()[1] == pytest.approx(4.2)
+
+
+def test_dead_experts_of_a_large_layer_are_crossed(monkeypatch, tmp_path):
+    c = LayerCounts(32)
+    c.tokens_per_expert = torch.tensor([100.0] * 30 + [0.0, 1.0], dtype=torch.float64)
+    summary = c.summary(0, dead_threshold=0.1)
+    assert summary.dead_experts == [30, 31]
+    ax = _drawn(monkeypatch, lambda: aplots.plot_load([summary], tmp_path / "load.png"))
+    (crosses,) = ax.collections
+    assert crosses.get_offsets().tolist() == [[30.0, 0.0], [31.0, 0.0]]

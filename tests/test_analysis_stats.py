@@ -39,6 +39,16 @@ def test_collapsed_load_has_extreme_values():
     assert stats.dead_experts(load) == [0, 1, 3, 4]
 
 
+def test_collapsed_top_k_load_has_the_top_k_extremes():
+    # Top-2 of 8, every token on experts 0 and 1: each serves every token once, the mean
+    # is T * K / E, so max / mean is E / K, not E.
+    E, K = 8, 2
+    load = torch.tensor([64.0, 64.0] + [0.0] * 6)
+    assert stats.load_imbalance(load) == pytest.approx(E / K)
+    assert stats.coefficient_of_variation(load) == pytest.approx(math.sqrt(E / K - 1))
+    assert stats.load_entropy(load) == pytest.approx(math.log(K) / math.log(E))
+
+
 def test_imbalance_and_cv_closed_form():
     load = torch.tensor([1.0, 2.0, 3.0, 6.0])
     mean = 3.0

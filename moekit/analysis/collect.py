@@ -62,7 +62,9 @@ def collect_routing(
     layers = model.moe_layers()
     if not layers:
         raise ValueError("the model has no MoE layer to analyse (it is dense)")
-    counts = [LayerCounts(layer.config.num_experts, domains) for layer in layers]
+    counts = [
+        LayerCounts(layer.config.num_experts, domains, top_k=layer.config.top_k) for layer in layers
+    ]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -33,10 +33,14 @@ class LayerSummary:
     """tokens_per_expert divided by the total: each expert's share of the work."""
     imbalance: float
     """max / mean load: 1.0 is balanced; the slowdown of the busiest expert."""
+    collapsed_imbalance: float
+    """The imbalance of a collapsed router, every token on the same K experts: E / K.
+    An expert serves a token at most once, so with top-K routing no layer goes past it."""
     cv: float
-    """Coefficient of variation of the load (std / mean): 0 is balanced."""
+    """Coefficient of variation of the load (std / mean): 0 is balanced, sqrt(E/K - 1)
+    collapsed."""
     load_entropy: float
-    """Entropy of the load shares over log(E): 1 balanced, 0 one expert takes all."""
+    """Entropy of the load shares over log(E): 1 balanced, log(K) / log(E) collapsed."""
     dead_experts: list[int]
     """Experts with no assignment or under the dead threshold times their fair share."""
     router_entropy: float
@@ -71,6 +75,8 @@ class LayerCounts:
 
     num_experts: int
     domains: tuple[str, ...] = ()
+    top_k: int = 1
+    """Experts per token (the layer's config.top_k): where collapse lies (LayerSummary)."""
     tokens_per_expert: Tensor = field(init=False)
     co_selection: Tensor = field(init=False)
     domain_expert: Tensor = field(init=False)
@@ -82,6 +88,13 @@ class LayerCounts:
     def __post_init__(self) -> None:
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise ValueError(f"num_experts must be an int >= 1, got {self.num_experts!r}")
+        top_k = self.top_k
+        if (
+            isinstance(top_k, bool)
+            or not isinstance(top_k, int)
+            or not 1 <= top_k <= self.num_experts
+        ):
+            raise ValueError(f"top_k must be an int in [1, {self.num_experts}], got {top_k!r}")
         self.domains = tuple(self.domains)
         E, N = self.num_experts, len(self.domains)
         self.tokens_per_expert = torch.zeros(E, dtype=torch.float64)
@@ -134,6 +147,7 @@ class LayerCounts:
             tokens_per_expert=self.tokens_per_expert.tolist(),
             load_share=share,
             imbalance=stats.load_imbalance(self.tokens_per_expert),
+            collapsed_imbalance=self.num_experts / self.top_k,
             cv=stats.coefficient_of_variation(self.tokens_per_expert),
             load_entropy=stats.load_entropy(self.tokens_per_expert),
             dead_experts=stats.dead_experts(self.tokens_per_expert, dead_threshold),

@@ -69,8 +69,9 @@ def _save(fig, path: str | Path) -> Path:
 def plot_load(summaries: list[LayerSummary], path: str | Path, title: str = "") -> Path:
     """Heatmap layers x experts of each expert's load relative to the mean (1 = fair share).
 
-    Dead experts are marked with a cross; the colour scale is centred on 1 so overloaded
-    experts are red and starved ones blue.
+    Dead experts are marked "dead" where cell values are printed (up to 16 x 16 cells),
+    else with a cross; the colour scale is centred on 1 so overloaded experts are red and
+    starved ones blue.
     """
     rel = []
     for s in summaries:
@@ -97,6 +98,10 @@ def plot_load(summaries: list[LayerSummary], path: str | Path, title: str = "") 
                 ax.text(
                     e, i, text, ha="center", va="center", fontsize=7, color=colour, weight=weight
                 )
+    elif dead:  # too many cells for words: a cross on each dead one
+        rows, cols = zip(*sorted(dead), strict=True)
+        ax.scatter(cols, rows, marker="x", s=12, color="black", linewidths=1, label="dead")
+        ax.legend(fontsize=8, loc="upper right")
     _expert_ticks(ax, E)
     ax.set_yticks(range(L))
     ax.set_yticklabels([f"MoE {s.layer}" for s in summaries])
@@ -113,13 +118,14 @@ def plot_imbalance(summaries: list[LayerSummary], path: str | Path, title: str =
     has_spec = any(not math.isnan(v) for v in spec)
     fig, grid = new_figure(10 if has_spec else 5.5, 3.6, 1, 2 if has_spec else 1)
     axes = grid[0]
-    E = len(summaries[0].load_share)
     ax = axes[0]
     bars = ax.bar(layers, [s.imbalance for s in summaries], color="tab:orange")
     ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.axhline(1.0, color="black", lw=1, ls="--", label="balanced")
-    ax.axhline(E, color="tab:red", lw=1, ls=":", label=f"collapsed (E = {E})")
-    ax.set_ylim(0, E * 1.05)
+    # Every token on the same K experts: max / mean = E / K, the most top-K routing can reach.
+    collapsed = max(s.collapsed_imbalance for s in summaries)
+    ax.axhline(collapsed, color="tab:red", lw=1, ls=":", label=f"collapsed (E/K = {collapsed:g})")
+    ax.set_ylim(0, max([collapsed, *(s.imbalance for s in summaries if s.imbalance > 0)]) * 1.05)
     ax.set_xticks(layers)
     ax.set_xlabel("MoE layer")
     ax.set_ylabel("max load / mean load")

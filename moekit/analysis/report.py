@@ -158,8 +158,8 @@ def format_summary(summary: dict) -> str:
         f"{summary['num_tokens']} tokens, domains: {domains}",
         format_table(summary["layers"]),
         "MoE = index among the MoE layers (dense layers not counted); imbalance = max/mean "
-        "load (1 balanced); cv = std/mean; load H, router H = entropy of the load (/ log E) "
-        "and of the router (nats)",
+        "load (1 balanced, E/K collapsed); cv = std/mean; load H, router H = entropy of the "
+        "load (/ log E) and of the router (nats)",
         "special. = I(domain; expert) / H(domain): 0 = experts ignore the domain, 1 = they "
         f"reveal it; dead = under {summary['dead_threshold']:g} x fair share (1/E)",
         f"figures and routing.json in {summary['out_dir']}:",

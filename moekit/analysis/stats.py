@@ -45,7 +45,8 @@ def expert_counts(expert_ids: Tensor, num_experts: int) -> Tensor:
 
 
 def load_imbalance(tokens_per_expert: Tensor) -> float:
-    """max / mean of the per-expert load: 1.0 is perfectly balanced, E is one expert takes all.
+    """max / mean of the per-expert load: 1.0 is perfectly balanced; E / K when every token
+    picks the same K experts (top-K routing never goes past it: E for top-1).
 
     This is the factor by which the busiest expert slows an expert-parallel step (it
     sets the capacity a dropless layer needs). NaN when there is no load at all.
@@ -56,14 +57,16 @@ def load_imbalance(tokens_per_expert: Tensor) -> float:
 
 
 def coefficient_of_variation(tokens_per_expert: Tensor) -> float:
-    """Population std / mean of the per-expert load: 0 when balanced, sqrt(E-1) when collapsed."""
+    """Population std / mean of the per-expert load: 0 when balanced, sqrt(E/K - 1) when every
+    token picks the same K experts."""
     load = _counts("tokens_per_expert", tokens_per_expert, 1)
     mean = load.mean().item()
     return load.std(correction=0).item() / mean if mean > 0 else math.nan
 
 
 def load_entropy(tokens_per_expert: Tensor) -> float:
-    """Entropy of the load distribution over experts divided by log(E): 1 balanced, 0 collapsed."""
+    """Entropy of the load distribution over experts divided by log(E): 1 balanced, log(K) /
+    log(E) when every token picks the same K experts (0 for top-1)."""
     load = _counts("tokens_per_expert", tokens_per_expert, 1)
     E, total = load.numel(), load.sum().item()
     if total == 0:
