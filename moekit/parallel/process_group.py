@@ -129,6 +129,7 @@ def init_distributed(
         timeout=datetime.timedelta(seconds=init_timeout_s),
         wait_for_workers=False,
     )
+    _wait_for_every_rank(store, env, init_timeout_s)
     dist.init_process_group(
         backend,
         store=store,
@@ -136,10 +137,32 @@ def init_distributed(
         world_size=env.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
-    # Connecting the ranks waits on the store (init_timeout_s); one barrier confirms that
-    # every rank got through before the first real collective.
+    # Every rank has joined; one barrier confirms that all got through the group's set-up
+    # before the first real collective.
     dist.barrier()
     return env
+
+
+def _wait_for_every_rank(store: dist.Store, env: DistributedEnv, timeout_s: float) -> None:
+    """Each rank marks itself in the store, then waits at most timeout_s for the others.
+
+    init_process_group waits for its peers as long as a collective may (timeout_s of the
+    group), and where the store already exists (rank 0 serves it; under torchrun the agent
+    serves it to every rank) nothing shorter bounds the join: a process that never starts
+    would hold the others for the collective timeout, then fail with a store traceback.
+    """
+    # Keys per restart: torchrun's agent keeps its store across the restarts of a job.
+    prefix = f"moekit/join/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    keys = [f"{prefix}{rank}" for rank in range(env.world_size)]
+    store.set(keys[env.rank], "1")
+    try:
+        store.wait(keys, datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as err:  # torch's DistStoreError: the wait timed out
+        missing = [rank for rank, key in enumerate(keys) if not store.check([key])]
+        raise TimeoutError(
+            f"rank(s) {missing} of {env.world_size} did not join within the init timeout "
+            f"({timeout_s:g} s, --dist-init-timeout)"
+        ) from err
 
 
 def close_distributed() -> None:
