@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ from train_common import MICRO, micro_train, one_thread, write_corpus  # noqa: F
 
 from moekit.data import ByteTokenizer, TrainBatches, prepare_tokens
 from moekit.model import Transformer
-from moekit.train import load_checkpoint, train
+from moekit.train import load_checkpoint, preflight, train
 from moekit.train.checkpoint import list_checkpoints
 from moekit.train.metrics import read_metrics
 from moekit.train.optim import lr_at
@@ -207,12 +209,39 @@ def test_top1_routing_with_a_constant_weight_is_refused_for_training(
         train(learns, micro_train(corpus, steps=1), tmp_path / "ok", plots=False)
 
 
+def test_a_layout_the_processes_cannot_split_is_refused_before_tokenizing(corpus, tmp_path):
+    from types import SimpleNamespace
+
+    from moekit.model import dense_twin
+
+    def ranks(world, expert_parallel):
+        return SimpleNamespace(
+            world_size=world, expert_parallel=expert_parallel, local_world_size=world, is_main=True
+        )
+
+    one_row_each = micro_train(corpus, batch_size=4, grad_accum=4)
+    cases = [
+        # 4 rows in 4 micro-batches: one row each, which two processes cannot share.
+        (one_row_each, ranks(2, 1), "4 / 4 = 1 rows per micro-batch must be divisible by the 2"),
+        (
+            micro_train(corpus),
+            ranks(2, 2),
+            "num_experts (5) must be divisible by --expert-parallel",
+        ),
+    ]
+    for config, parallel, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train(MICRO, config, tmp_path / "run", parallel=parallel, plots=False)
+        assert not (tmp_path / "run").exists()  # no token cache, no metrics
+    # A dense twin has no experts to split.
+    preflight.check_layout(dense_twin(MICRO), micro_train(corpus), ranks(2, 2))
+
+
 def test_the_memory_check_counts_each_ranks_share(monkeypatch):
     from types import SimpleNamespace
 
     from moekit.model import count_parameters
     from moekit.model.counting import expert_parameters
-    from moekit.train import preflight
 
     checks = []
     monkeypatch.setattr(preflight, "check_fits", lambda *args: checks.append(args))

@@ -115,6 +115,7 @@ def train(
     is_main = parallel is None or parallel.is_main
     device = resolve_device(config.device)
     preflight.check_memory(model_config, device, parallel)
+    preflight.check_layout(model_config, config, parallel)
     preflight.check_seq_len(config, model_config)
     preflight.check_router_learns(model_config)
     tokenizer = load_tokenizer(config.tokenizer)

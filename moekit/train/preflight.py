@@ -99,6 +99,26 @@ def check_router_learns(model_config) -> None:
     )
 
 
+def check_layout(model_config, train_config: TrainConfig, parallel) -> None:
+    """ValueError, before the text is tokenized, when the batch or the experts do not split
+    over the processes (each would otherwise fail only in the first step)."""
+    if parallel is None:
+        return
+    world, mb = parallel.world_size, train_config.micro_batch_size
+    if mb % world:
+        raise ValueError(
+            f"batch_size / grad_accum = {train_config.batch_size} / {train_config.grad_accum} "
+            f"= {mb} rows per micro-batch must be divisible by the {world} processes "
+            "(--batch-size, --grad-accum)"
+        )
+    ep = parallel.expert_parallel
+    if ep > 1 and model_config.moe_layer_ids and model_config.moe.num_experts % ep:
+        raise ValueError(
+            f"num_experts ({model_config.moe.num_experts}) must be divisible by "
+            f"--expert-parallel ({ep})"
+        )
+
+
 def check_memory(model_config, device: torch.device, parallel) -> None:
     """ValueError, before anything is built or read, when training cannot fit in memory."""
     # fp32 weights, gradients and AdamW's two moments: 16 bytes a parameter, on each rank
