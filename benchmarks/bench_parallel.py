@@ -7,7 +7,9 @@ Both variants run in the same two processes, one torch thread each, on the same 
   (the grouped path; no communication) -- the baseline;
 - all-to-all: every rank holds E/W experts; tokens travel to their expert's rank and
   back (count exchange + two variable-split all-to-alls per call, and two more in
-  backward).
+  backward), and the routing statistics are all-reduced over the group (about ten
+  small all-reduces per forward, two in backward), which the local baseline, computing
+  its own tokens' statistics, never needs: the ratio is the whole cost of sharding.
 Reported: median over repeats of the slowest rank's time for forward and for
 forward+backward, and the ratio all-to-all / local. Float32. A human table, then one
 JSON line. Gloo on loopback only: there is no GPU here, so no NCCL figures.
