@@ -148,6 +148,41 @@ def test_single_small_file_is_split_by_position(tmp_path):
     assert len(val) == round(len(text) * 0.1)
 
 
+def test_a_large_file_is_split_by_position_whatever_its_blocks_hash_to(tmp_path):
+    # 3 MB: three blocks of ~1 MiB, documents to the hash. It had held out 37% at 0.1.
+    line = "".join(chr(97 + i % 26) for i in range(99)) + "\n"
+    text = line * 30_000
+    (tmp_path / "one.txt").write_text(text)
+    splits = prepare_tokens(str(tmp_path / "one.txt"), TOK, tmp_path / "cache", 0.1)
+    train, val = (TOK.decode(splits[s].tokens().tolist()) for s in ("train", "val"))
+    assert train + val == text
+    assert len(val) == round(len(text) * 0.1)
+
+
+@pytest.mark.parametrize(("val_doc", "position"), [("a", True), ("b", False)])
+def test_documents_split_by_name_unless_their_sizes_skew_the_share(
+    tmp_path, monkeypatch, val_doc, position
+):
+    # The 60-token document alone in validation holds out 60% at val_fraction 0.25: the
+    # text is split by position instead. The 30-token one holds out 30%: kept as it is.
+    from moekit.data import tokens as tokens_mod
+    from moekit.data.corpus import Document
+
+    docs = [Document("a", "code", "a" * 60), Document("b", "prose", "b" * 30)]
+    docs.append(Document("c", "code", "c" * 10))
+    monkeypatch.setattr(tokens_mod.sources, "iter_documents", lambda data: iter(docs))
+    monkeypatch.setattr(tokens_mod, "stable_fraction", lambda name: 0.0 if name == val_doc else 0.9)
+    (tmp_path / "src.txt").write_text("stand-in")
+    splits = prepare_tokens(str(tmp_path / "src.txt"), TOK, tmp_path / "cache", 0.25)
+    train, val = (TOK.decode(splits[s].tokens().tolist()) for s in ("train", "val"))
+    if position:  # the training documents, then the validation ones, cut at 75 of 100
+        assert (train, val) == ("b" * 30 + "c" * 10 + "a" * 35, "a" * 25)
+        assert splits["train"].domains == (("prose", 0, 30), ("code", 30, 75))
+        assert splits["val"].domains == (("code", 0, 25),)
+    else:
+        assert (train, val) == ("a" * 60 + "c" * 10, "b" * 30)
+
+
 def test_undecodable_text_is_warned_of_when_read_not_when_the_cache_is_reused(tmp_path):
     root = tmp_path / "text"
     root.mkdir()

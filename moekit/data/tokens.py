@@ -32,7 +32,7 @@ from moekit.data.corpus import stable_fraction
 from moekit.data.tokenizer import Tokenizer, token_dtype
 
 SPLITS = ("train", "val")
-_FORMAT = 2
+_FORMAT = 3
 _ARRAY_CODES = {torch.uint8: "B", torch.uint16: "H", torch.uint32: "I"}
 _DTYPE_NAMES = {torch.uint8: "uint8", torch.uint16: "uint16", torch.uint32: "uint32"}
 
@@ -158,7 +158,7 @@ def _build(entry: Path, data: str, tokenizer: Tokenizer, dtype: torch.dtype, val
     if counts["train"] + counts["val"] == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ValueError(f"data {data} contains no text")
-    if counts["train"] == 0 or counts["val"] == 0:
+    if not _share_near(counts, val_fraction):
         _split_by_position(tmp, counts, domains, dtype, val_fraction)
     meta = {
         "format": _FORMAT,
@@ -176,20 +176,34 @@ def _build(entry: Path, data: str, tokenizer: Tokenizer, dtype: torch.dtype, val
     os.replace(tmp, entry)
 
 
+def _share_near(counts: dict[str, int], val_fraction: float) -> bool:
+    """Whether the documents' split holds out between half and twice val_fraction of the
+    tokens. Documents split by name, whatever their sizes: with a few large files (or the
+    ~1 MiB blocks of one) the share held out can be anything from nothing to most of it."""
+    share = counts["val"] / (counts["train"] + counts["val"])
+    return val_fraction / 2 <= share <= 2 * val_fraction
+
+
 def _split_by_position(tmp: Path, counts, domains, dtype: torch.dtype, val_fraction: float):
-    """All tokens landed in one split: keep the head for training, the tail for validation."""
-    full = "train" if counts["train"] else "val"
-    if full == "val":
-        os.replace(tmp / "val.bin", tmp / "train.bin")
-    n = counts[full]
-    cut = n - max(1, round(n * val_fraction))
+    """The training documents, then the validation ones, as one text: its head for
+    training, its last val_fraction for validation."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
+    with open(tmp / "train.bin", "ab") as f, open(tmp / "val.bin", "rb") as val:
+        shutil.copyfileobj(val, f)
+    offset = counts["train"]
+    runs: list[list] = []
+    for d, s, e in domains["train"] + [[d, s + offset, e + offset] for d, s, e in domains["val"]]:
+        if runs and runs[-1][0] == d and runs[-1][2] == s:
+            runs[-1][2] = e  # one run where a domain's tokens now meet
+        else:
+            runs.append([d, s, e])
+    n = counts["train"] + counts["val"]
+    cut = n - max(1, round(n * val_fraction))
     with open(tmp / "train.bin", "r+b") as f:
         f.seek(cut * itemsize)
         tail = f.read()
         f.truncate(cut * itemsize)
     (tmp / "val.bin").write_bytes(tail)
-    runs = domains[full]
     counts["train"], counts["val"] = cut, n - cut
     domains["train"] = [[d, s, min(e, cut)] for d, s, e in runs if s < cut]
     domains["val"] = [[d, max(s, cut) - cut, e - cut] for d, s, e in runs if e > cut]
