@@ -306,6 +306,30 @@ def test_a_run_directory_is_neither_a_file_nor_a_hugging_face_checkpoint(corpus,
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file, not a directory"):
         train(MICRO, micro_train(corpus), tmp_path / "file", plots=False)
+    # Nor for a branch of another run's checkpoint.
+    config = micro_train(corpus, checkpoint_every=2)
+    train(MICRO, config, tmp_path / "run", plots=False)
+    first = list_checkpoints(tmp_path / "run")[0]
+    with pytest.raises(ValueError, match="is a Hugging Face checkpoint directory"):
+        train(MICRO, config, hf_dir, resume=first, plots=False)
+    assert sorted(p.name for p in hf_dir.iterdir()) == ["config.json"]
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        train(MICRO, config, tmp_path / "file", resume=first, plots=False)
+
+
+def test_a_converted_checkpoint_is_refused_by_resume_and_named_for_init_from(corpus, tmp_path):
+    # A conversion writes weights only: resuming it had ended in KeyError 'optimizer'.
+    from moekit.model import Transformer
+
+    run_dir = tmp_path / "converted"
+    model = Transformer(MICRO)
+    config = {"model": MICRO.to_dict(), "train": micro_train(corpus).to_dict()}
+    save_checkpoint(run_dir, 0, model.state_dict(), config, {}, {"converted_from": "x"}, keep=1)
+    (ckpt,) = list_checkpoints(run_dir)
+    with pytest.raises(CheckpointError, match="holds weights only .* --init-from"):
+        train(MICRO, micro_train(corpus), run_dir, resume=ckpt, plots=False)
+    with pytest.raises(ValueError, match="a converted checkpoint, weights only, begins a new run"):
+        train(MICRO, micro_train(corpus), run_dir, plots=False)
 
 
 def test_a_run_directory_named_like_a_checkpoint_resolves_to_its_newest(corpus, tmp_path):

@@ -166,9 +166,16 @@ def read_config(path: str | Path) -> dict:
 
 def read_step(path: str | Path) -> int:
     """A checkpoint's step alone, from its verified state.json."""
+    return read_training_state(path)[0]
+
+
+def read_training_state(path: str | Path) -> tuple[int, bool]:
+    """(step, whether it holds the optimizer state a resume continues) from the verified
+    state.json. A checkpoint converted from Hugging Face holds weights only."""
     blob = _verified_files(Path(path), ("state.json",))["state.json"]
     try:
-        return int(json.loads(blob)["step"])
+        state = json.loads(blob)
+        return int(state["step"]), "optimizer" in state
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} is corrupted: state.json ({err})") from err
 

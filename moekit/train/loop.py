@@ -135,7 +135,7 @@ def train(
         resume = ckpt_io.resolve(resume)
         branched_from = preflight.resume_source(resume, run_dir)
         preflight.check_resumable(ckpt_io.read_config(resume), resume, model_config, config)
-        preflight.check_steps_left(ckpt_io.read_step(resume), config)
+        preflight.check_resumes(resume, config)
     home = tokenizer_home(config.tokenizer, run_dir)
     # Read after the memory check (a source too large to train is never read) and before
     # tokenizing, so a broken source fails before anything is written. A resumed run's

@@ -57,6 +57,19 @@ def check_resumable(saved: dict, path: Path, model_config, train_config: TrainCo
         )
 
 
+def check_resumes(path: Path, train_config: TrainConfig) -> None:
+    """CheckpointError when the checkpoint holds no optimizer state to continue from (a
+    conversion's weights); ValueError when it has run every step already."""
+    step, trainable = ckpt_io.read_training_state(path)
+    if not trainable:
+        raise ckpt_io.CheckpointError(
+            f"checkpoint {path} holds weights only (no optimizer or data-position state, as "
+            f"a conversion writes): nothing to resume; begin a new run from it with "
+            f"--init-from {path} and another --run-dir"
+        )
+    check_steps_left(step, train_config)
+
+
 def check_steps_left(step: int, train_config: TrainConfig) -> None:
     """ValueError when a resumed checkpoint has already run every step."""
     if step >= train_config.steps:
@@ -148,6 +161,19 @@ def check_memory(model_config, device: torch.device, parallel) -> None:
 def check_new_run_dir(run_dir: Path) -> None:
     """ValueError when a new run would write into a directory holding another's checkpoints,
     into a Hugging Face checkpoint directory, or where a file stands."""
+    check_run_dir_kind(run_dir)
+    if ckpt_io.list_checkpoints(run_dir):
+        # A fresh run here would interleave its checkpoints and metrics with the old run's.
+        raise ValueError(
+            f"run directory {run_dir} already holds checkpoints; pass --resume to continue "
+            "that run, or choose another --run-dir (a converted checkpoint, weights only, "
+            "begins a new run with --init-from)"
+        )
+
+
+def check_run_dir_kind(run_dir: Path) -> None:
+    """ValueError when a file stands at run_dir, or it is a Hugging Face checkpoint
+    directory: for a new run and for a branch of another run alike."""
     from moekit.hf.convert import is_hf_dir
 
     if run_dir.exists() and not run_dir.is_dir():
@@ -158,12 +184,6 @@ def check_new_run_dir(run_dir: Path) -> None:
         raise ValueError(
             f"run directory {run_dir} is a Hugging Face checkpoint directory (config.json "
             "with a model_type); choose another --run-dir"
-        )
-    if ckpt_io.list_checkpoints(run_dir):
-        # A fresh run here would interleave its checkpoints and metrics with the old run's.
-        raise ValueError(
-            f"run directory {run_dir} already holds checkpoints; pass --resume to continue "
-            "that run, or choose another --run-dir"
         )
 
 
@@ -191,6 +211,7 @@ def resume_source(checkpoint: Path, run_dir: Path) -> Path | None:
     owner = ckpt_io.run_dir_of(checkpoint)
     if owner is not None and owner.resolve() == run_dir.resolve():
         return None
+    check_run_dir_kind(run_dir)
     if ckpt_io.list_checkpoints(run_dir):
         raise ValueError(
             f"cannot resume {checkpoint} into run directory {run_dir}: it holds checkpoints "
