@@ -188,8 +188,32 @@ def test_bad_sources_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="contains no text"):
         list(sources.iter_documents(str(tmp_path / "empty.txt")))
     (tmp_path / "d").mkdir()
-    with pytest.raises(ValueError, match="contains no files"):
+    with pytest.raises(ValueError, match=r"d contains no files to read$"):
         list(sources.iter_documents(str(tmp_path / "d")))
+
+
+def test_hidden_files_and_directory_links_are_counted_when_nothing_else_is_read(tmp_path):
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "a.txt").write_text("alpha\n")
+    root = tmp_path / "root"
+    (root / ".x").mkdir(parents=True)
+    (root / ".x" / "b.txt").write_text("beta\n")
+    (root / "mycorpus").symlink_to(linked, target_is_directory=True)
+    with pytest.raises(ValueError, match=r"contains no files to read \(1 hidden file\(s\); "
+                       r"1 link\(s\) to directories, not followed\)"):  # fmt: skip
+        list(sources.iter_documents(str(root)))
+    # Beside a file that is read, the link is warned of: its text would be missed silently.
+    (root / "c.txt").write_text("gamma\n")
+    with pytest.warns(UserWarning, match=r"1 link\(s\) to directories not followed .*mycorpus"):
+        assert [d.name for d in sources.iter_documents(str(root))] == ["c.txt#0"]
+
+
+def test_a_file_name_that_is_not_utf8_hashes_by_its_bytes(tmp_path):
+    # os.listdir reads such a name with lone surrogates, which plain UTF-8 cannot encode.
+    name = os.fsdecode(b"caf\xe9.txt")
+    assert 0 <= stable_fraction(name) < 1
+    assert stable_fraction("café.txt") == stable_fraction(os.fsdecode("café.txt".encode()))
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes (POSIX)")

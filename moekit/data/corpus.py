@@ -53,7 +53,9 @@ class Document:
 
 def stable_fraction(name: str) -> float:
     """A number in [0, 1) fixed by `name` alone (sha1; Python's hash() is salted per process)."""
-    digest = hashlib.sha1(name.encode("utf-8")).digest()
+    # surrogateescape: a file name that is not UTF-8 (read by os.listdir as lone
+    # surrogates) hashes by its bytes; a UTF-8 name gives the same bytes either way.
+    digest = hashlib.sha1(name.encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 

@@ -42,7 +42,8 @@ def iter_documents(data: str) -> Iterator[Document]:
     """Yield the documents of `data` (see the module docstring), each labelled by domain.
 
     Raises FileNotFoundError for a missing path and ValueError when there is no text. Once
-    the last document is read, warns of files with undecodable bytes and of binary files.
+    the last document is read, warns of files with undecodable bytes, of binary files and
+    of links to directories (not followed).
     """
     if data == EMBEDDED:
         yield from embedded_corpus()
@@ -50,8 +51,8 @@ def iter_documents(data: str) -> Iterator[Document]:
     if data.startswith(HF_PREFIX):
         yield from _hf_documents(data[len(HF_PREFIX) :])
         return
-    files, binary = _sort_files(Path(data))
-    damage = _Damage(binary=binary)
+    files, binary, links = _sort_files(Path(data))
+    damage = _Damage(binary=binary, dir_links=links)
     found = False
     for path in files:
         for doc in _file_blocks(path, Path(data), damage):
@@ -71,6 +72,8 @@ class _Damage:
     replaced_bytes: int = 0
     binary: list[Path] = field(default_factory=list)
     """Files skipped as binary (a NUL byte in their first PROBE_BYTES)."""
+    dir_links: list[Path] = field(default_factory=list)
+    """Links to directories, not followed (a link could make a loop)."""
 
     def warn(self) -> None:
         if self.undecodable:
@@ -85,6 +88,13 @@ class _Damage:
                 f"{_count_files(self.binary)} skipped as binary, with a NUL byte in the first "
                 f"{PROBE_BYTES} bytes (first: {self.binary[0]}); UTF-16 or UTF-32 text looks "
                 "binary too: convert it to UTF-8 to train on it",
+                stacklevel=3,
+            )
+        if self.dir_links:
+            n = len(self.dir_links)
+            warnings.warn(
+                f"{n} link(s) to directories not followed (first: {self.dir_links[0]}); name "
+                "a linked directory with --data to train on its files",
                 stacklevel=3,
             )
 
@@ -121,15 +131,16 @@ def fingerprint(data: str) -> str:
     else:
         root = Path(data)
         parts = [str(root.resolve())]
-        text_files, _ = _sort_files(root)
+        text_files, _, _ = _sort_files(root)
         for path in text_files:
             st = path.stat()
             parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def _sort_files(root: Path) -> tuple[list[Path], list[Path]]:
-    """(text files, binary files) of a data path; a binary file named on its own is refused."""
+def _sort_files(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """(text files, binary files, links to directories left unread) of a data path; a
+    binary file named on its own is refused."""
     if not root.exists():
         raise FileNotFoundError(f"data path not found: {root}")
     if root.is_file():
@@ -138,21 +149,30 @@ def _sort_files(root: Path) -> tuple[list[Path], list[Path]]:
                 f"data file {root} looks binary (a NUL byte in its first {PROBE_BYTES} "
                 "bytes); UTF-16 or UTF-32 text looks so too: convert it to UTF-8"
             )
-        return [root], []
+        return [root], [], []
     if not root.is_dir():
         # A device, FIFO or socket: "contains no files" would blame an empty directory.
         raise ValueError(f"data path {root} is not a regular file or directory")
     # rglob follows no directory link (no loops); a link to a file is read as the file.
-    files = sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
+    files, hidden, links = [], 0, []
+    for p in root.rglob("*"):
+        if any(part.startswith(".") for part in p.relative_to(root).parts):
+            hidden += p.is_file()
+        elif p.is_symlink() and p.is_dir():
+            links.append(p)
+        elif p.is_file():
+            files.append(p)
+    files.sort()
     if not files:
-        raise ValueError(f"data directory {root} contains no files")
+        left = [f"{hidden} hidden file(s)"] if hidden else []
+        left += [f"{len(links)} link(s) to directories, not followed"] if links else []
+        raise ValueError(
+            f"data directory {root} contains no files to read"
+            + (f" ({'; '.join(left)})" if left else "")
+        )
     binary = [p for p in files if _is_binary(p)]
     skipped = set(binary)
-    return [p for p in files if p not in skipped], binary
+    return [p for p in files if p not in skipped], binary, sorted(links)
 
 
 def _is_binary(path: Path) -> bool:
