@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 
@@ -48,6 +49,9 @@ def test_train_then_sample(corpus, tmp_path, capsys):
         for d in ("bogus", "meta")
     ]
     bad += [(["analyze", str(run_dir), "--seq-len", "-5"], "seq_len must be an int >= 1")]
+    # argv bytes that are not UTF-8 (decoded with surrogateescape by Python).
+    not_utf8 = ["sample", str(run_dir), "--prompt", os.fsdecode(b"caf\xe9")]
+    bad += [(not_utf8, "--prompt is not valid UTF-8 (byte 0xe9 at position 3)")]
     if not torch.cuda.is_available():
         bad += [([*args, "--device", "cuda"], "no CUDA device is available")]
         bad += [(["analyze", str(run_dir), "--device", "cuda"], "no CUDA device is available")]

@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from moekit.hf.convert import is_hf_dir
     from moekit.train.checkpoint import load_model, read_config, resolve, resolve_tokenizer
 
+    _check_utf8(args.prompt)
     device = resolve_device(args.device)
     eos_ids, special = None, False
     if is_hf_dir(args.checkpoint):
@@ -114,3 +115,16 @@ def run(args: argparse.Namespace) -> int:
             print(f"--- sample {i} ---")
         print(args.prompt + text)
     return 0
+
+
+def _check_utf8(prompt: str) -> None:
+    # Python decodes argv with surrogateescape: bytes that are not UTF-8 arrive as lone
+    # surrogates, which no tokenizer can encode.
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        byte = ord(prompt[err.start]) - 0xDC00
+        shown = f"byte 0x{byte:02x}" if 0x80 <= byte <= 0xFF else repr(prompt[err.start])
+        raise ValueError(
+            f"--prompt is not valid UTF-8 ({shown} at position {err.start}); give it as UTF-8"
+        ) from None
