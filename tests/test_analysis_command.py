@@ -86,6 +86,15 @@ def test_an_out_path_that_is_a_file_is_refused_in_one_line(run_dir, tmp_path, ca
     assert main(["analyze", str(run_dir), "--out", str(tmp_path / "f")]) == 2
     err = capsys.readouterr().err
     assert "is a file, not a directory" in err and err.count("\n") == 1
+    # Inside the data directory: its routing.json and figures would become training text.
+    data = tmp_path / "text"
+    data.mkdir()
+    (data / "a.txt").write_text("alpha beta gamma\n" * 20)
+    out = data / "analysis"
+    assert main(["analyze", str(run_dir), "--data", str(data), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"out_dir {out} lies inside the data directory" in err and err.count("\n") == 1
+    assert not out.exists()
 
 
 def test_the_default_window_is_the_training_length_within_the_context():

@@ -82,6 +82,11 @@ def test_an_out_dir_that_is_a_file_is_an_error(corpus, tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     assert main(["compare", *micro_flags(corpus, "--out-dir", str(tmp_path / "f"))]) == 2
     assert "--out-dir" in (err := capsys.readouterr().err) and "is a file" in err
+    # Inside the data directory: named as given, not as the model's run directory in it.
+    inside = corpus / "cmp"
+    assert main(["compare", *micro_flags(corpus, "--out-dir", str(inside))]) == 2
+    assert f"--out-dir {inside} lies inside the data directory" in capsys.readouterr().err
+    assert not inside.exists()
 
 
 def test_seed_and_seeds_together_is_an_error(corpus, tmp_path, capsys):

@@ -89,6 +89,7 @@ def analyze_checkpoint(
     summary of `analyze_model` plus "checkpoint", "data" and "out_dir".
     """
     from moekit.data import load_tokenizer, prepare_tokens
+    from moekit.data.sources import check_outside
     from moekit.devices import resolve_device
     from moekit.train.checkpoint import run_dir_of
 
@@ -115,6 +116,8 @@ def analyze_checkpoint(
     out_dir = Path(out_dir) if out_dir is not None else (run_dir or source) / "analysis"
     if out_dir.exists() and not out_dir.is_dir():  # before the text is read and routed
         raise ValueError(f"out_dir {out_dir} is a file, not a directory")
+    # Its routing.json and figures would be read as text by the next run on this data.
+    check_outside(data, out_dir, "out_dir")
     if cache_dir is None:
         # The training run's token cache when there is one (same key: nothing is redone).
         cache_dir = run_dir / "cache" if run_dir is not None else out_dir / "cache"

@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from moekit.data.sources import check_outside
 from moekit.train.config import TrainConfig
 from moekit.train.loop import train
 from moekit.train.metrics import read_metrics
@@ -93,6 +94,7 @@ def compare(
     if model_config.moe is None or model_config.moe_as_dense:
         raise ValueError("compare needs an MoE model config (moe set, moe_as_dense False)")
     out_dir = Path(out_dir)
+    check_outside(config.data, out_dir, "--out-dir")  # named as given, not as out_dir/moe
     if resume:
         check_comparison_to_resume(out_dir)
     else:
