@@ -25,7 +25,10 @@ class TrainConfig:
     batch_size: int = 16
     """Sequences per optimizer step (the global batch, over all micro-batches and ranks)."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step; batch_size must be a multiple of it."""
+    """Micro-batches per optimizer step; batch_size must be a multiple of it. Gradients
+    are summed, but each micro-batch's balancing losses (and capacity) see its own tokens,
+    as in Megatron: not the same step as one batch, or as data parallelism (whose loss
+    statistics are summed over the ranks), unless the balancing coefficients are 0."""
     seq_len: int = 128
     """Tokens per training sequence (at most the model's max_seq_len)."""
     lr: float = 3e-3
