@@ -246,3 +246,11 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(corpus, tmp_path, capsys, mo
     err = capsys.readouterr().err
     assert err == "moekit train: interrupted; the same command plus --resume continues from " \
         "the last checkpoint, if any\n"  # fmt: skip
+    from moekit.train import compare
+
+    monkeypatch.setattr(compare, "train", interrupted)
+    assert main(["compare", *micro_flags(corpus, "--out-dir", str(tmp_path / "cmp"))]) == 130
+    assert capsys.readouterr().err == (
+        "moekit compare: interrupted; the same command plus --resume continues the comparison "
+        "from its checkpoints\n"
+    )
