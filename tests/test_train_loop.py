@@ -64,8 +64,11 @@ def test_gradient_accumulation_matches_one_big_batch(corpus, tmp_path):
         run_dir = tmp_path / f"accum{accum}"
         train(cfg, micro_train(corpus, steps=2, grad_accum=accum), run_dir, plots=False)
         states.append(load_checkpoint(list_checkpoints(run_dir)[-1]).model_state)
+    # The gradients agree to rounding (6e-8 of up to 0.27), but AdamW's first update is
+    # lr * g / (|g| + 1e-8): where g is itself within rounding of 0, the rounding moves that
+    # weight's update by a share of lr (4.9e-6 at worst on this corpus).
     for name, t in states[0].items():
-        torch.testing.assert_close(states[1][name], t, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(states[1][name], t, rtol=1e-4, atol=2e-5, msg=name)
     torch.manual_seed(0)
     init = Transformer(cfg).state_dict()
     moved = [n for n, t in states[0].items() if (t - init[n]).abs().max() > 1e-4]
