@@ -13,8 +13,9 @@ _KEEP_ROWS_BYTES), the activation is recomputed, and the router weights' gradien
 itself is never stored. Working expert by expert also keeps each step's [N, F]
 temporaries in cache, where a dense layer streams [T, K*F] arrays through memory.
 
-The backward is written for one differentiation (once_differentiable, no jvp): double
-backward needs the reference path, and forward-mode AD gets it (moekit.paths).
+The backward is written for one differentiation (no jvp): a backward with
+create_graph=True (gradient penalties, Hessians) is refused at once, and double backward
+needs the reference path; forward-mode AD gets it (moekit.paths).
 
 On CPU torch's grouped_mm has a forward but no backward (torch 2.13), and a loop of
 plain matmuls measures as fast as its forward, so the loop is the kernel here. CUDA
@@ -44,7 +45,6 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from moekit.expert_scatter import ExpertScatter
 from moekit.expert_threads import expert_groups, side_by_side
@@ -300,8 +300,21 @@ class _FusedExperts(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
+        # torch's once_differentiable refuses a second differentiation only when grad_out
+        # itself needs a gradient: for y.sum() (a constant grad_out) it returned a gradient
+        # with no graph, and the Hessian left the experts' terms out, silently.
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "the fused experts' backward cannot differentiate twice (backward with "
+                "create_graph=True): build the layer with impl='reference' for gradient "
+                "penalties or second derivatives"
+            )
+        with torch.no_grad():
+            return _FusedExperts._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         x, w_gate, w_up, w_down, weight_A, rows_A, gate_AF, up_AF, x_AD = ctx.saved_tensors
         counts = ctx.counts
         ex = _Experts(x, w_gate, w_up, w_down, weight_A, rows_A, counts)
