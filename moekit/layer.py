@@ -165,6 +165,13 @@ class MoE(nn.Module):
             out.token_ids = real_T[out.token_ids]
         return y_TD.view(x.shape), out
 
+    def reset_parameters(self) -> None:
+        """Initialise every weight as construction does: for a layer built on `meta` and
+        given storage by `to_empty` (a Transformer has its own `init_weights`)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
     @torch.no_grad()
     def update_bias(self, tokens_per_expert: Tensor) -> None:
         """Auxiliary-loss-free balancing step (sigmoid_bias router); a no-op for others.

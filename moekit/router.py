@@ -101,7 +101,16 @@ class Router(nn.Module):
         super().__init__()
         self.config = config
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.d_model))
-        nn.init.normal_(self.weight, std=config.d_model**-0.5)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, 1/sqrt(D)) scores, and a selection bias of 0 where there is one (also
+        after `to_empty`, as FSDP's deferred init and `MoE.reset_parameters` call it)."""
+        nn.init.normal_(self.weight, std=self.config.d_model**-0.5)
+        bias = getattr(self, "expert_bias", None)
+        if bias is not None:
+            with torch.no_grad():
+                bias.zero_()
 
     def logits(self, x_TD: Tensor) -> Tensor:
         cfg = self.config
