@@ -131,8 +131,10 @@ def generate(
             "tokens; sample from a model with a token-choice router"
         )
     if not isinstance(prompt_ids, Tensor) or prompt_ids.dim() != 2:
-        raise ValueError(f"prompt_ids must be a [B, S] tensor, got {prompt_ids!r}")
+        raise ValueError(f"prompt_ids must be a [B, S] tensor, got {prompt_ids!r:.200}")
     B, S = prompt_ids.shape
+    if B == 0 or S == 0:
+        raise ValueError(f"prompt_ids must hold at least one token per row, got shape {(B, S)}")
     total = S + max_new_tokens
     if total > model.config.max_seq_len:
         raise ValueError(

@@ -197,6 +197,19 @@ def test_bad_ids(ids, error, match) -> None:
         Transformer(_cfg())(ids)
 
 
+def test_a_batch_of_no_rows_gives_empty_logits() -> None:
+    # The MoE layer takes B = 0; the model had failed in its id range check (min() of
+    # nothing) and then in attention's reshape of 0 elements.
+    model = Transformer(_cfg())
+    out = model(torch.zeros(0, 3, dtype=torch.long))
+    assert out.logits.shape == (0, 3, V) and float(out.aux_loss.detach()) == 0.0
+    (out.logits.sum() + out.aux_loss).backward()
+    from moekit.generate import generate
+
+    with pytest.raises(ValueError, match=r"prompt_ids must hold at least one token .* \(0, 3\)"):
+        generate(model, torch.zeros(0, 3, dtype=torch.long), 2)
+
+
 def test_bad_cache_and_padding() -> None:
     model = Transformer(_cfg())
     cache = model.new_cache(1, 6)

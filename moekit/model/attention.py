@@ -134,7 +134,7 @@ class GroupedQueryAttention(nn.Module):
             is_causal=is_causal,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
-        return self.o_proj(y_BHSD.transpose(1, 2).reshape(B, S, -1))
+        return self.o_proj(y_BHSD.transpose(1, 2).reshape(B, S, self.o_proj.in_features))
 
 
 ATTENTIONS["gqa"] = GroupedQueryAttention

@@ -200,6 +200,8 @@ class Transformer(nn.Module):
         # One read-back for both bounds (on CUDA each is a synchronization). Out-of-range
         # ids must be caught here: on CUDA the embedding would fail with a device-side
         # assert that poisons the whole CUDA context.
+        if ids_BS.numel() == 0:  # a batch of no rows: nothing to check, empty logits
+            return ids_BS.shape[0], ids_BS.shape[1]
         lo, hi = torch.stack([ids_BS.min(), ids_BS.max()]).tolist()
         if lo < 0 or hi >= V:
             raise ValueError(f"ids must lie in [0, vocab_size={V}), got values in [{lo}, {hi}]")
