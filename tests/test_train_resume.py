@@ -63,6 +63,31 @@ def test_resumed_run_is_bitwise_equal(corpus, tmp_path):
     assert resumed.tokens_per_s == pytest.approx(3 * config.tokens_per_step / sum(seconds))
 
 
+def test_a_run_keeps_the_split_rule_it_began_with(corpus, tmp_path):
+    # Runs checkpointed before the sized rule split by name alone; at val_fraction 0.1 this
+    # corpus splits differently under the two, and such a run must resume on its own tokens.
+    from moekit.train.checkpoint import read_state, split_rule_of
+
+    config = micro_train(corpus, steps=4, checkpoint_every=2, val_fraction=0.1)
+    train(MICRO, config, tmp_path / "whole", plots=False, split_rule="by_name")
+    train(MICRO, config, tmp_path / "sized", plots=False)
+    digests = [
+        read_state(list_checkpoints(tmp_path / n)[-1])["data_digest"] for n in ("whole", "sized")
+    ]
+    assert digests[0] != digests[1]
+    with crash_at(3), pytest.raises(Crash):
+        train(MICRO, config, tmp_path / "cut", plots=False, split_rule="by_name")
+    with pytest.raises(ValueError, match="trained on the 'by_name' split of its text"):
+        train(MICRO, config, tmp_path / "cut", resume=tmp_path / "cut", split_rule="sized")
+    train(MICRO, config, tmp_path / "cut", resume=tmp_path / "cut", plots=False)
+    assert _history(tmp_path / "cut") == _history(tmp_path / "whole")
+    cut, whole = (load_checkpoint(list_checkpoints(tmp_path / n)[-1]) for n in ("cut", "whole"))
+    assert all(torch.equal(cut.model_state[k], t) for k, t in whole.model_state.items())
+    # A trained run's state.json from before the rule, and converted weights (never trained).
+    assert split_rule_of({"step": 3, "optimizer": {}}) == "by_name"
+    assert split_rule_of({"step": 0, "converted_from": "hf"}) == "sized"
+
+
 def test_a_resume_checks_config_and_steps_before_tokenizing(corpus, tmp_path, monkeypatch):
     # A changed flag or a finished run must not first cost the corpus's tokenization.
     import moekit.train.loop as loop

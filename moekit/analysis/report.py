@@ -90,6 +90,7 @@ def analyze_checkpoint(
     """
     from moekit.data import load_tokenizer, prepare_tokens
     from moekit.data.sources import check_outside
+    from moekit.data.tokens import SPLIT_RULE
     from moekit.devices import resolve_device
     from moekit.train.checkpoint import run_dir_of
 
@@ -122,7 +123,8 @@ def analyze_checkpoint(
         # The training run's token cache when there is one (same key: nothing is redone).
         cache_dir = run_dir / "cache" if run_dir is not None else out_dir / "cache"
     val_fraction = float(train.get("val_fraction", 0.1))
-    split = prepare_tokens(data, tok, cache_dir, val_fraction)["val"]
+    rule = train.get("split_rule", SPLIT_RULE)
+    split = prepare_tokens(data, tok, cache_dir, val_fraction, rule)["val"]
     domains, batches = labelled_batches(split, seq_len, batch_size, batches_per_domain)
     summary = analyze_model(
         model,
@@ -205,12 +207,21 @@ def _load(path: Path, device: str) -> tuple[nn.Module, dict, Path]:
         config = json.loads(config_path.read_text())
         if "model_type" in config:  # a Hugging Face model directory
             return (*_load_hf(path, device), path)
-    from moekit.train.checkpoint import load_model, read_config, resolve, resolve_tokenizer
+    from moekit.train.checkpoint import (
+        load_model,
+        read_config,
+        read_state,
+        resolve,
+        resolve_tokenizer,
+        split_rule_of,
+    )
 
     ckpt_dir = resolve(path)
     # Config and weights only (each verified against the manifest), no optimizer state.
     model = load_model(ckpt_dir, device)
     train = dict(read_config(ckpt_dir).get("train", {}))
+    # The validation split the run held out: split as the run split its text.
+    train["split_rule"] = split_rule_of(read_state(ckpt_dir))
     if "tokenizer" in train:
         train["tokenizer"] = resolve_tokenizer(train["tokenizer"], ckpt_dir)
     return model, train, ckpt_dir

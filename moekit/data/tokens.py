@@ -8,8 +8,13 @@ tokens. `meta.json` also holds a SHA-1 of each split's tokens: `TokenSplit.diges
 a checkpoint records so that resuming on other text is refused.
 
 Documents go to validation when `stable_fraction(name) < val_fraction` (a stable hash of
-the name, fixed across machines and runs); when that leaves a split empty (a single small
-file), the last `val_fraction` of the tokens becomes validation instead.
+the name, fixed across machines and runs). Under the "sized" split rule, where that holds
+out under half or over twice val_fraction of the tokens (a single file, or a few of very
+different sizes), the training documents then the validation ones are cut by position
+instead, the last val_fraction becoming validation. The "by_name" rule, of runs
+checkpointed before "sized" existed, cuts by position only when a split is empty; a
+resumed run keeps the rule it began with (its checkpoint records it), so its tokens stay
+its own.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ from moekit.data.corpus import stable_fraction
 from moekit.data.tokenizer import Tokenizer, token_dtype
 
 SPLITS = ("train", "val")
+SPLIT_RULES = ("sized", "by_name")
+SPLIT_RULE = "sized"
+"""The split rule of new runs (see the module docstring)."""
 _FORMAT = 3
 _ARRAY_CODES = {torch.uint8: "B", torch.uint16: "H", torch.uint32: "I"}
 _DTYPE_NAMES = {torch.uint8: "uint8", torch.uint16: "uint16", torch.uint32: "uint32"}
@@ -60,11 +68,20 @@ class TokenSplit:
 
 
 def prepare_tokens(
-    data: str, tokenizer: Tokenizer, cache_dir: str | Path, val_fraction: float
+    data: str,
+    tokenizer: Tokenizer,
+    cache_dir: str | Path,
+    val_fraction: float,
+    split_rule: str = SPLIT_RULE,
 ) -> dict[str, TokenSplit]:
-    """Tokenize `data` into `cache_dir` once (reusing a complete earlier entry) and map it."""
+    """Tokenize `data` into `cache_dir` once (reusing a complete earlier entry) and map it.
+
+    split_rule: "sized" (new runs) or "by_name" (runs checkpointed before it; see the
+    module docstring)."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    if split_rule not in SPLIT_RULES:
+        raise ValueError(f"split_rule must be one of {SPLIT_RULES}, got {split_rule!r}")
     sources.check_outside(data, cache_dir, "the token cache")
     dtype = token_dtype(tokenizer.vocab_size)
     key_src = [
@@ -73,13 +90,14 @@ def prepare_tokens(
         tokenizer.fingerprint,
         tokenizer.vocab_size,
         val_fraction,
+        split_rule,
     ]
     key = hashlib.sha1(json.dumps(key_src).encode()).hexdigest()[:16]
     entry = Path(cache_dir) / key
     meta_path = entry / "meta.json"
     meta = _intact_meta(entry, dtype)
     if meta is None:
-        _build(entry, data, tokenizer, dtype, val_fraction)
+        _build(entry, data, tokenizer, dtype, val_fraction, split_rule)
         meta = json.loads(meta_path.read_text())
     return {
         split: TokenSplit(
@@ -129,7 +147,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _build(entry: Path, data: str, tokenizer: Tokenizer, dtype: torch.dtype, val_fraction: float):
+def _build(
+    entry: Path,
+    data: str,
+    tokenizer: Tokenizer,
+    dtype: torch.dtype,
+    val_fraction: float,
+    split_rule: str,
+):
     host = socket.gethostname()
     _remove_dead_builds(entry, host)
     tmp = entry.with_name(f"{entry.name}.tmp-{host}-{os.getpid()}")
@@ -158,10 +183,15 @@ def _build(entry: Path, data: str, tokenizer: Tokenizer, dtype: torch.dtype, val
     if counts["train"] + counts["val"] == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ValueError(f"data {data} contains no text")
-    if not _share_near(counts, val_fraction):
+    if split_rule == "sized":
+        by_position = not _share_near(counts, val_fraction)
+    else:
+        by_position = counts["train"] == 0 or counts["val"] == 0
+    if by_position:
         _split_by_position(tmp, counts, domains, dtype, val_fraction)
     meta = {
         "format": _FORMAT,
+        "split_rule": split_rule,
         "data": data,
         "tokenizer": tokenizer.name,
         "vocab_size": tokenizer.vocab_size,

@@ -166,18 +166,30 @@ def read_config(path: str | Path) -> dict:
 
 def read_step(path: str | Path) -> int:
     """A checkpoint's step alone, from its verified state.json."""
-    return read_training_state(path)[0]
+    return int(read_state(path)["step"])
 
 
-def read_training_state(path: str | Path) -> tuple[int, bool]:
-    """(step, whether it holds the optimizer state a resume continues) from the verified
-    state.json. A checkpoint converted from Hugging Face holds weights only."""
+def read_state(path: str | Path) -> dict:
+    """A checkpoint's verified state.json: step, optimizer layout (absent in a checkpoint
+    converted from Hugging Face, which holds weights only), data digest and split rule."""
     blob = _verified_files(Path(path), ("state.json",))["state.json"]
     try:
         state = json.loads(blob)
-        return int(state["step"]), "optimizer" in state
+        state["step"] = int(state["step"])
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} is corrupted: state.json ({err})") from err
+    return state
+
+
+def split_rule_of(state: dict) -> str:
+    """The token split rule a checkpointed run began with (moekit.data.tokens): "by_name"
+    for a run saved before runs recorded one; the current rule for a checkpoint that was
+    never trained (converted weights, without optimizer state)."""
+    from moekit.data.tokens import SPLIT_RULE
+
+    if "split_rule" in state:
+        return state["split_rule"]
+    return "by_name" if "optimizer" in state else SPLIT_RULE
 
 
 def load_weights(path: str | Path) -> dict[str, Tensor]:

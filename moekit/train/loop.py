@@ -22,7 +22,7 @@ from torch import Tensor
 from moekit.data.batches import TrainBatches, val_batches
 from moekit.data.sources import check_outside
 from moekit.data.tokenizer import load_tokenizer
-from moekit.data.tokens import data_digest, prepare_tokens
+from moekit.data.tokens import SPLIT_RULE, data_digest, prepare_tokens
 from moekit.devices import resolve_device
 from moekit.train import checkpoint as ckpt_io
 from moekit.train import metrics as metrics_io
@@ -94,6 +94,7 @@ def train(
     cache_dir: str | Path | None = None,
     plots: bool = True,
     init_from: InitSource | None = None,
+    split_rule: str | None = None,
 ) -> TrainResult:
     """Train a `Transformer(model_config)` per `config`, writing everything under run_dir.
 
@@ -102,6 +103,8 @@ def train(
     (`moekit.hf.convert.load_init_source`; read after the memory check, and not at all
     when resuming, where the checkpoint has the weights).
     cache_dir: where token files go (default run_dir/cache).
+    split_rule: how a new run splits its text (moekit.data.tokens; default the current
+        rule); a resumed run keeps its checkpoint's, and giving another is an error.
     Returns a TrainResult; metrics.jsonl, checkpoints/ and the PNG plots are in run_dir.
     """
     from moekit.model import Transformer
@@ -134,12 +137,25 @@ def train(
         # must not cost a multi-GB corpus's tokenization first.
         resume = ckpt_io.resolve(resume)
         branched_from = preflight.resume_source(resume, run_dir)
+        # Weights only first: a conversion records a default config, whose differences
+        # would send the user matching flags for a checkpoint that cannot resume at all.
+        resumed_state = ckpt_io.read_state(resume)
+        preflight.check_has_training_state(resume, resumed_state)
         preflight.check_resumable(ckpt_io.read_config(resume), resume, model_config, config)
-        preflight.check_resumes(resume, config)
+        preflight.check_steps_left(resumed_state["step"], config)
+        saved_rule = ckpt_io.split_rule_of(resumed_state)
+        if split_rule not in (None, saved_rule):
+            raise ValueError(
+                f"split_rule {split_rule!r}: {resume} was trained on the {saved_rule!r} split "
+                "of its text, which a resume keeps"
+            )
+        split_rule = saved_rule
     home = tokenizer_home(config.tokenizer, run_dir)
     # Read after the memory check (a source too large to train is never read) and before
     # tokenizing, so a broken source fails before anything is written. A resumed run's
     # weights are its checkpoint's.
+    if resume is None:
+        split_rule = SPLIT_RULE if split_rule is None else split_rule
     init_state = None if init_from is None or resume is not None else init_from.read_state()
     if init_state is not None:
         # Shapes against a model on meta now: a --set that changes them fails before the
@@ -150,9 +166,9 @@ def train(
     if parallel is not None:
         # Rank 0 tokenizes into the shared cache while the others wait, then all reuse it.
         if is_main:
-            prepare_tokens(config.data, tokenizer, cache_dir, config.val_fraction)
+            prepare_tokens(config.data, tokenizer, cache_dir, config.val_fraction, split_rule)
         parallel.barrier()
-    splits = prepare_tokens(config.data, tokenizer, cache_dir, config.val_fraction)
+    splits = prepare_tokens(config.data, tokenizer, cache_dir, config.val_fraction, split_rule)
     digest = data_digest(splits)
     batches = TrainBatches(splits["train"], config.seq_len, config.batch_size, config.seed)
     evals = {"": val_batches(splits["val"], config.seq_len, config.batch_size, config.eval_batches)}
@@ -320,7 +336,10 @@ def train(
         )
         every = config.checkpoint_every
         if last_step or (every and (step + 1) % every == 0):
-            _save(run_dir, step + 1, base, optimizer, model_config, config, parallel, digest)
+            _save(
+                run_dir, step + 1, base, optimizer, model_config, config, parallel, digest,
+                split_rule,
+            )  # fmt: skip
     bar.close()
     if log is not None:
         log.close()
@@ -351,7 +370,9 @@ def _recorded_train(config: TrainConfig, run_dir: Path) -> dict:
     return {**config.to_dict(), "tokenizer": tokenizer}
 
 
-def _save(run_dir, step, base, optimizer, model_config, config, parallel, digest) -> None:
+def _save(
+    run_dir, step, base, optimizer, model_config, config, parallel, digest, split_rule
+) -> None:
     full = parallel.full_state_dict(base) if parallel is not None else base.state_dict()
     tensors, scalars = state_io.capture(base, optimizer)
     if parallel is not None:  # gather expert moments: a collective, on every rank
@@ -364,7 +385,7 @@ def _save(run_dir, step, base, optimizer, model_config, config, parallel, digest
             full,
             {"model": model_config.to_dict(), "train": _recorded_train(config, run_dir)},
             tensors,
-            {**scalars, "world_size": world, "data_digest": digest},
+            {**scalars, "world_size": world, "data_digest": digest, "split_rule": split_rule},
             keep=config.keep_checkpoints,
         )
     if parallel is not None:

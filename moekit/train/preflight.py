@@ -57,17 +57,15 @@ def check_resumable(saved: dict, path: Path, model_config, train_config: TrainCo
         )
 
 
-def check_resumes(path: Path, train_config: TrainConfig) -> None:
-    """CheckpointError when the checkpoint holds no optimizer state to continue from (a
-    conversion's weights); ValueError when it has run every step already."""
-    step, trainable = ckpt_io.read_training_state(path)
-    if not trainable:
+def check_has_training_state(path: Path, state: dict) -> None:
+    """CheckpointError when the checkpoint (state: its state.json) holds no optimizer state
+    to continue from: a conversion's weights."""
+    if "optimizer" not in state:
         raise ckpt_io.CheckpointError(
             f"checkpoint {path} holds weights only (no optimizer or data-position state, as "
             f"a conversion writes): nothing to resume; begin a new run from it with "
             f"--init-from {path} and another --run-dir"
         )
-    check_steps_left(step, train_config)
 
 
 def check_steps_left(step: int, train_config: TrainConfig) -> None:
