@@ -115,3 +115,45 @@ def test_resume_of_seeds_continues_each_and_summarises(corpus, tmp_path, monkeyp
     record = json.loads((out_dir / "seeds.json").read_text())
     assert record["seeds"] == expected["seeds"]
     assert record["mean_diff"] == expected["mean_diff"]
+
+
+def test_resume_refuses_a_finished_model_trained_on_other_text(
+    corpus, tmp_path, monkeypatch, capsys
+):
+    # The dense twin had not begun: it would have trained on the new text, the MoE on the old.
+    import shutil
+
+    text = tmp_path / "text"
+    shutil.copytree(corpus, text)
+    out_dir = tmp_path / "cmp"
+    with monkeypatch.context() as m:
+        crash_in_run(m, 2, step=1)
+        with pytest.raises(Crash):
+            main(flags(text, out_dir))
+    (text / "prose.txt").write_text("Other prose now, for the test's sake.\n" * 60)
+    capsys.readouterr()
+    assert main(flags(text, out_dir, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "the tokens of data" in err and "differ from the checkpoint's" in err
+    assert not (out_dir / "dense" / "checkpoints").exists()
+
+
+def test_a_model_not_begun_splits_the_text_as_the_finished_one_did(corpus, tmp_path, monkeypatch):
+    # A comparison whose MoE was trained under the by_name split rule (runs checkpointed
+    # before the sized rule existed) trains its dense twin on the same split.
+    from train_common import MICRO, micro_train
+
+    from moekit.data.tokens import SPLIT_RULE
+    from moekit.train.checkpoint import list_checkpoints, read_state
+    from moekit.train.compare import compare
+
+    out_dir = tmp_path / "cmp"
+    config = micro_train(corpus, steps=2, checkpoint_every=2, val_fraction=0.1)
+    with monkeypatch.context() as m:
+        crash_in_run(m, 2, step=1)
+        with pytest.raises(Crash):
+            compare(MICRO, config, out_dir, split_rule="by_name")
+    compare(MICRO, config, out_dir, resume=True)
+    states = [read_state(list_checkpoints(out_dir / name)[-1]) for name in ("moe", "dense")]
+    assert [s["split_rule"] for s in states] == ["by_name", "by_name"] != [SPLIT_RULE] * 2
+    assert states[0]["data_digest"] == states[1]["data_digest"]

@@ -80,6 +80,7 @@ def compare(
     parallel=None,
     cache_dir: str | Path | None = None,
     resume: bool = False,
+    split_rule: str | None = None,
 ) -> tuple[list[CompareRow], Path | None]:
     """Train `model_config` and its dense twin into out_dir/{moe,dense}.
 
@@ -88,6 +89,9 @@ def compare(
     rows and the curves.
     cache_dir: where token files go (default out_dir/cache).
     resume: continue an interrupted comparison in out_dir (`_train_or_continue`).
+    split_rule: how new runs split the text (moekit.data.tokens; default the current
+        rule); resuming, a model not yet begun takes the rule of the one already run, so
+        both train on the same tokens.
     """
     from moekit.model import count_parameters, dense_twin
 
@@ -101,11 +105,14 @@ def compare(
         check_new_comparison(out_dir)
     rows, curves = [], {}
     plots = can_plot()  # one warning for the comparison, not one per model
-    cache = cache_dir or out_dir / "cache"
+    cache = Path(cache_dir or out_dir / "cache")
+    if resume:
+        split_rule = split_rule_of_runs([out_dir / name for name in MODELS]) or split_rule
     twins = dict(zip(MODELS, (model_config, dense_twin(model_config)), strict=True))
     for name, cfg in twins.items():
         run_dir = out_dir / name
-        _train_or_continue(cfg, config, run_dir, resume, parallel, cache, plots)
+        run = _Run(cfg, config, run_dir, parallel, cache, plots, split_rule)
+        _train_or_continue(run, resume)
         per_step = training_flops_per_step(cfg, config)
         records = read_metrics(run_dir)
         val = [r for r in records if r.get("kind") == "val"]
@@ -131,30 +138,72 @@ def compare(
     return rows, plot
 
 
-def _train_or_continue(
-    cfg, config: TrainConfig, run_dir: Path, resume: bool, parallel, cache, plots
-):
+def split_rule_of_runs(run_dirs: list[Path]) -> str | None:
+    """The token split rule of the first of these runs that has a checkpoint (None if
+    none has): the rule the runs of one comparison share."""
+    from moekit.train import checkpoint as ckpt_io
+
+    for run_dir in run_dirs:
+        found = ckpt_io.list_checkpoints(run_dir)
+        if found:
+            return ckpt_io.split_rule_of(ckpt_io.read_state(found[-1]))
+    return None
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One model of a comparison and how to train it."""
+
+    model_config: object
+    config: TrainConfig
+    run_dir: Path
+    parallel: object
+    cache: Path
+    plots: bool
+    split_rule: str | None
+
+
+def _train_or_continue(run: _Run, resume: bool) -> None:
     """Train one model of the comparison; with `resume`, only what it lacks.
 
     A run without checkpoints trains from the start; one whose newest checkpoint is short
-    of config.steps continues from it exactly (as `moekit train --resume`); a finished one
-    is only checked against the config: the comparison must be of the runs it names.
+    of config.steps continues from it exactly (as `moekit train --resume`, which checks its
+    config and tokens); a finished one is checked as a resume would be: the comparison
+    must be of the models and tokens it names.
     """
     from moekit.train import checkpoint as ckpt_io
     from moekit.train import preflight
 
-    found = ckpt_io.list_checkpoints(run_dir) if resume else []
+    config = run.config
+    kwargs = dict(parallel=run.parallel, cache_dir=run.cache, plots=run.plots)
+    found = ckpt_io.list_checkpoints(run.run_dir) if resume else []
     if not found:
-        train(cfg, config, run_dir, parallel=parallel, cache_dir=cache, plots=plots)
+        train(run.model_config, config, run.run_dir, split_rule=run.split_rule, **kwargs)
         return
     newest = found[-1]
-    step = ckpt_io.read_step(newest)
-    if step < config.steps:
-        train(cfg, config, run_dir, resume=newest, parallel=parallel, cache_dir=cache, plots=plots)
+    state = ckpt_io.read_state(newest)
+    if state["step"] < config.steps:
+        train(run.model_config, config, run.run_dir, resume=newest, **kwargs)
         return
-    preflight.check_resumable(ckpt_io.read_config(newest), newest, cfg, config)
-    if step > config.steps:  # steps is part of the config checked above: a corrupt state
-        raise ValueError(f"{newest} is at step {step}, past steps={config.steps}")
+    preflight.check_resumable(ckpt_io.read_config(newest), newest, run.model_config, config)
+    if state["step"] > config.steps:  # steps is in the config checked above: a corrupt state
+        raise ValueError(f"{newest} is at step {state['step']}, past steps={config.steps}")
+    preflight.check_same_data(
+        state.get("data_digest"), _data_digest(config, run.cache, state), config.data
+    )
+
+
+def _data_digest(config: TrainConfig, cache: Path, state: dict) -> str:
+    """The digest of the tokens config.data gives now, split by the checkpoint's rule."""
+    from moekit.data.tokenizer import load_tokenizer
+    from moekit.data.tokens import data_digest, prepare_tokens
+    from moekit.train.checkpoint import split_rule_of
+
+    tokenizer = load_tokenizer(config.tokenizer)
+    splits = prepare_tokens(
+        config.data, tokenizer, cache, config.val_fraction, split_rule_of(state)
+    )
+    return data_digest(splits)
 
 
 def _final_val(val: list[dict], steps: int, run_dir: Path) -> dict:

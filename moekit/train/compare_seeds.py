@@ -15,7 +15,13 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from moekit.train.compare import MODELS, check_new_comparison, compare, text_table
+from moekit.train.compare import (
+    MODELS,
+    check_new_comparison,
+    compare,
+    split_rule_of_runs,
+    text_table,
+)
 from moekit.train.config import TrainConfig
 
 
@@ -97,6 +103,9 @@ def compare_seeds(
         for seed in seeds:  # and every seed's directory, for the same reason
             check_new_comparison(out_dir / f"seed_{seed}")
     results = []
+    # Resumed, seeds not yet begun split the text as the others did: one set of tokens.
+    runs = [out_dir / f"seed_{seed}" / name for seed in seeds for name in MODELS]
+    split_rule = split_rule_of_runs(runs) if resume else None
     for seed, seed_config in zip(seeds, configs, strict=True):
         rows, _ = compare(
             model_config,
@@ -105,6 +114,7 @@ def compare_seeds(
             parallel=parallel,
             cache_dir=out_dir / "cache",
             resume=resume and _has_runs(out_dir / f"seed_{seed}"),
+            split_rule=split_rule,
         )
         moe, dense = rows
         results.append(SeedResult(seed, moe.val_loss, dense.val_loss))
