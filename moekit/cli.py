@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
 _RESUME_HINTS = {
     "train": "; the same command plus --resume continues from the last checkpoint, if any",
-    "compare": "; the same command plus --resume continues the comparison from its checkpoints",
+    "compare": "; the same command plus --resume continues the comparison from its "
+    "checkpoints, if any",
 }
 
 

@@ -252,5 +252,5 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(corpus, tmp_path, capsys, mo
     assert main(["compare", *micro_flags(corpus, "--out-dir", str(tmp_path / "cmp"))]) == 130
     assert capsys.readouterr().err == (
         "moekit compare: interrupted; the same command plus --resume continues the comparison "
-        "from its checkpoints\n"
+        "from its checkpoints, if any\n"
     )

@@ -52,7 +52,8 @@ class TrainConfig:
     tokenizer: str = "bytes"
     """bytes (V=256) or a path to a tokenizer.json, which the run copies into its directory."""
     val_fraction: float = 0.1
-    """Share of documents held out for validation (by a stable hash of their names)."""
+    """Share held out for validation: documents by a stable hash of their names, or the
+    text's last val_fraction when that would hold out under half or over twice it."""
     eval_every: int = 50
     """Validation loss every this many steps (and at the end)."""
     eval_batches: int = 8
