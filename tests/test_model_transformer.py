@@ -197,6 +197,23 @@ def test_bad_ids(ids, error, match) -> None:
         Transformer(_cfg())(ids)
 
 
+@pytest.mark.parametrize("yarn", [False, True])
+def test_rope_tables_survive_a_round_trip_through_bf16(yarn) -> None:
+    # .to(bf16) had rounded the tables (by up to 2e-3) and .float() kept the rounding:
+    # the logits differed from those with the tables computed afresh.
+    changes = dict(rope_type="yarn", rope_factor=4.0, rope_original_max_seq_len=4) if yarn else {}
+    torch.manual_seed(0)
+    model = Transformer(_cfg(**changes))
+    cos = model.rope.cos.clone()
+    model.bfloat16()
+    assert model.rope.cos.dtype == torch.float32 and torch.equal(model.rope.cos, cos)
+    ids = torch.randint(0, V, (2, 9))
+    got = model.float()(ids).logits
+    model.rope.reset_parameters()
+    torch.testing.assert_close(got, model(ids).logits, rtol=0, atol=0)
+    assert model.double().rope.cos.dtype == torch.float64
+
+
 def test_a_batch_of_no_rows_gives_empty_logits() -> None:
     # The MoE layer takes B = 0; the model had failed in its id range check (min() of
     # nothing) and then in attention's reshape of 0 elements.

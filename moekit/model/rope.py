@@ -155,6 +155,17 @@ class RotaryEmbedding(nn.Module):
             self.cos.copy_(emb.cos() * scale)
             self.sin.copy_(emb.sin() * scale)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) casts every floating buffer: the tables would be rounded,
+        # and a cast back would not restore them. They stay at least float32 (forward casts
+        # them to x's dtype per call, as Hugging Face does), recomputed where cast below.
+        super()._apply(fn, recurse)
+        keep = torch.promote_types(self.cos.dtype, torch.float32)
+        if self.cos.dtype != keep:
+            self.cos, self.sin = self.cos.to(keep), self.sin.to(keep)
+            self.reset_parameters()
+        return self
+
     def forward(self, x_BSHR: Tensor, start_pos: int = 0) -> Tensor:
         S = x_BSHR.shape[1]
         # Tables cast to x's dtype before the multiply, as Hugging Face does.
