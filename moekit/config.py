@@ -164,9 +164,19 @@ class MoEConfig:
         return self.num_shared_experts * (self.shared_d_ff or self.d_ff)
 
     @property
+    def experts_per_token(self) -> float:
+        """Routed experts a token runs through, on average: top_k; under expert choice,
+        where each expert takes C = capacity_factor * T * K / E tokens, capacity_factor *
+        top_k (at most every expert)."""
+        if self.router != "expert_choice":
+            return float(self.top_k)
+        return min(float(self.num_experts), (self.capacity_factor or 1.0) * self.top_k)
+
+    @property
     def active_ffn_width(self) -> int:
-        """Hidden width a token sees: K routed experts plus the shared ones."""
-        return self.top_k * self.d_ff + self.shared_width
+        """Hidden width a token sees: its routed experts' (experts_per_token, rounded to a
+        whole width) plus the shared ones."""
+        return round(self.experts_per_token * self.d_ff) + self.shared_width
 
     def replace(self, **changes: object) -> MoEConfig:
         """A copy with some fields changed (validated again)."""

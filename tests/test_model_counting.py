@@ -109,6 +109,42 @@ def test_dense_twin_has_equal_ffn_flops_and_same_attention(name) -> None:
         assert isinstance(ffn, MLP) and ffn.up_proj.out_features == cfg.moe.active_ffn_width
 
 
+def test_expert_choice_counts_the_experts_its_capacity_gives_a_token() -> None:
+    # Each expert takes C = cf * T * K / E tokens: a token runs cf * K experts on average
+    # (here 2 * 2 = 4 of 5), not K; the counts and the twin had used K.
+    cfg = CONFIGS["moe"].replace(moe=MOE.replace(router="expert_choice", capacity_factor=2.0))
+    assert cfg.moe.experts_per_token == 4.0 and cfg.moe.active_ffn_width == 4 * 20
+    model = Transformer(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 10))  # T = 20: C = 2 * 20 * 2 / 5 = 16
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(ids)
+    counts = counter.get_flop_counts()["Global"]
+    measured = sum(v for op, v in counts.items() if op.__name__.split(".")[0] in ("mm", "addmm"))
+    f = flops(cfg, seq_len=10)
+    assert measured == 20 * (f.attention + f.ffn + f.router + f.lm_head)
+    assert flops(dense_twin(cfg)).ffn == f.ffn
+    total, active = count_parameters(cfg)
+    bank = sum(p.numel() for m in model.moe_layers() for p in m.experts.parameters())
+    assert total - active == bank // 5  # one expert of five left out per token
+    # Capped at every expert: cf * K past E runs each expert on every token.
+    assert cfg.moe.replace(capacity_factor=4.0).experts_per_token == 5.0
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: flops(CONFIGS["moe"], seq_len=0), ValueError, "seq_len must be an int >= 1"),
+        (lambda: flops(CONFIGS["moe"], seq_len=1.5), ValueError, "seq_len must be an int >= 1"),
+        (lambda: flops(MOE), TypeError, "config must be a ModelConfig, got MoEConfig"),
+        (lambda: dense_twin(MOE), TypeError, "config must be a ModelConfig, got MoEConfig"),
+    ],
+)
+def test_counting_names_a_bad_argument(call, error, match) -> None:
+    with pytest.raises(error, match=match):
+        call()
+
+
 # Published sizes (total, active) in billions: Mixtral paper (46.7B/12.9B), OLMoE paper
 # (6.9B/1.3B), Qwen3-30B-A3B model card (30.5B/3.3B), DeepSeek-V3 report (671B/37B, without
 # the multi-token-prediction module).

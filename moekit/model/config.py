@@ -321,10 +321,13 @@ class ModelConfig:
 def dense_twin(config: ModelConfig) -> ModelConfig:
     """The same model with a dense FFN of the MoE's active width in each MoE layer's place.
 
-    Width top_k * d_ff + shared width with the MoE's activation, so the FFN FLOPs per token
+    Width experts_per_token * d_ff (top_k * d_ff; capacity_factor * top_k * d_ff under
+    expert choice) + shared width with the MoE's activation, so the FFN FLOPs per token
     are equal (the router's are not counted); attention, embeddings and the layers that
     were already dense are unchanged. A dense config is returned as it is.
     """
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
     if config.moe is None or config.moe_as_dense:
         return config
     return config.replace(moe_as_dense=True)

@@ -25,17 +25,17 @@ def count_parameters(config: ModelConfig) -> tuple[int, int]:
     """(total, active per token) parameter counts.
 
     Active counts what one token touches: everything except the routed experts it is
-    not sent to, i.e. each MoE layer's expert bank counts top_k / num_experts of its
-    size (embeddings, lm_head, routers and shared experts count in full; tied
-    embeddings count once).
+    not sent to, i.e. each MoE layer's expert bank counts experts_per_token / num_experts
+    of its size, top_k / num_experts but under expert choice (embeddings, lm_head,
+    routers and shared experts count in full; tied embeddings count once).
     """
     model = _build_meta(config)
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
     for moe in model.moe_layers():
         bank = sum(p.numel() for p in moe.experts.parameters())
-        E, K = moe.config.num_experts, moe.config.top_k
-        inactive += bank // E * (E - K)
+        E, K = moe.config.num_experts, moe.config.experts_per_token
+        inactive += round(bank / E * (E - K))
     return total, total - inactive
 
 
@@ -79,7 +79,11 @@ def flops_per_token(config: ModelConfig, seq_len: int | None = None) -> FlopCoun
     """
     from moekit.model.attention import get_attention
 
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
     seq_len = config.max_seq_len if seq_len is None else seq_len
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
     D = config.d_model
     with torch.device("meta"):
         attn = get_attention(config.attention)(config, 0)
