@@ -311,9 +311,9 @@ def test_without_a_config_dtype_the_stored_weights_dtype_loads(tmp_path):
     assert next(hf.parameters()).dtype == torch.bfloat16
     assert moekit.from_pretrained(tmp_path).embed.weight.dtype == torch.bfloat16
     assert moekit.from_pretrained(tmp_path, dtype="float32").embed.weight.dtype == torch.float32
-    config["dtype"] = "float64"
+    config["dtype"] = "float8_e4m3fn"
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"got 'float64' \(config.json's dtype\); pass dtype"):
+    with pytest.raises(ValueError, match=r"got 'float8_e4m3fn' \(config.json's dtype\); pass"):
         moekit.from_pretrained(tmp_path)
 
 
@@ -341,6 +341,12 @@ def test_export_records_the_dtype_and_skips_training_only_settings(tmp_path):
     assert written["dtype"] == "bfloat16"
     back = moekit.from_pretrained(tmp_path / "out")
     assert back.embed.weight.dtype == torch.bfloat16
+    # float64 as well (it had been written as float32 and read back so); non-float refused.
+    save_pretrained(model.double(), tmp_path / "f64")
+    assert json.loads((tmp_path / "f64" / "config.json").read_text())["dtype"] == "float64"
+    assert moekit.from_pretrained(tmp_path / "f64").embed.weight.dtype == torch.float64
+    with pytest.raises(ValueError, match="dtype must be one of .* got torch.int64"):
+        moekit.from_pretrained(tmp_path / "f64", dtype=torch.int64)
 
 
 def test_mixtral_reads_num_experts_when_num_local_experts_is_absent(tmp_path):

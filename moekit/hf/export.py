@@ -38,7 +38,12 @@ TRAINING_ONLY_MOE = (
     "drop_policy",
 )
 TRAINING_ONLY_MODEL = ("init_std",)
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float64: "float64",
+}
 
 
 def roundtrip_mismatch(family: Family, config: ModelConfig) -> list[str]:

@@ -22,7 +22,12 @@ from moekit.hf.tensors import bank_prefix, hf_name, read_bank
 from moekit.model.config import ModelConfig
 from moekit.model.transformer import Transformer
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 _EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
 """Every family's names of the token embedding and the output head."""
 
@@ -123,6 +128,8 @@ def _resolve_dtype(dtype: torch.dtype | str | None, hf: dict, files: TensorFiles
     """dtype as given; else as transformers' dtype="auto" picks it: the config's dtype,
     else the stored weights' (a null in config.json names none)."""
     if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype}")
         return dtype
     name, source = dtype, ""
     if name is None:
