@@ -102,7 +102,7 @@ class MoE(nn.Module):
             raise TypeError(
                 f"config must be a MoEConfig, got {type(config).__name__} {config!r:.200}"
             )
-        self.config = config
+        self._config = config
         self.router = ROUTERS[config.router](config)
         self.experts = ExpertBank(config)
         self.path = PATHS[config.impl]()
@@ -113,6 +113,19 @@ class MoE(nn.Module):
         )
         self.shared_expert_gate = (
             nn.Linear(config.d_model, 1, bias=False) if config.shared_expert_gate else None
+        )
+
+    @property
+    def config(self) -> MoEConfig:
+        """The layer's configuration. Read-only: the router, the path and the expert bank
+        were built from it, so a new one would apply in part (build a new layer instead)."""
+        return self._config
+
+    @config.setter
+    def config(self, value: object) -> None:
+        raise AttributeError(
+            "MoE.config is read-only: the router, the expert path and the bank were built "
+            "from it, so a new config would apply in part; build a new MoE(config)"
         )
 
     def forward(

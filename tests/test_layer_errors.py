@@ -169,6 +169,14 @@ def test_update_bias_names_a_load_of_the_wrong_shape(router):
     moe.update_bias(torch.zeros(8))  # no tokens routed: a valid load
 
 
+def test_the_config_cannot_be_replaced_in_part():
+    # Assigned, it had changed the capacity but not the router's noise or the path.
+    moe = MoE(MoEConfig(**GOOD))
+    with pytest.raises(AttributeError, match="MoE.config is read-only"):
+        moe.config = moe.config.replace(impl="reference")
+    assert moe.config == MoEConfig(**GOOD)
+
+
 def test_dropless_must_be_a_bool():
     moe = MoE(MoEConfig(**{**GOOD, "capacity_factor": 0.5}))
     with pytest.raises(TypeError, match="dropless must be a bool, got str 'no'"):
