@@ -248,31 +248,40 @@ def test_config_json_variants_read_as_transformers_reads_them(family, changes, d
     torch.testing.assert_close(_logits(moekit.from_pretrained(tmp_path), ids), want, **TOL)
 
 
-def test_deepseek_without_first_k_dense_replace_takes_the_default_of_3(tmp_path):
-    # Three dense layers of a model of two: transformers makes both dense.
-    hf_models.build("deepseek_v3", tmp_path, seed=6, num_hidden_layers=2, first_k_dense_replace=3)
+@pytest.mark.parametrize(
+    ("family", "built", "dropped", "check"),
+    [
+        # DeepseekV3Config's default of 3 dense layers, in a model of two: all dense.
+        (
+            "deepseek_v3",
+            dict(num_hidden_layers=2, first_k_dense_replace=3),
+            "first_k_dense_replace",
+            lambda config: config.moe_layer_ids == (),
+        ),
+        # Qwen's dense layers at the class default width, not the MoE's active width.
+        (
+            "qwen2_moe",
+            dict(intermediate_size=5632, mlp_only_layers=[1]),
+            "intermediate_size",
+            lambda config: config.dense_width == 5632,
+        ),
+        (
+            "qwen3_moe",
+            dict(intermediate_size=6144, mlp_only_layers=[1]),
+            "intermediate_size",
+            lambda config: config.dense_width == 6144,
+        ),
+    ],
+)
+def test_a_key_left_out_takes_the_class_default(family, built, dropped, check, tmp_path):
+    hf_models.build(family, tmp_path, seed=6, **built)
     config = json.loads((tmp_path / "config.json").read_text())
-    del config["first_k_dense_replace"]
+    del config[dropped]
     (tmp_path / "config.json").write_text(json.dumps(config))
     ids = _ids(seed=2)
     want = hf_models.hf_logits(hf_models.load_hf(tmp_path), ids)
     model = moekit.from_pretrained(tmp_path)
-    assert model.config.moe_layer_ids == ()
-    torch.testing.assert_close(_logits(model, ids), want, **TOL)
-
-
-@pytest.mark.parametrize(("family", "default"), [("qwen2_moe", 5632), ("qwen3_moe", 6144)])
-def test_qwen_dense_layers_without_intermediate_size_take_the_class_default(
-    family, default, tmp_path
-):
-    hf_models.build(family, tmp_path, seed=6, intermediate_size=default, mlp_only_layers=[1])
-    config = json.loads((tmp_path / "config.json").read_text())
-    del config["intermediate_size"]
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    ids = _ids(seed=2)
-    want = hf_models.hf_logits(hf_models.load_hf(tmp_path), ids)
-    model = moekit.from_pretrained(tmp_path)
-    assert model.config.dense_width == default
+    assert check(model.config)
     torch.testing.assert_close(_logits(model, ids), want, **TOL)
 
 

@@ -72,18 +72,22 @@ def test_meta_counts_equal_a_materialised_model(name) -> None:
     assert twin_total == twin_active == active - routers
 
 
+def _measured_matmul_flops(cfg: ModelConfig, batch: int, seq_len: int) -> int:
+    """The mm and addmm FLOPs torch counts for one forward of a [batch, seq_len] batch."""
+    model = Transformer(cfg)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.randint(0, cfg.vocab_size, (batch, seq_len)))
+    counts = counter.get_flop_counts()["Global"]
+    return sum(v for op, v in counts.items() if op.__name__.split(".")[0] in ("mm", "addmm"))
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_flops_match_a_flop_counter(name) -> None:
     # Every token of a dropless MoE runs exactly K experts, so the matmul FLOPs torch counts
     # for T tokens are T times our per-token projections, FFN, router and lm_head.
     cfg = CONFIGS[name]
-    model = Transformer(cfg)
-    ids = torch.randint(0, cfg.vocab_size, (2, 9))
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(ids)
-    counts = counter.get_flop_counts()["Global"]
-    measured = sum(v for op, v in counts.items() if op.__name__.split(".")[0] in ("mm", "addmm"))
+    measured = _measured_matmul_flops(cfg, batch=2, seq_len=9)
     f = flops(cfg, seq_len=9)
     assert measured == 18 * (f.attention + f.ffn + f.router + f.lm_head)
 
@@ -114,18 +118,12 @@ def test_expert_choice_counts_the_experts_its_capacity_gives_a_token() -> None:
     # (here 2 * 2 = 4 of 5), not K; the counts and the twin had used K.
     cfg = CONFIGS["moe"].replace(moe=MOE.replace(router="expert_choice", capacity_factor=2.0))
     assert cfg.moe.experts_per_token == 4.0 and cfg.moe.active_ffn_width == 4 * 20
-    model = Transformer(cfg)
-    ids = torch.randint(0, cfg.vocab_size, (2, 10))  # T = 20: C = 2 * 20 * 2 / 5 = 16
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(ids)
-    counts = counter.get_flop_counts()["Global"]
-    measured = sum(v for op, v in counts.items() if op.__name__.split(".")[0] in ("mm", "addmm"))
+    measured = _measured_matmul_flops(cfg, batch=2, seq_len=10)  # T = 20: C = 2*20*2/5 = 16
     f = flops(cfg, seq_len=10)
     assert measured == 20 * (f.attention + f.ffn + f.router + f.lm_head)
     assert flops(dense_twin(cfg)).ffn == f.ffn
     total, active = count_parameters(cfg)
-    bank = sum(p.numel() for m in model.moe_layers() for p in m.experts.parameters())
+    bank = sum(p.numel() for m in Transformer(cfg).moe_layers() for p in m.experts.parameters())
     assert total - active == bank // 5  # one expert of five left out per token
     # Capped at every expert: cf * K past E runs each expert on every token.
     assert cfg.moe.replace(capacity_factor=4.0).experts_per_token == 5.0
