@@ -132,6 +132,7 @@ def train(
     branched_from = None
     if resume is None:
         preflight.check_new_run_dir(run_dir)
+        split_rule = SPLIT_RULE if split_rule is None else split_rule
     else:
         # The checkpoint's config and step before the text is tokenized: a changed flag
         # must not cost a multi-GB corpus's tokenization first.
@@ -154,8 +155,6 @@ def train(
     # Read after the memory check (a source too large to train is never read) and before
     # tokenizing, so a broken source fails before anything is written. A resumed run's
     # weights are its checkpoint's.
-    if resume is None:
-        split_rule = SPLIT_RULE if split_rule is None else split_rule
     init_state = None if init_from is None or resume is not None else init_from.read_state()
     if init_state is not None:
         # Shapes against a model on meta now: a --set that changes them fails before the
