@@ -164,11 +164,6 @@ def read_config(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} is corrupted: config.json ({err})") from err
 
 
-def read_step(path: str | Path) -> int:
-    """A checkpoint's step alone, from its verified state.json."""
-    return int(read_state(path)["step"])
-
-
 def read_state(path: str | Path) -> dict:
     """A checkpoint's verified state.json: step, optimizer layout (absent in a checkpoint
     converted from Hugging Face, which holds weights only), data digest and split rule."""

@@ -43,7 +43,7 @@ def check_new_comparison(out_dir: Path) -> None:
     """ValueError when out_dir already holds a comparison's runs, or is a file."""
     from moekit.train.checkpoint import list_checkpoints
 
-    _check_not_file(out_dir)
+    check_not_file(out_dir)
     for name in MODELS:
         if list_checkpoints(out_dir / name):
             raise ValueError(
@@ -54,17 +54,23 @@ def check_new_comparison(out_dir: Path) -> None:
 
 def check_comparison_to_resume(out_dir: Path) -> None:
     """ValueError unless out_dir holds a comparison with a checkpoint to continue from."""
-    from moekit.train.checkpoint import list_checkpoints
-
-    _check_not_file(out_dir)
-    if not any(list_checkpoints(out_dir / name) for name in MODELS):
+    check_not_file(out_dir)
+    if not has_runs(out_dir):
         raise ValueError(
             f"--resume: {out_dir} holds no comparison to continue (no checkpoint in "
             f"{out_dir / MODELS[0]} or {out_dir / MODELS[1]}); run without --resume to start one"
         )
 
 
-def _check_not_file(out_dir: Path) -> None:
+def has_runs(out_dir: Path) -> bool:
+    """Whether either model of a comparison in out_dir has a checkpoint."""
+    from moekit.train.checkpoint import list_checkpoints
+
+    return any(list_checkpoints(out_dir / name) for name in MODELS)
+
+
+def check_not_file(out_dir: Path) -> None:
+    """ValueError when a file stands where the comparison's directory goes."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out-dir {out_dir} is a file, not a directory")
 

@@ -18,7 +18,9 @@ from pathlib import Path
 from moekit.train.compare import (
     MODELS,
     check_new_comparison,
+    check_not_file,
     compare,
+    has_runs,
     split_rule_of_runs,
     text_table,
 )
@@ -113,7 +115,7 @@ def compare_seeds(
             out_dir / f"seed_{seed}",
             parallel=parallel,
             cache_dir=out_dir / "cache",
-            resume=resume and _has_runs(out_dir / f"seed_{seed}"),
+            resume=resume and has_runs(out_dir / f"seed_{seed}"),
             split_rule=split_rule,
         )
         moe, dense = rows
@@ -128,29 +130,22 @@ def compare_seeds(
     return summary
 
 
-def _has_runs(seed_dir: Path) -> bool:
-    from moekit.train.checkpoint import list_checkpoints
-
-    return any(list_checkpoints(seed_dir / name) for name in MODELS)
-
-
 def _check_seeds_to_resume(out_dir: Path, seeds: list[int]) -> None:
     """ValueError unless some seed's comparison has a checkpoint to continue from; a
     directory of another seed is named, since --seeds must list the first run's seeds."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out-dir {out_dir} is a file, not a directory")
+    check_not_file(out_dir)
     listed = {f"seed_{s}" for s in seeds}
     others = sorted(
         p.name
         for p in (out_dir.iterdir() if out_dir.is_dir() else [])
-        if p.name.startswith("seed_") and p.name not in listed and _has_runs(p)
+        if p.name.startswith("seed_") and p.name not in listed and has_runs(p)
     )
     if others:
         raise ValueError(
             f"--resume: {out_dir} holds comparisons of seeds not in --seeds ({', '.join(others)}); "
             "give the seeds of the run to continue"
         )
-    if not any(_has_runs(out_dir / f"seed_{s}") for s in seeds):
+    if not any(has_runs(out_dir / f"seed_{s}") for s in seeds):
         raise ValueError(
             f"--resume: {out_dir} holds no comparison of seeds {seeds} to continue; run "
             "without --resume to start one"
