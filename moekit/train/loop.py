@@ -144,13 +144,7 @@ def train(
         preflight.check_has_training_state(resume, resumed_state)
         preflight.check_resumable(ckpt_io.read_config(resume), resume, model_config, config)
         preflight.check_steps_left(resumed_state["step"], config)
-        saved_rule = ckpt_io.split_rule_of(resumed_state)
-        if split_rule not in (None, saved_rule):
-            raise ValueError(
-                f"split_rule {split_rule!r}: {resume} was trained on the {saved_rule!r} split "
-                "of its text, which a resume keeps"
-            )
-        split_rule = saved_rule
+        split_rule = preflight.resumed_split_rule(resume, resumed_state, split_rule)
     home = tokenizer_home(config.tokenizer, run_dir)
     # Read after the memory check (a source too large to train is never read) and before
     # tokenizing, so a broken source fails before anything is written. A resumed run's

@@ -68,6 +68,18 @@ def check_has_training_state(path: Path, state: dict) -> None:
         )
 
 
+def resumed_split_rule(path: Path, state: dict, split_rule: str | None) -> str:
+    """The split rule a resume of the checkpoint at `path` (state: its state.json) tokenizes
+    with: the one its run began with. ValueError when the caller asks for another."""
+    saved = ckpt_io.split_rule_of(state)
+    if split_rule not in (None, saved):
+        raise ValueError(
+            f"split_rule {split_rule!r}: {path} was trained on the {saved!r} split of its "
+            "text, which a resume keeps"
+        )
+    return saved
+
+
 def check_steps_left(step: int, train_config: TrainConfig) -> None:
     """ValueError when a resumed checkpoint has already run every step."""
     if step >= train_config.steps:
