@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from moekit.model.transformer import Transformer, check_padding_mask
-from moekit.validate import check_seed
+from moekit.model.transformer import Transformer
+from moekit.validate import check_padding_mask, check_seed
 
 
 def filter_logits(
@@ -143,7 +143,7 @@ def generate(
         )
     if padding_mask is not None:
         # Checked here, not only by the model: the last column is read first.
-        check_padding_mask(padding_mask, B, S)
+        check_padding_mask(padding_mask, (B, S))
         if bool(padding_mask[:, -1].any()):
             raise ValueError("padding_mask: pad prompts on the left; the last column must be real")
     eos_ids = _eos_ids(eos_id, prompt_ids.device)

@@ -15,7 +15,7 @@ from moekit.mlp import MLP
 from moekit.paths import PATHS
 from moekit.router import ROUTERS, Routing, SigmoidBias
 from moekit.routing_stats import STATISTICS, RoutingStats
-from moekit.validate import check_bool
+from moekit.validate import check_bool, check_padding_mask
 
 
 class MoEOutput:
@@ -243,14 +243,7 @@ class MoE(nn.Module):
     def _real_tokens(x: Tensor, padding_mask: Tensor | None) -> Tensor | None:
         if padding_mask is None:
             return None
-        if not isinstance(padding_mask, Tensor) or padding_mask.dtype != torch.bool:
-            kind = padding_mask.dtype if isinstance(padding_mask, Tensor) else type(padding_mask)
-            raise TypeError(f"padding_mask must be a bool tensor (True = padding), got {kind}")
-        if padding_mask.shape != x.shape[:-1]:
-            raise ValueError(
-                f"padding_mask must have shape {tuple(x.shape[:-1])}, "
-                f"got {tuple(padding_mask.shape)}"
-            )
+        check_padding_mask(padding_mask, tuple(x.shape[:-1]))
         return (~padding_mask).reshape(-1).nonzero().squeeze(1)
 
     def _output(

@@ -1,9 +1,12 @@
-"""Field checks shared by the config dataclasses: each error names the field and the value."""
+"""Field checks shared by the config dataclasses, and argument checks shared by the
+modules: each error names the field or argument and the value."""
 
 from __future__ import annotations
 
 import difflib
 import math
+
+import torch
 
 SEED_MAX = 2**64 - 1
 """The largest seed torch's generators take."""
@@ -75,3 +78,15 @@ def did_you_mean(value: str, known: list[str] | tuple[str, ...]) -> str:
     """
     close = difflib.get_close_matches(value, known, n=1, cutoff=0.8)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_padding_mask(padding_mask: object, shape: tuple[int, ...]) -> None:
+    """TypeError / ValueError unless padding_mask is a bool tensor of `shape` (the input's
+    shape without its feature dimension)."""
+    if not isinstance(padding_mask, torch.Tensor) or padding_mask.dtype != torch.bool:
+        kind = padding_mask.dtype if isinstance(padding_mask, torch.Tensor) else type(padding_mask)
+        raise TypeError(f"padding_mask must be a bool tensor (True = padding), got {kind}")
+    if padding_mask.shape != shape:
+        raise ValueError(
+            f"padding_mask must have shape {tuple(shape)}, got {tuple(padding_mask.shape)}"
+        )

@@ -20,6 +20,7 @@ from moekit.model.config import ModelConfig
 from moekit.model.norm import RMSNorm
 from moekit.model.rope import RotaryEmbedding
 from moekit.router import Router
+from moekit.validate import check_padding_mask
 
 # Weights that write into the residual stream: scaled down by sqrt(2 * num_layers) at
 # init, so the residual's variance does not grow with depth (GPT-2, Radford et al. 2019).
@@ -134,7 +135,7 @@ class Transformer(nn.Module):
                 f"got {start_pos + S}"
             )
         if padding_mask is not None:
-            check_padding_mask(padding_mask, B, S)
+            check_padding_mask(padding_mask, (B, S))
         if cache is not None:
             if cache.batch_size != B:
                 raise ValueError(f"cache holds batch size {cache.batch_size}, ids have {B}")
@@ -206,12 +207,3 @@ class Transformer(nn.Module):
         if lo < 0 or hi >= V:
             raise ValueError(f"ids must lie in [0, vocab_size={V}), got values in [{lo}, {hi}]")
         return ids_BS.shape[0], ids_BS.shape[1]
-
-
-def check_padding_mask(padding_mask: object, B: int, S: int) -> None:
-    """TypeError / ValueError unless padding_mask is a bool [B, S] tensor."""
-    if not isinstance(padding_mask, Tensor) or padding_mask.dtype != torch.bool:
-        kind = padding_mask.dtype if isinstance(padding_mask, Tensor) else type(padding_mask)
-        raise TypeError(f"padding_mask must be a bool tensor (True = padding), got {kind}")
-    if padding_mask.shape != (B, S):
-        raise ValueError(f"padding_mask must have shape {(B, S)}, got {tuple(padding_mask.shape)}")
