@@ -87,10 +87,16 @@ def _as_named_in(files: TensorFiles, family: Family, config: ModelConfig) -> Fam
 
 
 def load_state(
-    directory: str | os.PathLike, family: Family, config: ModelConfig, hf: dict
+    directory: str | os.PathLike,
+    family: Family,
+    config: ModelConfig,
+    hf: dict,
+    files: TensorFiles | None = None,
 ) -> dict[str, Tensor]:
-    """The moekit state dict of a checkpoint, every tensor accounted for and shape-checked."""
-    files = TensorFiles(directory)
+    """The moekit state dict of a checkpoint, every tensor accounted for and shape-checked.
+
+    files: the directory's tensor index when the caller has read it already."""
+    files = TensorFiles(directory) if files is None else files
     family = _as_named_in(files, family, config)
     ledger = Ledger(files, _ignored(files, config, family.extra_layers(hf)))
     with torch.device("meta"):
@@ -173,8 +179,9 @@ def from_pretrained(
         CheckpointError: missing, unknown, misshapen or truncated tensors (all listed).
     """
     family, config, hf = read_model_config(directory)
-    target = _resolve_dtype(dtype, hf, TensorFiles(directory))
-    state = load_state(directory, family, config, hf)
+    files = TensorFiles(directory)  # every shard's header, read once for both
+    target = _resolve_dtype(dtype, hf, files)
+    state = load_state(directory, family, config, hf, files)
     for name, t in state.items():
         # Float32 always for the selection bias: its updates are below bf16 resolution.
         want = torch.float32 if name.endswith("expert_bias") else target
