@@ -45,23 +45,31 @@ def _act(activation: str, gate: Tensor | None, up: Tensor) -> Tensor:
     return F.silu(gate) * up if activation == "swiglu" else F.gelu(up)
 
 
-def _grouped_mm_supported(x: Tensor, d_model: int, d_ff: int) -> bool:
-    dtype = compute_dtype(x)
-    if not (
+def _grouped_mm_supported(x: Tensor) -> bool:
+    return (
         x.is_cuda
         and hasattr(F, "grouped_mm")
-        and dtype in (torch.float32, torch.bfloat16, torch.float16)
-    ):
-        return False
-    # grouped_mm refuses row strides that are not multiples of 16 bytes ("strides should
-    # be multiple of 16 bytes"): D=24 passes in fp32 and fails in bf16.
-    size = torch.finfo(dtype).bits // 8
-    return (d_model * size) % 16 == 0 and (d_ff * size) % 16 == 0
+        and compute_dtype(x) in (torch.float32, torch.bfloat16, torch.float16)
+    )
 
 
-def _in_out(w_EOI: Tensor, x: Tensor) -> Tensor:
-    """[E, in, out] view of a stacked [E, out, in] weight, in x's dtype."""
-    return w_EOI.to(x.dtype).transpose(1, 2)
+def _aligned(n: int, dtype: torch.dtype) -> int:
+    """n rounded up to a row of a multiple of 16 bytes in dtype.
+
+    grouped_mm refuses row strides that are not ("strides should be multiple of 16
+    bytes"): D=24 passes in fp32 and fails in bf16.
+    """
+    per_row = 16 // (torch.finfo(dtype).bits // 8)
+    return -(-n // per_row) * per_row
+
+
+def _in_out(w_EOI: Tensor, dtype: torch.dtype, in_: int, out: int) -> Tensor:
+    """[E, in, out] view of a stacked [E, out, in] weight in dtype, zero-padded to in_ x out."""
+    w_EOI = w_EOI.to(dtype)
+    pad_in, pad_out = in_ - w_EOI.shape[2], out - w_EOI.shape[1]
+    if pad_in or pad_out:
+        w_EOI = F.pad(w_EOI, (0, pad_in, 0, pad_out))
+    return w_EOI.transpose(1, 2)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -121,20 +129,29 @@ class ExpertBank(nn.Module):
         enough for tests to check this arithmetic against the reference off CUDA.
         """
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
-        x_ND = x_ND.to(compute_dtype(x_ND))
+        dtype = compute_dtype(x_ND)
+        Fh, D = self.w_up_EFD.shape[1:]
+        Fp, Dp = _aligned(Fh, dtype), _aligned(D, dtype)
+        # Shapes grouped_mm refuses are zero-padded to aligned ones rather than sent to a
+        # loop over experts, whose data-dependent shapes would synchronize with the GPU
+        # and break CUDA graphs. Zero columns of x meet zero weight columns, zero gate
+        # and up rows give zero hidden units (silu(0) = gelu(0) = 0), and the output's
+        # padded columns are cut off: the same sums, with F.pad's backward routing the
+        # gradients to the unpadded weights.
+        x_ND = F.pad(x_ND.to(dtype), (0, Dp - D))
         gate = None
         # grouped_mm takes [E, in, out]: the transposed views of [out, in] weights.
         if self.w_gate_EFD is not None:
-            gate = F.grouped_mm(x_ND, _in_out(self.w_gate_EFD, x_ND), offs=offs)
-        up = F.grouped_mm(x_ND, _in_out(self.w_up_EFD, x_ND), offs=offs)
+            gate = F.grouped_mm(x_ND, _in_out(self.w_gate_EFD, dtype, Dp, Fp), offs=offs)
+        up = F.grouped_mm(x_ND, _in_out(self.w_up_EFD, dtype, Dp, Fp), offs=offs)
         h = _act(self.activation, gate, up)
-        return F.grouped_mm(h, _in_out(self.w_down_EDF, x_ND), offs=offs)
+        y_ND = F.grouped_mm(h, _in_out(self.w_down_EDF, dtype, Fp, Dp), offs=offs)
+        return y_ND if Dp == D else y_ND[:, :D]
 
     def uses_grouped_mm(self, x: Tensor) -> bool:
         """True where forward_grouped runs torch's grouped GEMM: CUDA, fp32/bf16/fp16 (after
-        autocast), D and F rows a multiple of 16 bytes."""
-        Fh, D = self.w_up_EFD.shape[1:]
-        return _grouped_mm_supported(x, D, Fh)
+        autocast), any D and F (zero-padded to 16-byte rows where they are not)."""
+        return _grouped_mm_supported(x)
 
     def forward_combined(
         self, x_TD: Tensor, rows_A: Tensor, weight_A: Tensor, counts_E: Tensor

@@ -5,7 +5,7 @@ Shapes: T tokens, D model dim, E experts, A assignments.
 `ReferencePath` is the readable truth: for each expert, gather its tokens, run it, add
 the weighted result. `GroupedPath` is the fast path: one stable sort by expert, then on CUDA
 one gather, all experts as grouped GEMMs and one weighted scatter-add (the reference loop
-where grouped_mm refuses the shapes); on CPU one fused loop over experts that gathers,
+for the dtypes grouped_mm lacks, float64); on CPU one fused loop over experts that gathers,
 computes and scatters expert by expert. Both are tested equal,
 forward and backward. Expert parallelism (moekit.parallel) swaps in a path of its own.
 
@@ -63,8 +63,8 @@ class GroupedPath(ReferencePath):
             y_AD = experts.forward_grouped(x_AD, perm.counts_E)
             return unpermute(y_AD, routing.token_A, routing.weight_A, perm, x_TD.shape[0])
         if x_TD.is_cuda:
-            # Shapes or dtypes grouped_mm refuses (see ExpertBank.uses_grouped_mm): the
-            # reference loop, which autocast and every dtype handle as nn.Linear does.
+            # Dtypes grouped_mm lacks (float64; see ExpertBank.uses_grouped_mm): the
+            # reference loop, which every dtype handles as nn.Linear does.
             return super().__call__(x_TD, routing, experts)
         # Off CUDA the gather and the weighted scatter live inside the expert loop: no
         # [A, D] copy of the inputs or outputs is ever kept for backward.

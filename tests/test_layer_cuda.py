@@ -108,21 +108,25 @@ def test_grouped_mm_runs_in_bf16_under_autocast():
     assert_close(y.float(), y_ref.float(), **TOLERANCE[torch.bfloat16])
 
 
-def test_shapes_grouped_mm_refuses_fall_back_to_the_loop():
+def test_rows_grouped_mm_refuses_are_padded_not_looped():
     # grouped_mm needs rows of a multiple of 16 bytes: D=24, F=20 pass in fp32 (96 and
-    # 80 bytes) but not in bf16 (48 and 40), as under autocast. The layer must still run.
+    # 80 bytes) but not in bf16 (48 and 40), as under autocast. They are zero-padded, so
+    # the grouped path still runs (no loop over experts, no synchronization) and equals
+    # the reference, forward and backward, weights included.
     ref, fast = _reference_and_grouped(MoEConfig(d_model=24, d_ff=20, num_experts=5, top_k=2))
     x = torch.randn(3, 17, 24, device="cuda")
-    assert fast.experts.uses_grouped_mm(x)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        assert not fast.experts.uses_grouped_mm(x)
+        assert fast.experts.uses_grouped_mm(x)
         results = []
         for moe in (ref, fast):
             xi = x.clone().requires_grad_(True)
             y, out = moe(xi)
             (y.float().square().sum() + out.loss).backward()
-            results.append((y, xi.grad))
-    (y_r, gx_r), (y_f, gx_f) = results
+            results.append((y, xi.grad, [p.grad for p in moe.experts.parameters()]))
+    (y_r, gx_r, gw_r), (y_f, gx_f, gw_f) = results
     assert y_f.dtype == torch.bfloat16
-    assert_close(y_f, y_r)
-    assert_close(gx_f, gx_r)
+    assert_close(y_f, y_r, **TOLERANCE[torch.bfloat16])
+    assert_close(gx_f, gx_r, **TOLERANCE[torch.bfloat16])
+    for got, want in zip(gw_f, gw_r, strict=True):
+        assert got.shape == want.shape
+        assert_close(got, want, **TOLERANCE[torch.bfloat16])
