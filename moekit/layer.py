@@ -191,7 +191,8 @@ class MoE(nn.Module):
 
         Call after each optimizer step with the load routed since the last call
         (`MoEOutput.routed_tokens_per_expert`, summed over the calls): [E], for every router,
-        so a wrong load is caught before a router that uses it is configured.
+        so a wrong load is caught before a router that uses it is configured. Counts on
+        the CPU must be finite and >= 0; counts on a GPU are not read back (no wait).
         """
         E = self.config.num_experts
         if not isinstance(tokens_per_expert, Tensor):
@@ -204,9 +205,12 @@ class MoE(nn.Module):
                 f"tokens_per_expert must have shape [{E}] (one load per expert), "
                 f"got {list(tokens_per_expert.shape)}"
             )
-        # One host read per optimizer step. A NaN would make the mean NaN and sign() 0:
-        # the step skipped for every expert, silently.
-        if not bool((tokens_per_expert.isfinite() & (tokens_per_expert >= 0)).all()):
+        # A NaN would make the mean NaN and sign() 0: the step skipped for every expert,
+        # silently. The values are read only where that costs no wait: on a GPU the read
+        # would stall the stream once per layer per step, and the training loop's loads
+        # are the routers' own counts there.
+        on_host = tokens_per_expert.device.type == "cpu"
+        if on_host and not bool((tokens_per_expert.isfinite() & (tokens_per_expert >= 0)).all()):
             raise ValueError(
                 f"tokens_per_expert must be finite counts >= 0, got {tokens_per_expert.tolist()}"
             )
