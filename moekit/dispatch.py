@@ -33,9 +33,10 @@ def count_ids(ids: Tensor, n: int) -> Tensor:
     output: two synchronizations per call, each draining the stream so that the host can
     no longer queue work ahead of the GPU (eight per MoE forward before this helper). A
     scatter-add of ones into n zeros needs none; integer sums are exact in any order. On
-    CPU, where there is no stream to drain, bincount is the faster of the two.
+    CPU, where there is no stream to drain, bincount is the faster of the two, except
+    under torch.compile: an output sized by the data breaks the graph.
     """
-    if ids.is_cuda:
+    if ids.is_cuda or torch.compiler.is_compiling():
         return scatter_count(ids, n)
     return torch.bincount(ids, minlength=n)
 

@@ -21,14 +21,14 @@ first read and then kept:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
-from functools import cached_property
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import Tensor
 
 from moekit import losses
 from moekit.config import MoEConfig
+from moekit.lazy import computed_once
 from moekit.losses import GroupSum
 from moekit.router import Routing
 
@@ -64,23 +64,29 @@ class RoutingStats:
         self.group_sum = group_sum
         self.seqs_span_group = seqs_span_group
         self.grad_enabled = torch.is_grad_enabled()
-        self.inference = torch.is_inference_mode_enabled()
+        # torch.compile cannot trace the inference-mode query (a graph break in every
+        # layer, which also splits CUDA graphs); a compiled forward's statistics are
+        # read in its own mode, or later outside inference mode with grad off (allowed
+        # on inference tensors).
+        self.inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
 
-    @contextmanager
-    def _forward_mode(self) -> Iterator[None]:
+    def _forward_mode(self) -> AbstractContextManager[None]:
         """The forward's autograd mode, whatever the reader's.
 
-        Both: inside inference mode, enabling grad alone records nothing.
+        Both: inside inference mode, enabling grad alone records nothing. Inside a
+        compiled forward the mode is the forward's already, and torch.compile cannot
+        trace a generator-based context manager (a graph break in every layer).
         """
-        with torch.inference_mode(self.inference), torch.set_grad_enabled(self.grad_enabled):
-            yield
+        if torch.compiler.is_compiling():
+            return nullcontext()
+        return _autograd_mode(self.inference, self.grad_enabled)
 
     def compute_all(self) -> None:
         """Every statistic now, in a fixed order (the order of their collectives)."""
         for name in STATISTICS:
             getattr(self, name)
 
-    @cached_property
+    @computed_once
     def aux_loss(self) -> Tensor:
         with self._forward_mode():
             r = self.routed
@@ -88,7 +94,7 @@ class RoutingStats:
                 r.probs_TE, r.expert_A, self.config.num_experts, self.group_sum, self.routed_E
             )
 
-    @cached_property
+    @computed_once
     def seq_aux_loss(self) -> Tensor:
         cfg, r = self.config, self.routed
         with self._forward_mode():
@@ -104,12 +110,12 @@ class RoutingStats:
                 self.seqs_span_group,
             )
 
-    @cached_property
+    @computed_once
     def z_loss(self) -> Tensor:
         with self._forward_mode():
             return losses.z_loss(self.routing.logits_TE, self.group_sum)
 
-    @cached_property
+    @computed_once
     def loss(self) -> Tensor:
         cfg = self.config
         coefs = (cfg.aux_loss_coef, cfg.seq_aux_loss_coef, cfg.z_loss_coef)
@@ -123,11 +129,11 @@ class RoutingStats:
                 return self.aux_loss * 0.0
             return sum(terms[1:], terms[0])
 
-    @cached_property
+    @computed_once
     def router_entropy(self) -> Tensor:
         return losses.router_entropy(self.routing.probs_TE, self.group_sum)
 
-    @cached_property
+    @computed_once
     def dropped_fraction(self) -> Tensor:
         with torch.no_grad():
             # Routed and kept assignments, summed on the device: a tensor made from their
@@ -135,3 +141,9 @@ class RoutingStats:
             counts = self.group_sum(torch.stack([self.routed_E.sum(), self.kept_E.sum()]).float())
             # 0 when nothing was routed, tested without a host sync.
             return (1 - counts[1] / counts[0].clamp(min=1)) * (counts[0] > 0)
+
+
+@contextmanager
+def _autograd_mode(inference: bool, grad_enabled: bool) -> Iterator[None]:
+    with torch.inference_mode(inference), torch.set_grad_enabled(grad_enabled):
+        yield

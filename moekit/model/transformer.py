@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 from torch import Tensor, nn
 
 from moekit.experts import ExpertBank
 from moekit.layer import MoE, MoEOutput
+from moekit.lazy import computed_once
 from moekit.model.block import Block
 from moekit.model.cache import KVCache
 from moekit.model.config import ModelConfig
@@ -36,7 +36,7 @@ class ModelOutput:
     moe: list[MoEOutput]
     """One MoEOutput per MoE layer, in layer order."""
 
-    @cached_property
+    @computed_once
     def aux_loss(self) -> Tensor:
         """Scalar: sum over MoE layers of MoEOutput.loss (already weighted); 0 for dense models.
 
