@@ -60,7 +60,18 @@ def compile_forward(model, mode: str):
     """
     if mode == "none":
         return model
-    return torch.compile(model, mode=None if mode == "default" else mode)
+    compiled = torch.compile(model, mode=None if mode == "default" else mode)
+    if mode != "reduce-overhead":
+        return compiled
+
+    def forward(*args, **kwargs):
+        # Each call begins an iteration of CUDA graph replays. Unmarked, a forward whose
+        # graph is split (a graph break, a shape seen for the first time) can replay into
+        # memory that the previous part's activations, saved for backward, still occupy.
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args, **kwargs)
+
+    return forward
 
 
 _IGNORED = -100
@@ -254,6 +265,15 @@ def train(
         total=config.steps, initial=start, disable=not (config.progress and is_main), unit="step"
     )
     params = [p for p in base.parameters() if p.requires_grad]
+    # With CUDA graphs (compile='reduce-overhead') a backward's gradients live in memory
+    # that the next micro-batch's replay overwrites. A first gradient is kept as it is
+    # (not copied) when .grad is None, so summed over micro-batches they must go into
+    # gradients of our own: zeros, not None, between steps.
+    grads_as_zeros = config.compile == "reduce-overhead" and config.grad_accum > 1
+    if grads_as_zeros:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
     train_seconds, last_loss, last_val = 0.0, float("nan"), {}
     model.train()
     for step in range(start, config.steps):
@@ -290,7 +310,7 @@ def train(
         clip = parallel.clip_grad_norm_ if parallel is not None else torch.nn.utils.clip_grad_norm_
         grad_norm = clip(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not grads_as_zeros)
         if routed:
             if parallel is not None:  # data-parallel ranks must move the bias identically
                 routed = list(parallel.mean(torch.stack(routed)))
