@@ -136,6 +136,10 @@ def init_distributed(
         rank=env.rank,
         world_size=env.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
+        # Named, NCCL binds each rank's communicator to its own GPU; unnamed it guesses
+        # the device from the global rank, which can hang where ranks map to GPUs
+        # differently (and says so on every start).
+        device_id=torch.device("cuda", env.local_rank) if backend == "nccl" else None,
     )
     # Every rank has joined; one barrier confirms that all got through the group's set-up
     # before the first real collective.
