@@ -4,6 +4,6 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/bootstrap.sh" dev
 cd "$root"
-.venv/bin/ruff check moekit tests benchmarks
-.venv/bin/ruff format --check moekit tests benchmarks
+.venv/bin/ruff check moekit tests benchmarks scripts
+.venv/bin/ruff format --check moekit tests benchmarks scripts
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
