@@ -78,45 +78,32 @@ def test_grouped_rows_equal_reference(activation):
         assert_close(got, want)
 
 
+@pytest.mark.parametrize("pad_to", [None, 32], ids=["as_is", "padded"])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_grouped_mm_arithmetic_equals_reference(activation):
+def test_grouped_mm_arithmetic_equals_reference(activation, pad_to, monkeypatch):
     # The CUDA path's arithmetic (grouped GEMM over transposed [out, in] weights), run
     # forward on CPU where torch has it, so its shapes and transposes are checked off CUDA.
+    # On CUDA, D and F that grouped_mm refuses are zero-padded to 16-byte rows; padding
+    # every row here (to a multiple of 32 elements: D 24 -> 32, F 40 -> 64) runs that
+    # arithmetic too.
     if not hasattr(torch.nn.functional, "grouped_mm"):
         pytest.skip("torch has no grouped_mm")
-    bank = _bank(activation).float()
-    counts = [4, 0, 1, 6, 2]
-    x = torch.randn(sum(counts), D)
-    with torch.no_grad():
-        y = bank.grouped_mm_experts(x, torch.tensor(counts))
-        y_ref = torch.cat([bank.forward_expert(e, c) for e, c in enumerate(x.split(counts))])
-    assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    assert y_ref.abs().amax() > 1e-3
-
-
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_padding_to_aligned_rows_leaves_the_experts_unchanged(activation, monkeypatch):
-    # On CUDA, D and F that grouped_mm refuses are zero-padded to 16-byte rows. Padding
-    # every row here (to a multiple of 32 elements: D 24 -> 32, F 40 -> 64) runs the
-    # same arithmetic on CPU, where torch has grouped_mm's forward.
-    if not hasattr(torch.nn.functional, "grouped_mm"):
-        pytest.skip("torch has no grouped_mm")
-    import moekit.experts as experts_module
-
     padded = []
+    if pad_to is not None:
+        import moekit.experts as experts_module
 
-    def aligned(n: int, dtype: torch.dtype) -> int:
-        padded.append(n)
-        return -(-n // 32) * 32
+        def aligned(n: int, dtype: torch.dtype) -> int:
+            padded.append(n)
+            return -(-n // pad_to) * pad_to
 
-    monkeypatch.setattr(experts_module, "_aligned", aligned)
+        monkeypatch.setattr(experts_module, "_aligned", aligned)
     bank = _bank(activation).float()
     counts = [4, 0, 1, 6, 2]
     x = torch.randn(sum(counts), D)
     with torch.no_grad():
         y = bank.grouped_mm_experts(x, torch.tensor(counts))
         y_ref = torch.cat([bank.forward_expert(e, c) for e, c in enumerate(x.split(counts))])
-    assert sorted(padded) == [D, F]
+    assert sorted(padded) == ([] if pad_to is None else [D, F])
     assert y.shape == y_ref.shape == (sum(counts), D)
     assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     assert y_ref.abs().amax() > 1e-3
