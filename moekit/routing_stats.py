@@ -21,7 +21,7 @@ first read and then kept:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import Tensor
@@ -73,12 +73,13 @@ class RoutingStats:
     def _forward_mode(self) -> AbstractContextManager[None]:
         """The forward's autograd mode, whatever the reader's.
 
-        Both: inside inference mode, enabling grad alone records nothing. Inside a
-        compiled forward the mode is the forward's already, and torch.compile cannot
-        trace a generator-based context manager (a graph break in every layer).
+        Both: inside inference mode, enabling grad alone records nothing. While
+        compiling, the grad mode alone: torch.compile traces set_grad_enabled but neither
+        the inference-mode query nor a generator-based context manager (either is a graph
+        break in every layer), and a compiled forward is not recorded in inference mode.
         """
         if torch.compiler.is_compiling():
-            return nullcontext()
+            return torch.set_grad_enabled(self.grad_enabled)
         return _autograd_mode(self.inference, self.grad_enabled)
 
     def compute_all(self) -> None:

@@ -50,3 +50,20 @@ def test_computed_once_computes_on_first_read_only():
     assert calls == [1]
     assert Holder().value == 42 and len(calls) == 2  # per instance
     assert Holder.value.__doc__ == "The doc travels."
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_statistic_read_under_no_grad_keeps_the_graph_when_compiled(backend):
+    # Statistics are computed in the grad mode of the forward that made them, whatever the
+    # reader's (moekit.routing_stats); inside a compiled function too.
+    moe = MoE(MoEConfig(d_model=24, d_ff=20, num_experts=5, top_k=2))  # seq aux coef 0
+
+    def forward_then_read(x):
+        y, out = moe(x)
+        with torch.no_grad():
+            return y, out.seq_aux_loss
+
+    torch._dynamo.reset()
+    _, eager = forward_then_read(torch.randn(2, 7, 24))
+    _, compiled = torch.compile(forward_then_read, backend=backend)(torch.randn(2, 7, 24))
+    assert eager.requires_grad and compiled.requires_grad
