@@ -138,7 +138,9 @@ class ExpertBank(nn.Module):
         # and up rows give zero hidden units (silu(0) = gelu(0) = 0), and the output's
         # padded columns are cut off: the same sums, with F.pad's backward routing the
         # gradients to the unpadded weights.
-        x_ND = F.pad(x_ND.to(dtype), (0, Dp - D))
+        x_ND = x_ND.to(dtype)
+        if Dp != D:  # F.pad copies even when it pads nothing
+            x_ND = F.pad(x_ND, (0, Dp - D))
         gate = None
         # grouped_mm takes [E, in, out]: the transposed views of [out, in] weights.
         if self.w_gate_EFD is not None:
