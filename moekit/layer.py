@@ -190,9 +190,11 @@ class MoE(nn.Module):
         """Auxiliary-loss-free balancing step (sigmoid_bias router); a no-op for others.
 
         Call after each optimizer step with the load routed since the last call
-        (`MoEOutput.routed_tokens_per_expert`, summed over the calls): [E], for every router,
-        so a wrong load is caught before a router that uses it is configured. Counts on
-        the CPU must be finite and >= 0; counts on a GPU are not read back (no wait).
+        (`MoEOutput.routed_tokens_per_expert`, summed over the calls). Its type and shape
+        ([E]) are checked for every router, so a wrong load is caught before a router
+        that uses it is configured; its values (finite, >= 0) only on the CPU. On a GPU
+        they are not read back, which would wait for the device: a NaN there skips the
+        step for every expert, a negative count pushes its expert's bias up.
         """
         E = self.config.num_experts
         if not isinstance(tokens_per_expert, Tensor):

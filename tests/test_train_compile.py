@@ -20,8 +20,10 @@ def _losses(run_dir) -> list[float]:
 def test_compiled_training_matches_eager(tmp_path, mode):
     # Inductor's fused kernels round differently from eager ops, so the losses agree to
     # float32 rounding, not bitwise. Two micro-batches per step: their loads are summed
-    # after both forwards, so each must survive the other's (copies, see the loop), and
-    # under reduce-overhead the gradients accumulate into zeros kept between steps.
+    # after both forwards, so each must survive the other's (copies, see the loop). Under
+    # reduce-overhead the gradients accumulate into zeros kept between steps; CPU has no
+    # CUDA graphs, so this checks that zeros in place of None change nothing (the crash
+    # they prevent on CUDA is tests/test_train_gpu.py's).
     corpus = write_corpus(tmp_path / "corpus")
     config = micro_train(corpus, steps=3, eval_every=3, checkpoint_every=3)
     eager = train(MICRO, config, tmp_path / "eager", plots=False)
