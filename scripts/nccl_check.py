@@ -69,10 +69,10 @@ def main() -> int:
     for name, p in bank.named_parameters():
         want = getattr(full.experts, name).grad[local]
         errors[f"d{name}"] = (p.grad - want).abs().max().item()
-    ok = all(err <= 1e-4 for err in errors.values())
+    starved = int(out_full.tokens_per_expert[-1].item())
+    ok = starved == 0 and all(err <= 1e-4 for err in errors.values())
     shown = ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
     where = torch.cuda.get_device_name(device) if cuda else "cpu"
-    starved = int(out_full.tokens_per_expert[-1].item())
     print(
         f"rank {rank}/{world} ({backend}, {where}), tokens of expert {cfg.num_experts - 1}: "
         f"{starved}; max |diff| {shown}"
