@@ -65,9 +65,9 @@ def compile_forward(model, mode: str):
         return compiled
 
     def forward(*args, **kwargs):
-        # Each call begins an iteration of CUDA graph replays. Unmarked, a forward whose
-        # graph is split (a graph break, a shape seen for the first time) can replay into
-        # memory that the previous part's activations, saved for backward, still occupy.
+        # Each call begins a new iteration of CUDA-graph replays, as torch advises for
+        # loops that call a compiled model more than once per step: the previous call's
+        # outputs may then be overwritten (the loop copies what it keeps of them).
         torch.compiler.cudagraph_mark_step_begin()
         return compiled(*args, **kwargs)
 
