@@ -42,9 +42,12 @@ class ReferencePath:
             weight = routing.weight_A[sel_A].to(out.dtype)
             y_TD = y_TD.index_add(0, tokens, out * weight[:, None])
         if routing.expert_A.numel() == 0:
-            # No assignments (zero real tokens): tie y to the weights so their gradients are
-            # zeros rather than None, as the grouped path does; optimizers need them present.
-            y_TD = y_TD + sum(w.sum() for w in experts.parameters()) * 0
+            # No assignments (zero real tokens, or capacity dropped them all): tie y to the
+            # weights, the router's combine weights and x so their gradients are zeros
+            # rather than None, as the grouped path's are; optimizers need them present.
+            # Empty sums are exactly 0, where x * 0 would turn an inf in x into NaN.
+            tie = sum(w.sum() for w in experts.parameters()) * 0
+            y_TD = y_TD + (tie + routing.weight_A.sum() + x_TD[:0].sum())
         return y_TD
 
     def group_sum(self, t: Tensor) -> Tensor:

@@ -174,6 +174,10 @@ def test_no_real_tokens(case, impl, router):
         assert p.grad is not None, name
         assert torch.equal(p.grad, torch.zeros_like(p)), name
     assert torch.equal(x.grad, torch.zeros_like(x))
+    # The output alone reaches the router too (its combine weights), without the losses.
+    moe.zero_grad(set_to_none=True)
+    moe(x, padding_mask=mask)[0].sum().backward()
+    assert torch.equal(moe.router.weight.grad, torch.zeros_like(moe.router.weight))
 
 
 @pytest.mark.parametrize("router", ROUTER_NAMES)
