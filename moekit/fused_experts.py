@@ -8,10 +8,12 @@ the gathered rows [A, D], the gate and up projections, silu(gate), their product
 each and the expert outputs [A, D] (for the router weights' gradient) alive until
 backward. This Function keeps only gate and up [A, F]: the gathered rows are gathered
 again from x (a copy, far cheaper than a matmul; kept instead when small, see
-_KEEP_ROWS_BYTES), the activation is recomputed, and the router weights' gradient uses
-<dL/dy_a, y_a> = <dL/dh_a, h_a> with dL/dh_a = dL/dy_a @ w_down[e] ([D, F]), so y_a
-itself is never stored. Working expert by expert also keeps each step's [N, F]
-temporaries in cache, where a dense layer streams [T, K*F] arrays through memory.
+_KEEP_ROWS_BYTES, and then x itself is not kept: like the reference path, the layer's
+input may then change in place after the forward), the activation is recomputed, and
+the router weights' gradient uses <dL/dy_a, y_a> = <dL/dh_a, h_a> with
+dL/dh_a = dL/dy_a @ w_down[e] ([D, F]), so y_a itself is never stored. Working expert by
+expert also keeps each step's [N, F] temporaries in cache, where a dense layer streams
+[T, K*F] arrays through memory.
 
 The backward is written for one differentiation (no jvp): a backward with
 create_graph=True (gradient penalties, Hessians) is refused at once, and double backward
@@ -293,10 +295,14 @@ class _FusedExperts(torch.autograd.Function):
     def forward(ctx, x, w_gate, w_up, w_down, weight_A, rows_A, counts, num_out, split, buffers):
         ex = _Experts(x, w_gate, w_up, w_down, weight_A, rows_A, counts)
         out, kept = _forward_loop(ex, num_out, True, split, buffers)
+        # With its rows kept, backward needs only x's shape: saving x too would refuse
+        # what the reference path allows (x changed in place after the forward, x made
+        # under inference mode).
+        saved_x = x if kept.x_AD is None else None
         ctx.save_for_backward(
-            x, w_gate, w_up, w_down, weight_A, rows_A, kept.gate_AF, kept.up_AF, kept.x_AD
+            saved_x, w_gate, w_up, w_down, weight_A, rows_A, kept.gate_AF, kept.up_AF, kept.x_AD
         )
-        ctx.counts, ctx.split, ctx.buffers = counts, split, buffers
+        ctx.counts, ctx.split, ctx.buffers, ctx.x_shape = counts, split, buffers, x.shape
         return out
 
     @staticmethod
@@ -316,6 +322,10 @@ class _FusedExperts(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_out):
         x, w_gate, w_up, w_down, weight_A, rows_A, gate_AF, up_AF, x_AD = ctx.saved_tensors
+        if x is None:
+            # Rows kept (always gathered ones): x stands in for its shape, dtype and
+            # device only, as a zero-stride view that holds no memory.
+            x = x_AD.new_empty(()).expand(ctx.x_shape)
         counts = ctx.counts
         ex = _Experts(x, w_gate, w_up, w_down, weight_A, rows_A, counts)
         kept = _Kept(gate_AF, up_AF, x_AD)

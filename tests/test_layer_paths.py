@@ -297,3 +297,28 @@ def test_grouped_equals_reference_when_d_model_exceeds_d_ff(router):
     # weights: with D > F the other branch, in forward and in the down weight's gradient.
     ref, fast = _twins(d_ff=8, router=router)
     _assert_paths_equal(ref, fast, torch.randn(2, 7, 24, dtype=torch.float64), None)
+
+
+@pytest.mark.parametrize("impl", ["reference", "grouped"])
+def test_the_layer_input_may_change_after_the_forward(impl):
+    # Neither path keeps the input itself for backward at these sizes (the grouped path
+    # keeps its gathered rows): an in-place residual on it after the forward, and an input
+    # made under inference mode with a frozen router, train as they do on the reference.
+    grads = {}
+    for name in ("reference", impl):
+        torch.manual_seed(0)
+        moe = MoE(MoEConfig(**BASE, impl=name)).to(torch.bfloat16)
+        h = torch.randn(2, 3, BASE["d_model"], dtype=torch.bfloat16, requires_grad=True) * 1.0
+        y, out = moe(h)
+        h.add_(y)  # residual written into the layer's input
+        (h.float().sum() + out.loss).backward()
+        grads[name] = [p.grad.float() for p in moe.experts.parameters()]
+    for got, want in zip(grads[impl], grads["reference"], strict=True):
+        assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+    moe = MoE(MoEConfig(**BASE, impl=impl))
+    moe.router.weight.requires_grad_(False)
+    with torch.inference_mode():
+        x = torch.randn(2, 3, BASE["d_model"])
+    moe(x)[0].sum().backward()
+    assert all(p.grad is not None for p in moe.experts.parameters())
