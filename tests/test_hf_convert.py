@@ -196,8 +196,8 @@ def test_import_refuses_a_hugging_face_directory_as_dst(hf_dir, tmp_path, capsys
     assert _files(tmp_path) == before
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_a_half_precision_import_verifies_within_its_dtype_tolerance(
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16", "float16"])
+def test_an_import_in_another_dtype_verifies_within_its_tolerance(
     hf_dir, tmp_path, capsys, dtype
 ):
     run_dir = tmp_path / "run"

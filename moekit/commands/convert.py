@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="export: Hugging Face model_type (mixtral, qwen2_moe, qwen3_moe, olmoe, "
         "deepseek_v3); default: inferred from the config",
     )
-    p.add_argument("--dtype", default=None, help="import: float32, bfloat16 or float16")
+    p.add_argument("--dtype", default=None, help="import: float64, float32, bfloat16 or float16")
     p.add_argument("--shard-mb", type=int, default=None, help="export: shard size limit in MB")
 
 

@@ -18,7 +18,13 @@ from torch import Tensor
 from moekit.hf.load import from_pretrained
 
 # float32 parity measured on the tiny test models is ~1e-6; bf16/fp16 roundings are ~1e-2.
-DEFAULT_ATOL = {torch.float32: 1e-4, torch.bfloat16: 1e-1, torch.float16: 5e-2}
+# float64 weights are compared as float32 logits: float32's tolerance.
+DEFAULT_ATOL = {
+    torch.float64: 1e-4,
+    torch.float32: 1e-4,
+    torch.bfloat16: 1e-1,
+    torch.float16: 5e-2,
+}
 
 
 class VerificationError(ValueError):
