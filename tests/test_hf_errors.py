@@ -124,6 +124,27 @@ def test_config_disagreeing_with_shapes(checkpoint):
     assert "config implies (36, 24)" in str(err.value)
 
 
+def test_saved_rope_frequencies_are_ignored_as_transformers_ignores_them(checkpoint):
+    # Older exporters wrote each layer's RoPE inv_freq; both libraries recompute it.
+    model, directory = checkpoint
+
+    def change(t):
+        for i in range(2):
+            t[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.rand(3)
+
+    _rewrite(directory, change)
+    ids = torch.randint(0, 53, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(moekit.from_pretrained(directory)(ids).logits, model(ids).logits)
+
+    def elsewhere(t):
+        t["model.layers.0.mlp.rotary_emb.inv_freq"] = torch.rand(3)
+
+    _rewrite(directory, elsewhere)  # only attention's own frequencies are skipped
+    with pytest.raises(CheckpointError, match=r"unknown tensors[\s\S]*mlp.rotary_emb.inv_freq"):
+        moekit.from_pretrained(directory)
+
+
 def test_unknown_and_missing_listed_together(checkpoint):
     _, directory = checkpoint
     _edit_config(directory, num_local_experts=4)  # the checkpoint holds 5 experts

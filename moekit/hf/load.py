@@ -55,6 +55,9 @@ def _holds_its_own_head(directory: str | os.PathLike) -> bool:
     return _EMBED in files and _HEAD in files and not files.same_values(_EMBED, _HEAD)
 
 
+_INV_FREQ = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
 def _ignored(files: TensorFiles, config: ModelConfig, extra_layers: int) -> frozenset[str]:
     """Tensors a checkpoint may hold that next-token logits never read."""
     skip = set()
@@ -67,6 +70,9 @@ def _ignored(files: TensorFiles, config: ModelConfig, extra_layers: int) -> froz
     # Tensors without elements: DeepSeek-V3 with n_shared_experts=0 stores a shared MLP of
     # width 0, which adds exactly 0 to every token.
     skip.update(key for key in files.names() if 0 in files.shape(key))
+    # RoPE frequencies older exporters saved per layer: recomputed from the config, here
+    # and in transformers, which ignores them too.
+    skip.update(key for key in files.names() if _INV_FREQ.fullmatch(key))
     if config.tie_embeddings and "lm_head.weight" in files and _EMBED in files:
         # A tied copy some exporters write anyway; one of other values unties the config
         # (read_model_config), so it is not skipped. Stored alone, it is the embedding.
