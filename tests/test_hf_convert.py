@@ -197,9 +197,7 @@ def test_import_refuses_a_hugging_face_directory_as_dst(hf_dir, tmp_path, capsys
 
 
 @pytest.mark.parametrize("dtype", ["float64", "bfloat16", "float16"])
-def test_an_import_in_another_dtype_verifies_within_its_tolerance(
-    hf_dir, tmp_path, capsys, dtype
-):
+def test_an_import_in_another_dtype_verifies_within_its_tolerance(hf_dir, tmp_path, capsys, dtype):
     run_dir = tmp_path / "run"
     assert main(["convert", str(hf_dir), str(run_dir), "--dtype", dtype, "--verify"]) == 0
     assert "verified against transformers" in capsys.readouterr().out
