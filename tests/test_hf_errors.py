@@ -187,6 +187,11 @@ def test_no_safetensors_means_no_pickle(checkpoint):
         ({"rms_norm_eps": None}, "required field 'rms_norm_eps'"),
         ({"router_jitter_noise": 0.1}, "router_jitter_noise"),
         ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+        ({"quantization_config": "fp8"}, "quantization_config='fp8'"),
+        # transformers refuses these too; int() would have truncated or parsed them.
+        ({"num_experts_per_tok": 2.7}, "num_experts_per_tok=2.7 .*an integer"),
+        ({"hidden_size": "24"}, "hidden_size='24' .*an integer"),
+        ({"num_local_experts": True}, "num_local_experts=True .*an integer"),
         ({"model_type": "llama"}, "model_type"),
     ],
 )

@@ -102,13 +102,54 @@ def rope_parameters(config: ModelConfig) -> dict:
     return out
 
 
+INTEGER_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "num_local_experts",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "decoder_sparse_step",
+    "first_k_dense_replace",
+    "moe_layer_freq",
+    "n_routed_experts",
+    "n_shared_experts",
+    "n_group",
+    "topk_group",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "num_nextn_predict_layers",
+)
+"""Count and size fields of every family's config.json: integers (or null where a family
+allows it), never floats or strings, which int() would truncate or parse."""
+
+
+def check_integer_fields(hf: dict, family: str) -> None:
+    for key in INTEGER_FIELDS:
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise unsupported(family, key, value, "an integer is needed")
+
+
 def common_fields(hf: dict, family: str, default_theta: float) -> dict:
     """ModelConfig fields every family reads the same way; hf has the family's defaults."""
+    check_integer_fields(hf, family)
     # transformers' ACT2FN maps "swish" to the same SiLU.
     if hf.get("hidden_act", "silu") not in ("silu", "swish"):
         raise unsupported(family, "hidden_act", hf["hidden_act"], "experts are SwiGLU with silu")
     if hf.get("quantization_config"):
-        method = hf["quantization_config"].get("quant_method", "?")
+        quant = hf["quantization_config"]
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
         raise unsupported(family, "quantization_config", method, "dequantize the checkpoint first")
     num_heads = int(require(hf, family, "num_attention_heads"))
     kv_heads = hf.get("num_key_value_heads")
