@@ -5,6 +5,7 @@ exporter (no transformers needed), then damaged."""
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 
@@ -309,3 +310,49 @@ def test_deepseek_mtp_layers_are_skipped_only_when_declared(tmp_path):
         moekit.from_pretrained(directory)
     _edit_config(directory, num_nextn_predict_layers=1)
     assert moekit.from_pretrained(directory).config == config
+
+
+def _rewrite_header(path, change):
+    """Rewrite a safetensors file's JSON header in place (the data stays as it is)."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    change(header)
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda h: h.update({EXPERT: "oops"}), f"malformed header entry for tensor {EXPERT}"),
+        (
+            lambda h: h[EXPERT].update(shape=[40, 23]),
+            f"tensor {EXPERT} of shape \\(40, 23\\) and dtype F32 needs 3680 bytes, "
+            "its range holds 3840",
+        ),
+        (
+            lambda h: h[EXPERT.replace(".2.", ".3.")].update(
+                data_offsets=h[EXPERT]["data_offsets"]
+            ),
+            "overlap in the file",
+        ),
+    ],
+)
+def test_a_malformed_safetensors_header_names_the_file_and_tensor(checkpoint, change, message):
+    _, directory = checkpoint
+    _rewrite_header(directory / "model.safetensors", change)
+    with pytest.raises(CheckpointError, match=f"model.safetensors: .*{message}"):
+        moekit.from_pretrained(directory)
+
+
+def test_every_broken_shard_is_listed(checkpoint, tmp_path):
+    model, _ = checkpoint
+    save_pretrained(model, tmp_path / "sharded", family="mixtral", max_shard_bytes=20_000)
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    shards[2].unlink()
+    shards[0].write_bytes(shards[0].read_bytes()[:-8])
+    with pytest.raises(CheckpointError) as err:
+        moekit.from_pretrained(tmp_path / "sharded")
+    assert f"shard {shards[2].name} is missing" in str(err.value)
+    assert f"{shards[0].name}: file is truncated" in str(err.value)

@@ -10,6 +10,7 @@ missing, unknown and misshapen tensor, so a broken checkpoint is diagnosed in on
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -94,8 +95,11 @@ def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path}: unreadable safetensors header") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: unreadable safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
     data_size = size - 8 - header_len
+    _check_entries(path, header)
     cut = [
         f"{name} (bytes {info['data_offsets'][0]}..{info['data_offsets'][1]}, "
         f"data holds {data_size})"
@@ -107,6 +111,45 @@ def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
             f"{path}: file is truncated; these tensors are cut off:{_listing(cut)}"
         )
     return {name: (tuple(info["shape"]), info["dtype"]) for name, info in header.items()}
+
+
+_ITEM_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+"""Bytes per element of the safetensors dtypes; others are named later, when read."""
+
+
+def _check_entries(path: Path, header: dict) -> None:
+    """Each tensor's entry is well formed, its byte range fits its shape, and no two
+    ranges overlap: otherwise safetensors fails later with a message naming neither the
+    file nor the tensor (or reads one tensor's bytes as another's)."""
+    spans = []
+    for name, info in sorted(header.items()):
+        entry = info if isinstance(info, dict) else {}
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not (
+            isinstance(entry.get("dtype"), str)
+            and isinstance(shape, list)
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise CheckpointError(f"{path}: malformed header entry for tensor {name}: {info!r}")
+        item = _ITEM_BYTES.get(info["dtype"])
+        if item is not None and offsets[1] - offsets[0] != math.prod(shape) * item:
+            raise CheckpointError(
+                f"{path}: tensor {name} of shape {tuple(shape)} and dtype {info['dtype']} "
+                f"needs {math.prod(shape) * item} bytes, its range holds "
+                f"{offsets[1] - offsets[0]}"
+            )
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    for (_, end, first), (start, stop, second) in zip(spans, spans[1:], strict=False):
+        if start < end and stop > start:
+            raise CheckpointError(f"{path}: tensors {first} and {second} overlap in the file")
 
 
 class TensorFiles:
@@ -153,7 +196,11 @@ class TensorFiles:
             if not path.is_file():
                 problems.append(f"shard {shard} is missing")
                 continue
-            header = _read_header(path)
+            try:
+                header = _read_header(path)
+            except CheckpointError as err:  # listed with the others, not alone
+                problems.append(str(err))
+                continue
             listed = {k for k, v in weight_map.items() if v == shard}
             problems += [
                 f"{k}: listed in the index but absent from {shard}"
