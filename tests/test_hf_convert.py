@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -12,6 +15,7 @@ import hf_models  # noqa: E402
 from train_common import MICRO, write_corpus  # noqa: E402
 
 from moekit.cli import main  # noqa: E402
+from moekit.hf.io import eos_token_ids  # noqa: E402
 from moekit.model import Transformer  # noqa: E402
 from moekit.train.checkpoint import (  # noqa: E402
     list_checkpoints,
@@ -293,3 +297,20 @@ def test_save_tensors_refuses_a_shard_limit_below_one_byte(tmp_path):
     with pytest.raises(ValueError, match="max_shard_bytes must be >= 1, got 0"):
         save_tensors(tmp_path / "out", {"w": torch.zeros(3)}, max_shard_bytes=0)
     assert not (tmp_path / "out").exists()
+
+
+def test_special_token_ids_of_config_json_survive_a_round_trip(hf_dir, tmp_path):
+    # A source that keeps its end-of-sequence id only in config.json: the export's
+    # config.json is rebuilt from the model, so the run keeps the ids beside its tokenizer.
+    src = tmp_path / "src"
+    shutil.copytree(hf_dir, src)
+    (src / "generation_config.json").unlink(missing_ok=True)
+    config = json.loads((src / "config.json").read_text())
+    config.update(eos_token_id=5, bos_token_id=1, pad_token_id=None)
+    (src / "config.json").write_text(json.dumps(config))
+    run_dir, back = tmp_path / "run", tmp_path / "hf"
+    assert main(["convert", str(src), str(run_dir)]) == 0
+    assert main(["convert", str(run_dir), str(back)]) == 0
+    assert eos_token_ids(back) == [5]
+    generation = json.loads((back / "generation_config.json").read_text())
+    assert generation == {"bos_token_id": 1, "eos_token_id": 5}

@@ -24,7 +24,7 @@ import torch
 
 from moekit.data.tokenizer import ByteTokenizer
 from moekit.hf.export import save_pretrained
-from moekit.hf.io import CONFIG_FILE
+from moekit.hf.io import CONFIG_FILE, GENERATION_CONFIG_FILE, read_config
 from moekit.hf.load import from_pretrained, load_state, read_model_config
 from moekit.hf.verify import (
     DEFAULT_ATOL,
@@ -70,6 +70,22 @@ def _copy_tokenizer(src_dirs: list[Path], dst: Path) -> None:
             if (d / name).is_file():
                 shutil.copyfile(d / name, dst / name)
                 break
+
+
+_SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _keep_special_token_ids(src: Path, dst: Path) -> None:
+    """A source whose special-token ids live only in its config.json keeps them in the
+    run's generation_config.json, which an export copies back: the exported config.json
+    is rebuilt from the model and holds none, and without them generation (here or in
+    transformers) would never stop at end-of-sequence."""
+    if (dst / GENERATION_CONFIG_FILE).exists():
+        return
+    hf = read_config(src)
+    ids = {k: hf[k] for k in _SPECIAL_TOKEN_IDS if hf.get(k) is not None}
+    if ids:
+        (dst / GENERATION_CONFIG_FILE).write_text(json.dumps(ids, indent=2) + "\n")
 
 
 def _check_export_dst(src: Path, dst: Path) -> None:
@@ -140,6 +156,7 @@ def hf_to_moekit(src: str | Path, dst: str | Path, dtype: str | None = None) -> 
     model = from_pretrained(src, dtype=dtype)
     dst.mkdir(parents=True, exist_ok=True)
     _copy_tokenizer([src], dst)
+    _keep_special_token_ids(src, dst)
     # The run's tokenizer is the checkpoint's own, so `moekit sample DST` decodes right;
     # recorded relative to DST, so DST may be moved.
     train = TrainConfig(tokenizer=record_tokenizer(str(dst / "tokenizer.json"), dst))
