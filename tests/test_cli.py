@@ -194,9 +194,8 @@ def test_demo_trains_samples_and_replaces_only_its_own_runs(corpus, tmp_path, ca
     assert "samples (temperature 0.8, top-k 40):" in out and "--- 'def '" in out
     assert (run_dir / "loss.png").is_file() and (run_dir / "analysis" / "load.png").is_file()
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000002"]
-    # Again: the demo's own run is replaced, not refused as `moekit train` would; also one
-    # from before the marker, known by its settings.
-    (run_dir / ".moekit-demo").unlink()
+    # Again: the demo's own run, known by its settings, is replaced, not refused as
+    # `moekit train` would.
     assert main([*demo, "--steps", "1", "--run-dir", str(run_dir)]) == 0
     assert f"removing the previous demo run in {run_dir}" in capsys.readouterr().out
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000001"]
@@ -204,13 +203,16 @@ def test_demo_trains_samples_and_replaces_only_its_own_runs(corpus, tmp_path, ca
     assert main([*demo, "--seq-len", "1000", "--run-dir", str(run_dir)]) == 2
     assert "seq_len (1000) must be <=" in capsys.readouterr().err
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000001"]
-    # A run the demo did not write is left alone.
+    # A run the demo did not write is left alone: elsewhere, and in the demo's own
+    # directory once its checkpoints are gone and another run trained there.
     other = tmp_path / "mine"
-    assert main(["train", *micro_flags(corpus, "--run-dir", str(other))]) == 0
-    capsys.readouterr()
-    assert main([*demo, "--run-dir", str(other)]) == 2
-    assert "moekit demo did not write" in capsys.readouterr().err
-    assert [p.name for p in (other / "checkpoints").iterdir()] == ["step_00000004"]
+    shutil.rmtree(run_dir / "checkpoints")
+    for directory in (other, run_dir):
+        assert main(["train", *micro_flags(corpus, "--run-dir", str(directory))]) == 0
+        capsys.readouterr()
+        assert main([*demo, "--run-dir", str(directory)]) == 2
+        assert "moekit demo did not write" in capsys.readouterr().err
+        assert [p.name for p in (directory / "checkpoints").iterdir()] == ["step_00000004"]
 
 
 def test_a_run_records_its_data_path_absolute(corpus, tmp_path, monkeypatch):

@@ -28,20 +28,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_threads_argument(p, default=1)
 
 
-MARKER = ".moekit-demo"
-"""Written into a demo's run directory: only such a directory's run is removed by the next demo."""
-
-
 def _start_over(run_dir: Path) -> None:
     """The demo always starts over (`moekit train` refuses to mix two runs instead), but
-    removes only a run it wrote itself: --run-dir may name any directory."""
+    removes only a run it wrote itself: --run-dir may name any directory.
+
+    Its runs are known by what their newest checkpoint records (_demo_run), not by a
+    marker file: a marker outlives the checkpoints it vouched for, and another run
+    trained into the same directory later would have been removed on its word.
+    """
     import shutil
 
     from moekit.train.checkpoint import checkpoint_dir
 
     checkpoints = checkpoint_dir(run_dir)
-    if checkpoints.is_dir():
-        if not (run_dir / MARKER).is_file() and not _older_demo_run(run_dir):
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        if not _demo_run(run_dir):
             raise ValueError(
                 f"{run_dir} holds checkpoints of a run that moekit demo did not write; "
                 "choose another --run-dir (or delete that run yourself)"
@@ -49,12 +50,12 @@ def _start_over(run_dir: Path) -> None:
         print(f"removing the previous demo run in {run_dir}")
         shutil.rmtree(checkpoints)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / MARKER).write_text("a moekit demo run: the next demo here replaces it\n")
 
 
-def _older_demo_run(run_dir: Path) -> bool:
-    """A run written by a demo from before the marker: tiny on the embedded corpus, with
-    checkpoint_every 0, which only the demo sets."""
+def _demo_run(run_dir: Path) -> bool:
+    """A run as the demo writes it: the tiny preset on the embedded corpus, with
+    checkpoint_every 0 (a checkpoint only at the end), which `moekit train` never
+    defaults to."""
     import json
 
     from moekit.errors import CheckpointError
