@@ -26,6 +26,7 @@ from moekit.train.overrides import apply_overrides, field_docs, parse_value
         ({"data": ""}, "data must be a non-empty string"),
         ({"beta1": 1.0}, "beta1 must be in \\[0.0, 1.0\\), got 1.0"),
         ({"beta2": 1.0}, "beta2 must be in \\[0.0, 1.0\\), got 1.0"),
+        ({"grad_clip": float("inf")}, "grad_clip must be in \\[0.0, inf\\), got inf"),
         ({"seed": 2**64}, "seed must be <= 18446744073709551615, got 18446744073709551616"),
         ({"seed": -1}, "seed must be >= 0, got -1"),
     ],

@@ -88,7 +88,8 @@ class TrainConfig:
         # AdamW divides by 1 - beta**t: a beta of 1 is refused by torch at the first step.
         check_range("beta1", self.beta1, 0.0, 1.0, high_open=True)
         check_range("beta2", self.beta2, 0.0, 1.0, high_open=True)
-        check_range("grad_clip", self.grad_clip, 0.0, math.inf)
+        # 0 disables clipping; a finite bound otherwise (inf would be 0's meaning again).
+        check_range("grad_clip", self.grad_clip, 0.0, math.inf, high_open=True)
         check_range("val_fraction", self.val_fraction, 0.0, 0.5, low_open=True)
         for name in ("data", "tokenizer"):
             value = getattr(self, name)
