@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 
@@ -29,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning(args.command)
             return int(modules[args.command].run(args) or 0)
+    except BrokenPipeError:
+        # The reader went away (`moekit sample ... | head -1`): not an error of ours. Later
+        # writes to the closed stdout would raise again at exit, so it points nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, TypeError, OSError, MissingDependency) as err:
         # User errors (files that cannot be read or written, an optional package not
         # installed) are reported in one line, not as a traceback.

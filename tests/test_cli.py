@@ -6,6 +6,9 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,7 +51,10 @@ def test_train_then_sample(corpus, tmp_path, capsys):
         ([*args, "--device", d], "device must be auto, cpu, cuda or cuda:N")
         for d in ("bogus", "meta")
     ]
-    bad += [(["analyze", str(run_dir), "--seq-len", "-5"], "seq_len must be an int >= 1")]
+    bad += [
+        (["analyze", str(run_dir), flag, "0"], f"{flag} must be >= 1, got 0")
+        for flag in ("--seq-len", "--batches", "--batch-size")
+    ]
     # argv bytes that are not UTF-8 (decoded with surrogateescape by Python).
     not_utf8 = ["sample", str(run_dir), "--prompt", os.fsdecode(b"caf\xe9")]
     bad += [(not_utf8, "--prompt is not valid UTF-8 (byte 0xe9 at position 3)")]
@@ -256,3 +262,19 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(corpus, tmp_path, capsys, mo
         "moekit compare: interrupted; the same command plus --resume continues the comparison "
         "from its checkpoints, if any\n"
     )
+
+
+def test_a_closed_pipe_ends_quietly():
+    # `moekit sample ... | head -1`: the reader going away is not a user error.
+    code = (
+        "import moekit.cli, moekit.commands.sample as s\n"
+        "def run(args): raise BrokenPipeError(32, 'Broken pipe')\n"
+        "s.run = run\n"
+        "raise SystemExit(moekit.cli.main(['sample', 'x', '--prompt', 'a']))\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0 and done.stderr == "", done.stderr
