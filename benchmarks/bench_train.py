@@ -33,8 +33,8 @@ from _common import emit_json, fmt_ms, machine, median, print_table, set_threads
 from moekit.data import ByteTokenizer, TrainBatches, prepare_tokens
 from moekit.model import Transformer, count_parameters, dense_twin, flops_per_token, get_preset
 from moekit.train import TrainConfig
+from moekit.train.compiling import compile_forward
 from moekit.train.config import COMPILE_MODES
-from moekit.train.loop import compile_forward
 from moekit.train.optim import build_optimizer
 
 

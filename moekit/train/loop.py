@@ -28,6 +28,7 @@ from moekit.train import checkpoint as ckpt_io
 from moekit.train import metrics as metrics_io
 from moekit.train import preflight
 from moekit.train import state as state_io
+from moekit.train.compiling import compile_forward
 from moekit.train.config import TrainConfig
 from moekit.train.init_from import InitSource, check_initial_weights
 from moekit.train.optim import build_optimizer, lr_at, set_lr
@@ -48,30 +49,6 @@ class TrainResult:
     """Training tokens per second of pure training time (evaluation and saving excluded)."""
     train_seconds: float
     plots: list[Path] = field(default_factory=list)
-
-
-def compile_forward(model, mode: str):
-    """The model's training forward, through torch.compile unless mode is "none".
-
-    On CUDA the MoE step launches about twice the kernels of its dense twin and is bound
-    by launching them (benchmarks/README.md); the dropless layer has no host
-    synchronization, so a compiled step can run as one CUDA graph ("reduce-overhead").
-    Evaluation and sampling stay eager.
-    """
-    if mode == "none":
-        return model
-    compiled = torch.compile(model, mode=None if mode == "default" else mode)
-    if mode != "reduce-overhead":
-        return compiled
-
-    def forward(*args, **kwargs):
-        # Each call begins a new iteration of CUDA-graph replays, as torch advises for
-        # loops that call a compiled model more than once per step: the previous call's
-        # outputs may then be overwritten (the loop copies what it keeps of them).
-        torch.compiler.cudagraph_mark_step_begin()
-        return compiled(*args, **kwargs)
-
-    return forward
 
 
 _IGNORED = -100
