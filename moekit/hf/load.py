@@ -73,10 +73,10 @@ def _ignored(files: TensorFiles, config: ModelConfig, extra_layers: int) -> froz
     # RoPE frequencies older exporters saved per layer: recomputed from the config, here
     # and in transformers, which ignores them too.
     skip.update(key for key in files.names() if _INV_FREQ.fullmatch(key))
-    if config.tie_embeddings and "lm_head.weight" in files and _EMBED in files:
+    if config.tie_embeddings and _HEAD in files and _EMBED in files:
         # A tied copy some exporters write anyway; one of other values unties the config
         # (read_model_config), so it is not skipped. Stored alone, it is the embedding.
-        skip.add("lm_head.weight")
+        skip.add(_HEAD)
     return frozenset(skip)
 
 
