@@ -7,13 +7,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from train_common import MICRO, micro_train, one_thread, write_corpus  # noqa: F401
 
 from moekit.model import Transformer
-from moekit.train import CheckpointError, load_checkpoint, load_model, train
+from moekit.train import CheckpointError, checkpoint, load_checkpoint, load_model, train
 from moekit.train import state as state_io
 from moekit.train.checkpoint import (
     list_checkpoints,
@@ -91,6 +92,36 @@ def test_keeps_the_newest_n(tmp_path):
         _save(tmp_path, step, model, optimizer, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
     assert resolve(tmp_path).name == "step_00000004"
+
+
+def _interrupted_rmtree(path, ignore_errors=False):
+    """shutil.rmtree stopped by Ctrl-C after deleting one file (the manifest, which
+    rmtree may reach first or last)."""
+    (Path(path) / "manifest.json").unlink()
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("how", ["drop_after", "pruning"])
+def test_a_removal_stopped_part_way_leaves_only_complete_checkpoints(tmp_path, monkeypatch, how):
+    # A step directory that lost some files would be the newest, and --resume would
+    # take it and fail; its metrics were already gone.
+    model, optimizer = _trained_model_and_optimizer()
+    for step in (1, 2, 3):
+        _save(tmp_path, step, model, optimizer)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", _interrupted_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        if how == "drop_after":
+            checkpoint.drop_after(tmp_path, 1)
+        else:
+            _save(tmp_path, 4, model, optimizer, keep=1)
+    monkeypatch.undo()
+    listed = list_checkpoints(tmp_path)
+    assert listed, "the removal took every checkpoint"
+    for path in listed:
+        load_checkpoint(path)  # complete and verified
+    # What was being deleted is out of sight, and the next save removes it.
+    _save(tmp_path, 5, model, optimizer)
+    assert not [p for p in checkpoint.checkpoint_dir(tmp_path).iterdir() if ".tmp-" in p.name]
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fds through /proc")

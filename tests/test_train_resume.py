@@ -129,6 +129,26 @@ def test_resuming_an_earlier_checkpoint_rewrites_the_history_after_it(corpus, tm
         assert torch.equal(t, b.model_state[name]), name
 
 
+def test_a_resume_stopped_while_cutting_the_old_history_keeps_its_metrics(
+    corpus, tmp_path, monkeypatch
+):
+    # Checkpoints go first: stopped between the two, every checkpoint left still has
+    # its metrics, and a plain --resume from the newest continues the old history.
+    from moekit.train import checkpoint
+
+    config = micro_train(corpus, checkpoint_every=2)
+    train(MICRO, config, tmp_path, plots=False)
+    before = _history(tmp_path)
+
+    def stopped(run_dir, step):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "drop_after", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train(MICRO, config, tmp_path, resume=list_checkpoints(tmp_path)[0], plots=False)
+    assert _history(tmp_path) == before
+
+
 def test_resume_with_a_different_config_names_the_fields(corpus, tmp_path):
     config = micro_train(corpus, steps=3)
     train(MICRO, config, tmp_path, plots=False)

@@ -86,11 +86,26 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 def drop_after(run_dir: str | Path, step: int) -> None:
     """Delete the run's checkpoints after `step`: a resume from `step` rewrites its history
-    from there (its metrics are cut at the same step), and a later checkpoint of the old
-    history would be kept by the pruning ahead of the new ones and taken by --resume."""
-    for path in list_checkpoints(run_dir):
+    from there (its metrics are cut at the same step, after this), and a later checkpoint
+    of the old history would be kept by the pruning ahead of the new ones and taken by
+    --resume. Newest first, each one whole (`_remove`): stopped part way, the run keeps
+    complete checkpoints of its old history up to some step, and its metrics all of it."""
+    for path in reversed(list_checkpoints(run_dir)):
         if int(_STEP_DIR.match(path.name).group(1)) > step:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint directory so that it is never seen half deleted.
+
+    It is first renamed out of the listing (atomic), then deleted: a process stopped in
+    the deletion leaves a `.tmp-` directory, which the next save removes, and never a
+    `step_<n>` directory that lost some of its files (--resume would take it as the
+    newest and fail on it).
+    """
+    doomed = path.with_name(f".{path.name}.tmp-drop-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save_checkpoint(
@@ -130,13 +145,11 @@ def save_checkpoint(
     _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     _fsync_dir(tmp)
     if final.exists():  # a step re-run after resuming from an earlier checkpoint
-        old = root / f".{final.name}.tmp-old-{os.getpid()}"
-        os.replace(final, old)
-        shutil.rmtree(old)
+        _remove(final)
     os.replace(tmp, final)
     _fsync_dir(root)
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
 
 

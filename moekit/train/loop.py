@@ -192,8 +192,10 @@ def train(
         state_io.restore(base, optimizer, state_tensors, saved.state)
         start = saved.step
         if is_main and branched_from is None:
-            metrics_io.truncate_after(run_dir, start)
+            # Checkpoints first: stopped in between, the metrics still hold the history
+            # of every checkpoint left, and the next resume cuts them.
             ckpt_io.drop_after(run_dir, start)
+            metrics_io.truncate_after(run_dir, start)
         elif is_main:  # a branch's history up to its start is the run it came from
             metrics_io.copy_until(branched_from, run_dir, start)
     run_dir.mkdir(parents=True, exist_ok=True)
