@@ -319,6 +319,13 @@ def test_a_run_keeps_a_copy_of_the_tokenizer_file_it_was_given(corpus, tmp_path,
     assert again.config["train"]["tokenizer"] == "run:tokenizer.json"
     for name, tensor in last.model_state.items():
         assert torch.equal(tensor, again.model_state[name]), name
+    # Without the run's copy the checkpoint cannot be continued, and the error says so
+    # (it had called the copy a different tokenizer).
+    copy = (run_dir / "tokenizer.json").read_bytes()
+    (run_dir / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json is missing \(the run's copy"):
+        train(MICRO, config, run_dir, resume=first, plots=False)
+    (run_dir / "tokenizer.json").write_bytes(copy)
     # A branch into a directory of its own keeps a copy of its own.
     train(MICRO, config, tmp_path / "branch", resume=first, plots=False)
     assert (tmp_path / "branch" / "tokenizer.json").read_bytes() == given.read_bytes()

@@ -45,6 +45,16 @@ def check_resumable(saved: dict, path: Path, model_config, train_config: TrainCo
             d["tokenizer"] = absolute_tokenizer(d["tokenizer"])
         if "data" in d:
             d["data"] = absolute(d["data"])
+    old_tok = old_train.get("tokenizer", "bytes")
+    if old_tok != "bytes" and not Path(old_tok).is_file():
+        # Else the comparison below would call it a different tokenizer.
+        kept = saved["train"]["tokenizer"].startswith(ckpt_io.IN_RUN)
+        raise ckpt_io.CheckpointError(
+            f"cannot resume from {path}: its tokenizer file {old_tok} is missing"
+            + (" (the run's copy of the file it was trained with)" if kept else "")
+            + "; put the same file back there: ids read by another tokenizer would not "
+            "continue this run"
+        )
     if "tokenizer" in old_train and same_tokenizer(old_train["tokenizer"], now_train["tokenizer"]):
         # The run's copy of its tokenizer file and the file it was given are one tokenizer.
         now_train["tokenizer"] = old_train["tokenizer"]
