@@ -53,3 +53,18 @@ def test_config_with_only_required_keys_loads_as_transformers_defaults(family):
             trimmed[key] = full[key] if key in full else full["num_local_experts"]
     assert len(trimmed) < len(full) / 2  # most keys really were left out
     assert got == to_model_config(full)
+
+
+@pytest.mark.parametrize("family", sorted(CLASSES))
+def test_a_null_field_loads_or_is_named(family):
+    # Each key of a full config set to null in turn: it loads (the family allows null
+    # there) or the error names the key, never a bare int(None) TypeError.
+    full = _class_defaults(family)
+    to_model_config = FAMILIES[family].to_model_config
+    for key in sorted(full):
+        if key == "model_type" or full[key] is None:
+            continue
+        try:
+            to_model_config({**full, key: None})
+        except (UnsupportedConfig, ValueError) as err:
+            assert key in str(err), (key, str(err))

@@ -28,9 +28,23 @@ def unsupported(family: str, option: str, value: object, why: str = "") -> Unsup
 
 def require(hf: dict, family: str, key: str) -> object:
     """hf[key], which must be present and not null."""
-    if hf.get(key) is None:
+    if key in hf and hf[key] is None:
+        raise UnsupportedConfig(f"{family}: config.json's required field {key!r} is null")
+    if key not in hf:
         raise UnsupportedConfig(f"{family}: config.json lacks the required field {key!r}")
     return hf[key]
+
+
+def require_one_of(hf: dict, family: str, keys: tuple[str, ...], default: object = None) -> object:
+    """The value of the first of `keys` (aliases) that hf has, which must not be null;
+    `default` when it has none of them, or an error naming them when default is None."""
+    for key in keys:
+        if key in hf:
+            return require(hf, family, key)
+    if default is None:
+        names = " or ".join(repr(k) for k in keys)
+        raise UnsupportedConfig(f"{family}: config.json lacks the required field {names}")
+    return default
 
 
 # Keys of a yarn rope_parameters dict -> ModelConfig fields (transformers' names and defaults).

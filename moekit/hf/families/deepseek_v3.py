@@ -52,6 +52,15 @@ def _check(hf: dict) -> None:
         raise unsupported(NAME, "num_key_value_heads", kv_heads, "MLA needs num_attention_heads")
 
 
+def _groups(hf: dict) -> dict:
+    """num_groups and topk_groups: a null n_group or topk_group is one group, as
+    transformers runs a config without group-limited routing."""
+    groups, keep = int(hf["n_group"] or 1), int(hf["topk_group"] or 1)
+    if hf["n_group"] is None and keep > 1:
+        raise unsupported(NAME, "n_group", None, f"topk_group={keep} needs that many groups")
+    return {"num_groups": groups, "topk_groups": keep}
+
+
 def to_model_config(hf: dict) -> ModelConfig:
     hf = with_defaults(hf, DEFAULTS)
     _check(hf)
@@ -66,9 +75,8 @@ def to_model_config(hf: dict) -> ModelConfig:
         top_k=int(require(hf, NAME, "num_experts_per_tok")),
         router="sigmoid_bias",
         norm_topk_prob=bool(hf["norm_topk_prob"]),
-        num_groups=int(hf["n_group"] or 1),
-        topk_groups=int(hf["topk_group"] or 1),
-        routed_scaling_factor=float(hf["routed_scaling_factor"]),
+        **_groups(hf),
+        routed_scaling_factor=float(require(hf, NAME, "routed_scaling_factor")),
         num_shared_experts=int(hf["n_shared_experts"] or 0),
         shared_d_ff=None,  # each shared expert is moe_intermediate_size wide, as routed ones
         aux_loss_coef=0.0,

@@ -10,6 +10,7 @@ from moekit.hf.families.base import (
     hf_aux_coef,
     refuse_sliding_window,
     require,
+    require_one_of,
     unsupported,
     with_aux_coef,
     with_defaults,
@@ -37,8 +38,8 @@ def to_model_config(hf: dict) -> ModelConfig:
     moe = MoEConfig(
         d_model=fields["d_model"],
         d_ff=int(require(hf, NAME, "intermediate_size")),
-        num_experts=int(hf.get("num_local_experts", hf.get("num_experts", 8))),
-        top_k=int(hf["num_experts_per_tok"]),
+        num_experts=int(require_one_of(hf, NAME, ("num_local_experts", "num_experts"), 8)),
+        top_k=int(require(hf, NAME, "num_experts_per_tok")),
         router="softmax_topk",
         norm_topk_prob=True,
         z_loss_coef=0.0,

@@ -55,7 +55,7 @@ def to_model_config(hf: dict) -> ModelConfig:
     fields.update(
         moe=moe,
         qkv_bias=bool(hf["qkv_bias"]),
-        moe_every=int(hf["decoder_sparse_step"]),
+        moe_every=int(require(hf, NAME, "decoder_sparse_step")),
         dense_layers=dense_layer_ids(hf),
     )
     config = ModelConfig(

@@ -13,6 +13,7 @@ from moekit.hf.families.base import (
     hf_aux_coef,
     refuse_sliding_window,
     require,
+    require_one_of,
     with_aux_coef,
     with_defaults,
 )
@@ -38,9 +39,7 @@ def to_model_config(hf: dict) -> ModelConfig:
     refuse_sliding_window(hf, NAME, switch="use_sliding_window")
     fields = common_fields(hf, NAME, default_theta=10000.0)
     # Hub configs say num_experts; transformers 5 writes its alias num_local_experts.
-    num_experts = hf.get("num_experts", hf.get("num_local_experts"))
-    if num_experts is None:
-        require(hf, NAME, "num_experts")
+    num_experts = require_one_of(hf, NAME, ("num_experts", "num_local_experts"))
     moe = MoEConfig(
         d_model=fields["d_model"],
         d_ff=int(require(hf, NAME, "moe_intermediate_size")),
@@ -56,7 +55,7 @@ def to_model_config(hf: dict) -> ModelConfig:
         qk_norm="head",
         qkv_bias=bias,
         o_bias=bias,
-        moe_every=int(hf["decoder_sparse_step"]),
+        moe_every=int(require(hf, NAME, "decoder_sparse_step")),
         dense_layers=dense_layer_ids(hf),
     )
     config = ModelConfig(
