@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 
 import pytest
 import torch
@@ -335,6 +336,48 @@ def test_a_mixtral_window_applies_whatever_use_sliding_window_says(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert hf_models.load_hf(tmp_path).config.sliding_window == 4
     with pytest.raises(moekit.hf.UnsupportedConfig, match="sliding_window=4"):
+        moekit.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("family", "changes"),
+    [
+        # Switched on, but layer_types gives every layer full attention.
+        ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 4, "layer_types": "full"}),
+        # transformers' Mixtral never reads layer_types; without sliding_window, no window.
+        ("mixtral", {"sliding_window": None, "layer_types": "sliding"}),
+        # Nor does its Qwen3-MoE: the switch is off.
+        ("qwen3_moe", {"sliding_window": 4, "layer_types": "sliding"}),
+    ],
+)
+def test_windows_no_layer_uses_are_not_refused(family, changes, tmp_path):
+    hf_models.build(family, tmp_path, seed=5)
+    config = json.loads((tmp_path / "config.json").read_text())
+    kind = changes.pop("layer_types")
+    config.update(changes, layer_types=[f"{kind}_attention"] * config["num_hidden_layers"])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ids = _ids(seed=3)
+    want = hf_models.hf_logits(hf_models.load_hf(tmp_path), ids)
+    torch.testing.assert_close(_logits(moekit.from_pretrained(tmp_path), ids), want, **TOL)
+
+
+@pytest.mark.parametrize(
+    ("layer_types", "refused"),
+    [
+        (["sliding_attention", "full_attention"], "layer_types='sliding_attention'"),
+        # Without layer_types, transformers 4.x and 5.x read max_window_layers in opposite
+        # ways: switched on, the window is taken to apply.
+        (None, "sliding_window=4"),
+    ],
+)
+def test_a_qwen2_moe_window_some_layer_uses_is_refused(layer_types, refused, tmp_path):
+    hf_models.build("qwen2_moe", tmp_path, seed=5, num_hidden_layers=2)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(use_sliding_window=True, sliding_window=4, layer_types=layer_types)
+    if layer_types is None:
+        del config["layer_types"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(moekit.hf.UnsupportedConfig, match=re.escape(refused)):
         moekit.from_pretrained(tmp_path)
 
 

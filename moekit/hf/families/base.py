@@ -211,24 +211,17 @@ def common_hf(config: ModelConfig, model_type: str, architecture: str) -> dict:
     }
 
 
-def refuse_sliding_window(hf: dict, family: str, switch: str | None = None) -> None:
-    """Sliding-window attention is not run: refuse it wherever it would take effect.
+def refuse_sliding_window(hf: dict, family: str, window: object, key: str | None = None) -> None:
+    """Sliding-window attention is not run: refuse a window that some layer uses.
 
-    switch: the config key that turns the window on (Qwen's use_sliding_window, off by
-    default, with a window of 4096 when on and unset). Without one (Mixtral), a window
-    that is set always applies, whatever else the config says.
+    window: the width the family's layers attend over, None where no layer slides (each
+    family reads its config its own way). A window of at least max_position_embeddings
+    hides no key and is no window; a window of 0 is one (transformers then lets no query
+    see any key). key: the config key to name (default sliding_window).
     """
-    if switch is None:
-        window = hf.get("sliding_window")
-        active = window is not None
-    else:
-        window = hf.get("sliding_window", 4096)
-        active = bool(hf.get(switch, False))
-    if "sliding_attention" in (hf.get("layer_types") or []):
-        raise unsupported(family, "layer_types", "sliding_attention", "no sliding windows")
-    # A window of 0 is a window (transformers then lets no query see any key), not none.
-    if active and window is not None and window < hf.get("max_position_embeddings", float("inf")):
-        raise unsupported(family, "sliding_window", window, "no sliding windows")
+    if window is not None and window < hf.get("max_position_embeddings", float("inf")):
+        shown = window if key is None else "sliding_attention"
+        raise unsupported(family, key or "sliding_window", shown, "no sliding windows")
 
 
 def dense_width_if_used(config_fields: dict, intermediate_size: int | None) -> int | None:

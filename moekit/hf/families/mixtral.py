@@ -30,7 +30,9 @@ DEFAULTS = {
 
 def to_model_config(hf: dict) -> ModelConfig:
     hf = with_defaults(hf, DEFAULTS)
-    refuse_sliding_window(hf, NAME)
+    # Every layer attends over sliding_window when it is set: transformers' Mixtral reads
+    # neither a use_sliding_window switch nor layer_types.
+    refuse_sliding_window(hf, NAME, hf.get("sliding_window"))
     if hf.get("router_jitter_noise"):
         # Mixtral jitters the experts' input as well as the router's; moekit only the router's.
         raise unsupported(NAME, "router_jitter_noise", hf["router_jitter_noise"])

@@ -34,9 +34,27 @@ DEFAULTS = {
 """transformers' Qwen2MoeConfig defaults of the keys read here."""
 
 
+def _refuse_sliding_window(hf: dict) -> None:
+    """Refuse a window that some layer uses, read as transformers' Qwen2-MoE reads it.
+
+    layer_types, when given, says which layers slide, over sliding_window when
+    use_sliding_window is on and 0 (no key seen) when off. Without it the layers come
+    from max_window_layers, which transformers versions read in opposite ways (from it
+    upwards in 4.x, below it in 5.x): the window is then taken to apply whenever it is
+    switched on.
+    """
+    use = bool(hf["use_sliding_window"])
+    window = hf.get("sliding_window", 4096) if use else 0
+    types = hf.get("layer_types")
+    if types is None:
+        refuse_sliding_window(hf, NAME, window if use else None)
+    elif "sliding_attention" in types:
+        refuse_sliding_window(hf, NAME, window, key="layer_types")
+
+
 def to_model_config(hf: dict) -> ModelConfig:
     hf = with_defaults(hf, DEFAULTS)
-    refuse_sliding_window(hf, NAME, switch="use_sliding_window")
+    _refuse_sliding_window(hf)
     fields = common_fields(hf, NAME, default_theta=10000.0)
     moe_ff = int(require(hf, NAME, "moe_intermediate_size"))
     shared_ff = int(require(hf, NAME, "shared_expert_intermediate_size"))

@@ -36,7 +36,10 @@ DEFAULTS = {
 
 def to_model_config(hf: dict) -> ModelConfig:
     hf = with_defaults(hf, DEFAULTS)
-    refuse_sliding_window(hf, NAME, switch="use_sliding_window")
+    # use_sliding_window switches the window on for every layer (transformers' Qwen3-MoE
+    # reads no layer_types).
+    window = hf.get("sliding_window", 4096) if hf["use_sliding_window"] else None
+    refuse_sliding_window(hf, NAME, window)
     fields = common_fields(hf, NAME, default_theta=10000.0)
     # Hub configs say num_experts; transformers 5 writes its alias num_local_experts.
     num_experts = require_one_of(hf, NAME, ("num_experts", "num_local_experts"))
