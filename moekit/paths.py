@@ -58,7 +58,7 @@ class GroupedPath(ReferencePath):
     """Sort by expert, run every expert on its rows, scatter back weighted."""
 
     def __call__(self, x_TD: Tensor, routing: Routing, experts: ExpertBank) -> Tensor:
-        if _under_torch_func() or _has_tangent(x_TD, routing.weight_A, *experts.parameters()):
+        if needs_reference(x_TD, routing, experts):
             return super().__call__(x_TD, routing, experts)
         perm = sort_by_expert(routing.expert_A, experts.num_experts)
         if experts.uses_grouped_mm(x_TD):
@@ -74,6 +74,12 @@ class GroupedPath(ReferencePath):
         rows_A = routing.token_A.index_select(0, perm.order_A)
         weight_A = routing.weight_A.index_select(0, perm.order_A)
         return experts.forward_combined(x_TD, rows_A, weight_A, perm.counts_E)
+
+
+def needs_reference(x_TD: Tensor, routing: Routing, experts: ExpertBank) -> bool:
+    """Whether this call needs the reference loop's plain autograd ops: under a torch.func
+    transform, or with forward-mode tangents (the fast paths have neither)."""
+    return _under_torch_func() or _has_tangent(x_TD, routing.weight_A, *experts.parameters())
 
 
 def _under_torch_func() -> bool:

@@ -148,6 +148,57 @@ def single_process_reference(case: LayerCase, world_size: int) -> dict:
     }
 
 
+def _derivatives(moe, x, mask, g, v, loss_scale: float) -> dict:
+    """What the higher-order checks compare: the gradient of a gradient penalty
+    ((dL/dx)^2 summed, L = sum(y * g) + loss_scale * out.loss, its backward with
+    create_graph), the forward-mode tangent of y along v, and torch.func.grad of L."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call, grad
+
+    result: dict = {}
+    if moe.config.impl == "reference":
+        x1 = x.clone().requires_grad_(True)
+        y, out = moe(x1, padding_mask=mask)
+        loss = (y * g).sum() + loss_scale * out.loss
+        (gx,) = torch.autograd.grad(loss, x1, create_graph=True)
+        gx.square().sum().backward()
+        result["penalty_x_grad"] = x1.grad
+        result["penalty_grads"] = {n: p.grad for n, p in moe.named_parameters()}
+        moe.zero_grad(set_to_none=True)
+    with torch.no_grad(), fwAD.dual_level():
+        y, _ = moe(fwAD.make_dual(x, v), padding_mask=mask)
+        result["tangent"] = fwAD.unpack_dual(y).tangent
+    params = dict(moe.named_parameters())
+
+    def objective(x_in):
+        y, out = functional_call(moe, params, (x_in,), {"padding_mask": mask})
+        return (y * g).sum() + loss_scale * out.loss
+
+    result["func_grad"] = grad(objective)(x)
+    return result
+
+
+def derivatives_worker(rank: int, world_size: int, cases: list[LayerCase]) -> list[dict]:
+    """Each case expert-parallel: this rank's rows of `_derivatives`."""
+    from moekit.parallel import apply_expert_parallel
+
+    results = []
+    for case in cases:
+        moe, x, mask, g = build_case(case, world_size)
+        v = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=x.dtype)
+        apply_expert_parallel(moe)
+        rows = [rank_rows(t, rank, world_size) for t in (x, mask, g, v)]
+        results.append(_derivatives(moe, *rows, loss_scale=1.0))
+    return results
+
+
+def derivatives_single_process(case: LayerCase, world_size: int) -> dict:
+    """`_derivatives` of the whole layer on the whole batch, with the W ranks' losses."""
+    moe, x, mask, g = build_case(case, world_size)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=x.dtype)
+    return _derivatives(moe, x, mask, g, v, loss_scale=float(world_size))
+
+
 def dead_rank_worker(rank: int, world_size: int, die_rank: int) -> dict:
     """An expert-parallel step in which `die_rank` exits before its all-to-all."""
     from moekit.parallel import apply_expert_parallel

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parallel_cases import LayerCase, errors_worker, layer_worker, pool, single_process_reference
+from parallel_cases import (
+    LayerCase,
+    derivatives_single_process,
+    derivatives_worker,
+    errors_worker,
+    layer_worker,
+    pool,
+    single_process_reference,
+)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(150)]
 
@@ -102,6 +110,48 @@ def test_expert_parallel_equals_single_process(world_size: int) -> None:
     for i, case in enumerate(CASES):
         per_rank = [ranks[r][i] for r in range(world_size)]
         _check(case, per_rank, world_size)
+
+
+HIGHER_ORDER = [
+    # impl="reference": the gradient penalty too (the fused loop refuses create_graph).
+    LayerCase(
+        "reference fp64, last rank empty, dead expert",
+        dict(BASE, top_k=2, impl="reference", seq_aux_loss_coef=0.3),
+        dtype=torch.float64,
+        empty_last_rank=True,
+        dead_expert=6,
+    ),
+    # The default path falls back to the reference loop for tangents and torch.func.
+    LayerCase(
+        "grouped fp64, shared expert",
+        dict(BASE, top_k=3, num_shared_experts=1),
+        dtype=torch.float64,
+    ),
+]
+
+
+def test_second_derivatives_tangents_and_torch_func_equal_single_process() -> None:
+    # They used to fail under expert parallelism: the all-to-all path ran the fused loop
+    # whatever the layer's impl, and its collectives had neither a differentiable
+    # backward, nor a jvp, nor the setup_context torch.func needs.
+    world_size = 2
+    ranks = pool(world_size).run(derivatives_worker, HIGHER_ORDER, timeout_s=120)
+    for i, case in enumerate(HIGHER_ORDER):
+        ref = derivatives_single_process(case, world_size)
+        per_rank = [ranks[r][i] for r in range(world_size)]
+        for key in ("tangent", "func_grad", "penalty_x_grad"):
+            if key in ref:
+                got = torch.cat([r[key] for r in per_rank])
+                _close(got, ref[key], case.dtype, f"{case.name}: {key}")
+        num_local = case.config["num_experts"] // world_size
+        for name, grad in ref.get("penalty_grads", {}).items():
+            if ".experts." in f".{name}":
+                for rank, r in enumerate(per_rank):
+                    local = grad[rank * num_local : (rank + 1) * num_local]
+                    _close(r["penalty_grads"][name], local, case.dtype, f"penalty {name}")
+            else:
+                got = sum(r["penalty_grads"][name] for r in per_rank)
+                _close(got, grad, case.dtype, f"penalty {name}")
 
 
 def test_cases_exercise_the_edge_cases() -> None:

@@ -11,9 +11,10 @@ One MoE call, on every rank of the expert-parallel group:
 3. regroup the received rows (ordered by source rank, then local expert) by local
    expert, stably, so each expert sees its rows in global token order: rank 0's tokens,
    then rank 1's, ... exactly the order of one process fed the concatenated batch;
-4. run the local experts (grouped GEMMs on CUDA, the fused expert loop elsewhere), undo
-   the regrouping, send the rows back by the reverse all-to-all, and combine with the
-   router weights on the source rank.
+4. run the local experts (grouped GEMMs on CUDA, the fused expert loop elsewhere; the
+   reference loop for impl="reference", under torch.func and with forward-mode
+   tangents, as on one process), undo the regrouping, send the rows back by the reverse
+   all-to-all, and combine with the router weights on the source rank.
 The router, the combine weights and the balancing losses never leave their rank; only
 the statistics the losses need are summed over the group (`group_sum`).
 """
@@ -25,8 +26,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moekit.dispatch import inverse, permute, sort_by_expert, unpermute
-from moekit.experts import ExpertBank
+from moekit.experts import ExpertBank, compute_dtype
 from moekit.parallel.collectives import all_reduce_sum, all_to_all, exchange_counts
+from moekit.paths import needs_reference
 from moekit.router import Routing
 
 
@@ -40,6 +42,9 @@ class AllToAllPath:
             group (the whole data-parallel world) makes the losses those of the global
             batch: the Switch loss is a product of batch means, so per-group statistics
             would give a different loss for each way of splitting the batch.
+        reference: run the local experts as the reference loop does, expert by expert
+            with plain autograd ops (the layer's impl="reference": for second
+            derivatives).
     """
 
     collective_stats = True
@@ -50,6 +55,7 @@ class AllToAllPath:
         group: dist.ProcessGroup,
         num_experts: int,
         stats_group: dist.ProcessGroup | None = None,
+        reference: bool = False,
     ) -> None:
         world = dist.get_world_size(group)
         if num_experts % world:
@@ -63,6 +69,7 @@ class AllToAllPath:
         self.rank = dist.get_rank(group)
         self.num_experts = num_experts
         self.num_local_experts = num_experts // world
+        self.reference = reference
 
     def __call__(self, x_TD: Tensor, routing: Routing, experts: ExpertBank) -> Tensor:
         W, L = self.world_size, self.num_local_experts
@@ -83,7 +90,9 @@ class AllToAllPath:
         local_N = local_N.repeat_interleave(recv_RL.reshape(-1))
         order_N = torch.sort(local_N, stable=True).indices
         counts_L = recv_RL.sum(dim=0)
-        if experts.uses_grouped_mm(x_ND):
+        if self.reference or needs_reference(x_TD, routing, experts):
+            y_ND = _reference_experts(x_ND, local_N, experts)
+        elif experts.uses_grouped_mm(x_ND):
             y_ND = experts.forward_grouped(x_ND.index_select(0, order_N), counts_L)
             y_ND = y_ND.index_select(0, inverse(order_N))
         else:
@@ -97,6 +106,18 @@ class AllToAllPath:
     def group_sum(self, t: Tensor) -> Tensor:
         """Sum over the statistics group; gradients are summed back to every rank."""
         return all_reduce_sum(t, self.stats_group)
+
+
+def _reference_experts(x_ND: Tensor, local_N: Tensor, experts: ExpertBank) -> Tensor:
+    """Each received row through its local expert, expert by expert (moekit.paths'
+    reference loop with unit weights: a received row is one assignment)."""
+    y_ND = x_ND.new_zeros(x_ND.shape, dtype=compute_dtype(x_ND))
+    for e in range(experts.num_experts):
+        # Experts without rows run too, on none: a rank whose experts got no rows then
+        # has gradients of zero for them, as the fused loop gives, not None.
+        rows = (local_N == e).nonzero().squeeze(1)
+        y_ND = y_ND.index_add(0, rows, experts.forward_expert(e, x_ND[rows]))
+    return y_ND
 
 
 class GroupStatsPath:

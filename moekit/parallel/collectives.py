@@ -37,30 +37,49 @@ def _all_to_all_rows(
 
 
 class _AllToAll(Function):
+    # setup_context, a backward made of this Function again and a jvp: both collectives
+    # are linear, so their adjoints and tangents are collectives too, and a gradient
+    # penalty (backward with create_graph=True), forward-mode AD and torch.func.grad run
+    # through them as through the single-process layer.
     @staticmethod
-    def forward(ctx, x_ND, send_splits, recv_splits, group):  # type: ignore[override]
-        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
+    def forward(x_ND, send_splits, recv_splits, group):  # type: ignore[override]
         return _all_to_all_rows(x_ND, send_splits, recv_splits, group)
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, ctx.send_splits, ctx.recv_splits, ctx.group = inputs
+
+    @staticmethod
     def backward(ctx, grad_ND):  # type: ignore[override]
-        grad = _all_to_all_rows(grad_ND, ctx.recv_splits, ctx.send_splits, ctx.group)
-        return grad, None, None, None
+        return all_to_all(grad_ND, ctx.recv_splits, ctx.send_splits, ctx.group), None, None, None
+
+    @staticmethod
+    def jvp(ctx, tangent_ND, *_):  # type: ignore[override]
+        return _all_to_all_rows(tangent_ND, ctx.send_splits, ctx.recv_splits, ctx.group)
 
 
 class _AllReduceSum(Function):
     @staticmethod
-    def forward(ctx, t, group):  # type: ignore[override]
-        ctx.group = group
-        out = t.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
+    def forward(t, group):  # type: ignore[override]
+        return _all_reduce_copy(t, group)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.group = inputs[1]
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
+        return all_reduce_sum(grad, ctx.group), None
+
+    @staticmethod
+    def jvp(ctx, tangent, _):  # type: ignore[override]
+        return _all_reduce_copy(tangent, ctx.group)
+
+
+def _all_reduce_copy(t: Tensor, group: dist.ProcessGroup) -> Tensor:
+    out = t.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
 
 
 def all_to_all(
@@ -76,11 +95,13 @@ def all_to_all(
 
 def all_reduce_sum(t: Tensor, group: dist.ProcessGroup) -> Tensor:
     """Sum of t over the group, differentiable (the gradient is summed over the group too)."""
-    if t.requires_grad:
+    if t.requires_grad or _has_tangent(t):
         return _AllReduceSum.apply(t, group)
-    out = t.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-    return out
+    return _all_reduce_copy(t, group)
+
+
+def _has_tangent(t: Tensor) -> bool:
+    return torch.autograd.forward_ad.unpack_dual(t).tangent is not None
 
 
 def exchange_counts(send_RL: Tensor, group: dist.ProcessGroup) -> Tensor:

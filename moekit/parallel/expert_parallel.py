@@ -43,7 +43,8 @@ class ShardedExpertBank(ExpertBank):
 def _shard_layer(moe: MoE, group: dist.ProcessGroup, stats_group: dist.ProcessGroup | None) -> None:
     cfg = moe.config
     world = dist.get_world_size(group)
-    path = AllToAllPath(group, cfg.num_experts, stats_group)  # validates divisibility
+    # validates divisibility
+    path = AllToAllPath(group, cfg.num_experts, stats_group, reference=cfg.impl == "reference")
     full = moe.experts
     bank = ShardedExpertBank(cfg, path.rank, world)
     for name, param in full.named_parameters():
