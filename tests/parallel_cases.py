@@ -392,6 +392,11 @@ def errors_worker(rank: int, world_size: int) -> dict:
         "twice": message(lambda: apply_expert_parallel(twice)),
         "no_moe": message(lambda: apply_expert_parallel(nn.Linear(2, 2))),
         "bad_ep": message(lambda: ParallelContext(expert_parallel=world_size + 1)),
+        "group_name": message(lambda: apply_expert_parallel(MoE(odd), group="world")),
+        "stats_group": message(lambda: apply_expert_parallel(MoE(odd), stats_group=2)),
+        "not_module": message(lambda: apply_expert_parallel(torch.zeros(3))),
+        "inf_timeout": message(lambda: ParallelContext(timeout_s=float("inf"))),
+        "str_timeout": message(lambda: ParallelContext(timeout_s="10")),
     }
 
 

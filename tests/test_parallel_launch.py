@@ -47,6 +47,16 @@ def test_expert_parallel_without_torchrun_is_a_clear_error(capsys, monkeypatch) 
     assert "--expert-parallel 2 needs 2 processes" in err and "torchrun" in err
 
 
+@pytest.mark.parametrize("value", ["1e300", "inf", "0"])
+def test_a_timeout_torch_cannot_hold_is_refused_before_launch(capsys, monkeypatch, value) -> None:
+    # 1e300 passed the old check and then overflowed in every rank's timedelta.
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert cli.main(["train", "--dist-timeout", value, "--steps", "1"]) == 2
+    assert f"--dist-timeout must be in (0, 1000000000.0], got {float(value)!r}" in (
+        capsys.readouterr().err
+    )
+
+
 def sleeper(rank: int, world_size: int, seconds: float) -> None:
     time.sleep(seconds)
 
@@ -62,9 +72,6 @@ def test_a_hanging_task_is_killed_at_its_time_limit() -> None:
     assert time.monotonic() - start < 40  # start-up (one torch import) plus the 2 s limit
 
 
-@pytest.mark.distributed
-@pytest.mark.slow
-@pytest.mark.timeout(180)
 def _torchrun(tmp_path, *train_args: str) -> subprocess.CompletedProcess:
     """`moekit train` on 2 CPU processes (gloo) under torchrun, expert parallel 2."""
     cmd = [
@@ -96,6 +103,9 @@ def _torchrun(tmp_path, *train_args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(180)
 def test_torchrun_trains_with_expert_parallel(tmp_path) -> None:
     run_dir = tmp_path / "run"
     tiny = ("--preset", "tiny", "--set", "num_layers=1")

@@ -68,9 +68,15 @@ CASES = [
         hot_expert=5,
     ),
     LayerCase(
-        "softmax_topk fp32, every token to one expert",
+        "sigmoid_bias fp32, every token to one expert",
         dict(BASE, top_k=1, router="sigmoid_bias"),
         hot_expert=3,
+        random_padding=False,
+    ),
+    LayerCase(
+        "softmax_topk fp32, every token to one expert",
+        dict(BASE, top_k=1, norm_topk_prob=False),
+        hot_expert=6,
         random_padding=False,
     ),
 ]
@@ -177,3 +183,10 @@ def test_misuse_is_refused_with_the_value() -> None:
     assert "already expert-parallel" in messages["twice"]
     assert "no MoE layer" in messages["no_moe"] and "Linear" in messages["no_moe"]
     assert "ValueError" in messages["bad_ep"] and "got 3" in messages["bad_ep"]
+    # These had been AttributeErrors, or (timeouts) an OverflowError or a bare comparison
+    # TypeError, none naming the argument.
+    assert messages["group_name"].startswith("TypeError: group must be a torch.distributed")
+    assert messages["stats_group"].startswith("TypeError: stats_group must be")
+    assert messages["not_module"] == "TypeError: module must be an nn.Module, got Tensor"
+    assert messages["inf_timeout"].startswith("ValueError: timeout_s must be in (0, ")
+    assert messages["str_timeout"].startswith("TypeError: timeout_s must be a number")

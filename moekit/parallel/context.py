@@ -149,6 +149,10 @@ class ParallelContext:
 
     def shard_batch(self, x_global: Tensor) -> Tensor:
         """This rank's rows of a global batch [B, ...]: rows [rank*B/W, (rank+1)*B/W)."""
+        if not isinstance(x_global, Tensor) or x_global.dim() == 0:
+            raise TypeError(
+                f"x_global must be a tensor with a batch dimension, got {x_global!r:.100}"
+            )
         B = x_global.shape[0]
         if B % self.world_size:
             raise ValueError(

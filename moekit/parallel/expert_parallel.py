@@ -85,8 +85,16 @@ def apply_expert_parallel(
         ValueError: if a layer's num_experts is not divisible by the group size, if the
             module holds no MoE layer, or if it is already expert-parallel.
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("apply_expert_parallel needs an initialised torch.distributed group")
+    for name, value in (("group", group), ("stats_group", stats_group)):
+        if value is not None and not isinstance(value, dist.ProcessGroup):
+            raise TypeError(
+                f"{name} must be a torch.distributed ProcessGroup or None, "
+                f"got {type(value).__name__} {value!r:.100}"
+            )
     group = group if group is not None else dist.group.WORLD
     layers = [m for m in module.modules() if isinstance(m, MoE)]
     if not layers:

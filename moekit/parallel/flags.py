@@ -50,12 +50,12 @@ def context_from_args(args: argparse.Namespace):
 
     Raises ValueError for --expert-parallel without a multi-process launch.
     """
-    from moekit.validate import check_positive
+    from moekit.parallel.process_group import check_timeout
 
     # Checked with or without torchrun: a command line that works alone must not fail
     # only once launched on several processes.
-    check_positive("--dist-init-timeout", args.dist_init_timeout)
-    check_positive("--dist-timeout", args.dist_timeout)
+    check_timeout("--dist-init-timeout", args.dist_init_timeout)
+    check_timeout("--dist-timeout", args.dist_timeout)
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     ep = args.expert_parallel
     if ep is not None and (not isinstance(ep, int) or ep < 1):

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from moekit.validate import check_range
+
 
 @dataclass(frozen=True)
 class DistributedEnv:
@@ -82,6 +84,17 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+MAX_TIMEOUT_S = 1e9
+"""The longest timeout taken, in seconds (about 31 years): torch turns a timeout into a
+timedelta and then whole milliseconds, which infinity and far larger numbers overflow."""
+
+
+def check_timeout(name: str, value: object) -> None:
+    """TypeError / ValueError naming `name` unless value is a number of seconds in
+    (0, MAX_TIMEOUT_S]."""
+    check_range(name, value, 0, MAX_TIMEOUT_S, low_open=True)
+
+
 def init_distributed(
     backend: str | None = None,
     *,
@@ -100,9 +113,8 @@ def init_distributed(
     Returns:
         The placement used. Raises RuntimeError if the environment names no group.
     """
-    for name, value in (("init_timeout_s", init_timeout_s), ("timeout_s", timeout_s)):
-        if not value > 0:
-            raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
+    check_timeout("init_timeout_s", init_timeout_s)
+    check_timeout("timeout_s", timeout_s)
     env = env if env is not None else read_env()
     if env is None:
         raise RuntimeError(
