@@ -9,8 +9,10 @@ figure behind in pyplot's registry.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+from moekit.atomic import replacing
 from moekit.errors import MissingDependency
 
 INSTALL_HINT = "pip install 'moekit[plots]'"
@@ -41,8 +43,25 @@ def new_figure(
 
 
 def save_figure(fig, path: str | Path, dpi: int, tight: bool = False) -> Path:
-    """Write `fig` as a PNG at `path` (parent folders made); tight crops to the drawing."""
+    """Write `fig` as a PNG at `path` (parent folders made), whole or not at all (an
+    earlier figure there stays if drawing fails); tight crops to the drawing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight" if tight else None)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     return path
+
+
+TICK_INCHES = 0.35
+"""Room one integer tick label takes along an axis (three digits at matplotlib's default
+size, with a gap): labels closer than this run into each other."""
+
+
+def tick_step(count: int, inches: float) -> int:
+    """Step between labelled ticks of `count` integer positions along `inches` of axis:
+    a power of two (experts and layers come in powers of two) leaving each label room."""
+    fits = max(2, int(inches / TICK_INCHES))
+    step = 1
+    while math.ceil(count / step) > fits:
+        step *= 2
+    return step

@@ -97,6 +97,50 @@ def test_an_out_path_that_is_a_file_is_refused_in_one_line(run_dir, tmp_path, ca
     assert not out.exists()
 
 
+def test_an_out_dir_that_cannot_be_made_fails_before_any_routing(
+    run_dir, tmp_path, capsys, monkeypatch
+):
+    # It used to be made after every batch had been routed.
+    import moekit.data
+
+    def no_text(*args, **kwargs):
+        raise AssertionError("the text was read before out_dir was checked")
+
+    monkeypatch.setattr(moekit.data, "prepare_tokens", no_text)
+    (tmp_path / "f").write_text("x")
+    out = tmp_path / "f" / "analysis"
+    assert main(["analyze", str(run_dir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"out_dir {out} cannot be made" in err and err.count("\n") == 1
+
+
+def test_a_new_analysis_replaces_the_old_one_whole(run_dir, tmp_path, monkeypatch):
+    import moekit.analysis.report as report
+
+    out = tmp_path / "analysis"
+    flags = ["--out", str(out), "--batches", "1", "--batch-size", "2"]
+    assert main(["analyze", str(run_dir), *flags]) == 0
+    assert (out / "specialisation.png").is_file()
+    first = (out / "routing.json").read_bytes()
+    # One domain: no specialisation figure, and the two-domain one must not stay beside
+    # the new results.
+    data = tmp_path / "text"
+    data.mkdir()
+    (data / "a.txt").write_text("alpha beta gamma delta\n" * 200)
+    assert main(["analyze", str(run_dir), "--data", str(data), *flags]) == 0
+    assert not (out / "specialisation.png").exists()
+    assert json.loads((out / "routing.json").read_text())["domains"] == ["text"]
+    # A write that fails (a full disk) leaves the last summary whole.
+    (out / "routing.json").write_bytes(first)
+
+    def full_disk(path, text):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report.atomic, "write_text", full_disk)
+    assert main(["analyze", str(run_dir), *flags]) == 2
+    assert (out / "routing.json").read_bytes() == first
+
+
 def test_the_default_window_is_the_training_length_within_the_context():
     from moekit.analysis.report import _window
 

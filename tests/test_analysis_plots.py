@@ -101,3 +101,77 @@ def test_dead_experts_of_a_large_layer_are_crossed(monkeypatch, tmp_path):
     ax = _drawn(monkeypatch, lambda: aplots.plot_load([summary], tmp_path / "load.png"))
     (crosses,) = ax.collections
     assert crosses.get_offsets().tolist() == [[30.0, 0.0], [31.0, 0.0]]
+
+
+def _random_counts(E: int, L: int) -> list[LayerCounts]:
+    g = torch.Generator().manual_seed(0)
+    counts = []
+    for _ in range(L):
+        c = LayerCounts(E, domains=("code", "prose"))
+        c.domain_expert = torch.randint(0, 50, (2, E), generator=g).long()
+        c.tokens_per_expert = c.domain_expert.sum(0)
+        c.co_selection = torch.diag(c.tokens_per_expert)
+        c.num_tokens = int(c.tokens_per_expert.sum())
+        counts.append(c)
+    return counts
+
+
+def _kept_figure(monkeypatch, draw):
+    """The figure `draw()` writes, drawn (so text has its final place), not saved."""
+    figures = []
+
+    def keep(fig, path):
+        figures.append(fig)
+        return path
+
+    monkeypatch.setattr(aplots, "_save", keep)
+    draw()
+    fig = figures[0]
+    fig.canvas.draw()
+    return fig
+
+
+def _overlaps(boxes) -> int:
+    return sum(a.overlaps(b) for a, b in zip(boxes, boxes[1:], strict=False))
+
+
+@pytest.mark.parametrize("which", ["specialisation", "co_selection"])
+def test_the_title_of_a_deep_model_stays_above_its_panels(monkeypatch, tmp_path, which):
+    # Sixteen layers (OLMoE's depth): tight_layout had put the title over the first row.
+    counts = _random_counts(16, 16)
+    draw = getattr(aplots, f"plot_{which}")
+    fig = _kept_figure(monkeypatch, lambda: draw(counts, tmp_path / "f.png", "a title"))
+    renderer = fig.canvas.get_renderer()
+    title = fig.get_suptitle() and fig._suptitle.get_window_extent(renderer)
+    panels = [ax.get_tightbbox(renderer) for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert title and not any(title.overlaps(p) for p in panels)
+
+
+@pytest.mark.parametrize(("which", "E"), [("specialisation", 64), ("co_selection", 128)])
+def test_expert_numbers_do_not_run_into_each_other(monkeypatch, tmp_path, which, E):
+    counts = _random_counts(E, 2)
+    draw = getattr(aplots, f"plot_{which}")
+    fig = _kept_figure(monkeypatch, lambda: draw(counts, tmp_path / "f.png"))
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+        boxes = [t.get_window_extent(renderer) for t in labels if t.get_text()]
+        assert _overlaps(boxes) == 0, which
+
+
+def test_imbalance_of_many_layers_stays_readable(monkeypatch, tmp_path):
+    # 58 layers (DeepSeek-V3): the bar values and every layer's number had run together.
+    summaries = [c.summary(i) for i, c in enumerate(_random_counts(8, 58))]
+    fig = _kept_figure(monkeypatch, lambda: aplots.plot_imbalance(summaries, tmp_path / "i.png"))
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        assert not ax.texts, "no values printed on 58 bars"
+        boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
+        assert len(boxes) >= 8 and _overlaps(boxes) == 0
+
+
+def test_the_tallest_figure_is_capped(tmp_path):
+    # 256 experts over 58 layers: a floor of 3 inches per panel had made it 87 inches tall.
+    p = aplots.plot_co_selection(_random_counts(256, 58), tmp_path / "co.png")
+    w, h = _png_size(p)
+    assert h <= 60 * 120 + 50 and w < 3000, (w, h)

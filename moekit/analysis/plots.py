@@ -17,17 +17,14 @@ import torch
 
 from moekit.analysis import stats
 from moekit.analysis.counts import LayerCounts, LayerSummary
-from moekit.figures import new_figure, save_figure
+from moekit.figures import new_figure, save_figure, tick_step
 
 # Cell values are printed on heatmaps up to this many cells per axis; beyond, they blur.
 _ANNOTATE_MAX = 16
 # Values that would print as 0.00 are left blank so the cells that matter stand out.
 _ANNOTATE_BELOW = 0.005
-
-
-def _grid(n: int) -> tuple[int, int]:
-    cols = min(n, 2)
-    return math.ceil(n / cols), cols
+# Bars carry their values up to this many layers; beyond, the labels run together.
+_BAR_LABELS_MAX = 16
 
 
 # Figure sizes grow with experts and layers only so far: a 256-expert, 58-layer model
@@ -35,11 +32,21 @@ def _grid(n: int) -> tuple[int, int]:
 # pixels and ran out of memory. Cells shrink instead; values are not printed past 16 anyway.
 _MAX_PANEL = 8.0  # inches, one heatmap panel
 _MAX_TALL = 60.0  # inches, a figure of many rows of panels
+_MIN_PANEL = 3.0  # inches: a square panel smaller than this is unreadable
+
+
+def _grid(n: int, min_height: float) -> tuple[int, int]:
+    """(rows, cols) of n panels: two columns, more where rows of min_height inches would
+    pass _MAX_TALL."""
+    max_rows = max(1, int(_MAX_TALL // min_height))
+    cols = min(n, max(2, math.ceil(n / max_rows)))
+    return math.ceil(n / cols), cols
 
 
 def _panel_side(cells: int, rows: int) -> float:
-    """Inches per square heatmap panel of `cells` per side, in a figure of `rows` rows."""
-    return max(3.0, min(1.5 + 0.45 * max(cells, 6), _MAX_PANEL, _MAX_TALL / rows))
+    """Inches per square heatmap panel of `cells` per side, in a figure of `rows` rows
+    (at most _MAX_TALL / _MIN_PANEL rows, as _grid makes them)."""
+    return max(_MIN_PANEL, min(1.5 + 0.45 * max(cells, 6), _MAX_PANEL, _MAX_TALL / rows))
 
 
 def _annotate(ax, values, fmt: str, dark_below: float, skip=frozenset()) -> None:
@@ -56,10 +63,14 @@ def _annotate(ax, values, fmt: str, dark_below: float, skip=frozenset()) -> None
             ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7, color=colour)
 
 
-def _expert_ticks(ax, num_experts: int) -> None:
-    step = max(1, math.ceil(num_experts / 32))
-    ax.set_xticks(range(0, num_experts, step))
-    ax.set_xlabel("expert")
+def _expert_ticks(ax, num_experts: int, inches: float, axis: str = "x") -> None:
+    """Expert numbers along an axis of `inches`, as many as have room."""
+    ticks = range(0, num_experts, tick_step(num_experts, inches))
+    if axis == "x":
+        ax.set_xticks(ticks)
+        ax.set_xlabel("expert")
+    else:
+        ax.set_yticks(ticks)
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -79,7 +90,8 @@ def plot_load(summaries: list[LayerSummary], path: str | Path, title: str = "") 
         rel.append([share * E for share in s.load_share])
     L, E = len(rel), len(rel[0])
     top = max(2.0, max(max(r) for r in rel))
-    fig, axes = new_figure(2.5 + min(0.6 * max(E, 8), 16.0), 2.0 + min(0.45 * L, _MAX_TALL))
+    width = min(0.6 * max(E, 8), 16.0)
+    fig, axes = new_figure(2.5 + width, 2.0 + min(0.45 * L, _MAX_TALL))
     ax = axes[0][0]
     from matplotlib.colors import TwoSlopeNorm
 
@@ -102,7 +114,7 @@ def plot_load(summaries: list[LayerSummary], path: str | Path, title: str = "") 
         rows, cols = zip(*sorted(dead), strict=True)
         ax.scatter(cols, rows, marker="x", s=12, color="black", linewidths=1, label="dead")
         ax.legend(fontsize=8, loc="upper right")
-    _expert_ticks(ax, E)
+    _expert_ticks(ax, E, width)
     ax.set_yticks(range(L))
     ax.set_yticklabels([f"MoE {s.layer}" for s in summaries])
     ax.set_ylabel("MoE layer")
@@ -116,17 +128,25 @@ def plot_imbalance(summaries: list[LayerSummary], path: str | Path, title: str =
     layers = [s.layer for s in summaries]
     spec = [s.specialisation for s in summaries]
     has_spec = any(not math.isnan(v) for v in spec)
-    fig, grid = new_figure(10 if has_spec else 5.5, 3.6, 1, 2 if has_spec else 1)
+    # Each panel widens with the layers (up to 12 inches), values are printed on the bars
+    # while they have room, and layer numbers thinned to what fits.
+    width = min(max(4.5, 1.5 + 0.3 * len(layers)), 12.0)
+    labelled = len(layers) <= _BAR_LABELS_MAX
+    fig, grid = new_figure(
+        width * (2 if has_spec else 1), 3.6, 1, 2 if has_spec else 1, layout="constrained"
+    )
     axes = grid[0]
     ax = axes[0]
     bars = ax.bar(layers, [s.imbalance for s in summaries], color="tab:orange")
-    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    if labelled:
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.axhline(1.0, color="black", lw=1, ls="--", label="balanced")
     # Every token on the same K experts: max / mean = E / K, the most top-K routing can reach.
     collapsed = max(s.collapsed_imbalance for s in summaries)
     ax.axhline(collapsed, color="tab:red", lw=1, ls=":", label=f"collapsed (E/K = {collapsed:g})")
     ax.set_ylim(0, max([collapsed, *(s.imbalance for s in summaries if s.imbalance > 0)]) * 1.05)
-    ax.set_xticks(layers)
+    layer_ticks = layers[:: tick_step(len(layers), width)]
+    ax.set_xticks(layer_ticks)
     ax.set_xlabel("MoE layer")
     ax.set_ylabel("max load / mean load")
     ax.set_title("Load imbalance")
@@ -134,15 +154,15 @@ def plot_imbalance(summaries: list[LayerSummary], path: str | Path, title: str =
     if has_spec:
         ax = axes[1]
         bars = ax.bar(layers, [0.0 if math.isnan(v) else v for v in spec], color="tab:green")
-        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+        if labelled:
+            ax.bar_label(bars, fmt="%.3f", fontsize=8)
         ax.set_ylim(0, 1.08)
-        ax.set_xticks(layers)
+        ax.set_xticks(layer_ticks)
         ax.set_xlabel("MoE layer")
         ax.set_ylabel("I(domain; expert) / H(domain)")
         ax.set_title("Domain specialisation (0 = none, 1 = total)")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -152,11 +172,13 @@ def plot_specialisation(counts: list[LayerCounts], path: str | Path, title: str 
     A row is how one domain spreads its tokens over the experts; rows that differ mean the
     layer routes by domain. Uniform routing is 1/E everywhere.
     """
-    rows, cols = _grid(len(counts))
     E, N = counts[0].num_experts, len(counts[0].domains)
+    rows, cols = _grid(len(counts), min_height=1.5)
     width = min(1.0 + 0.45 * max(E, 6), _MAX_PANEL)
     height = max(1.5, min(1.4 + 0.4 * N, _MAX_TALL / rows))
-    fig, axes = new_figure(cols * width, rows * height, rows, cols)
+    # Constrained layout keeps room for the title above the panels (tight_layout let it
+    # run into the first row from 16 layers on).
+    fig, axes = new_figure(cols * width, rows * height, rows, cols, layout="constrained")
     vmax = max(2.0 / E, max(_row_norm(c.domain_expert).max().item() for c in counts))
     for i, c in enumerate(counts):
         ax = axes[i // cols][i % cols]
@@ -165,7 +187,7 @@ def plot_specialisation(counts: list[LayerCounts], path: str | Path, title: str 
         _annotate(ax, cond.tolist(), ".2f", vmax * 0.6)
         score = stats.specialisation_score(c.domain_expert) if N > 1 else math.nan
         ax.set_title(f"MoE layer {i}: specialisation {score:.3f}", fontsize=9)
-        _expert_ticks(ax, E)
+        _expert_ticks(ax, E, width - 1.5)  # less the colour bar
         ax.set_yticks(range(N))
         ax.set_yticklabels(c.domains)
         ax.set_ylabel("domain")
@@ -173,7 +195,6 @@ def plot_specialisation(counts: list[LayerCounts], path: str | Path, title: str 
     for j in range(len(counts), rows * cols):
         axes[j // cols][j % cols].axis("off")
     fig.suptitle(title or f"Expert use by domain (uniform = 1/E = {1 / E:.3f})")
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -183,10 +204,10 @@ def plot_co_selection(counts: list[LayerCounts], path: str | Path, title: str = 
     Bright off-diagonal cells are experts that work as a pair; with top-1 routing the map
     is empty. Under independent choices each cell would be about (K-1)/(E-1).
     """
-    rows, cols = _grid(len(counts))
     E = counts[0].num_experts
+    rows, cols = _grid(len(counts), min_height=_MIN_PANEL)
     side = _panel_side(E, rows)
-    fig, axes = new_figure(cols * side, rows * side, rows, cols)
+    fig, axes = new_figure(cols * side, rows * side, rows, cols, layout="constrained")
     conds = [stats.co_selection_conditional(c.co_selection) for c in counts]
     vmax = max(1e-9, max(m.max().item() for m in conds))
     for i, cond in enumerate(conds):
@@ -194,15 +215,14 @@ def plot_co_selection(counts: list[LayerCounts], path: str | Path, title: str = 
         im = ax.imshow(cond.numpy(), cmap="magma", vmin=0.0, vmax=vmax)
         _annotate(ax, cond.tolist(), ".2f", vmax * 0.5, skip={(e, e) for e in range(E)})
         ax.set_title(f"MoE layer {i}", fontsize=9)
-        _expert_ticks(ax, E)
+        _expert_ticks(ax, E, side - 1.5)  # less the colour bar
         ax.set_xlabel("expert j (also chosen)")
-        ax.set_yticks(range(0, E, max(1, math.ceil(E / 32))))
+        _expert_ticks(ax, E, side - 1.0, axis="y")  # less the title
         ax.set_ylabel("expert i (chosen)")
         fig.colorbar(im, ax=ax, label="P(j | i)")
     for j in range(len(conds), rows * cols):
         axes[j // cols][j % cols].axis("off")
     fig.suptitle(title or "Expert co-selection: which experts serve the same token")
-    fig.tight_layout()
     return _save(fig, path)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
+from moekit import atomic
 from moekit.analysis import plots
 from moekit.analysis.collect import Batch, collect_routing, labelled_batches
 from moekit.analysis.counts import LayerCounts, LayerSummary
@@ -58,9 +59,9 @@ def analyze_model(
         out.mkdir(parents=True, exist_ok=True)
         # The numbers first: a figure that fails (memory, a plotting backend) loses no
         # forward pass. Written again with the figures' paths once they are drawn.
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+        atomic.write_text(out / SUMMARY_FILE, json.dumps(summary, indent=1))
         summary["figures"] = _write_figures(counts, summaries, out, title)
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+        atomic.write_text(out / SUMMARY_FILE, json.dumps(summary, indent=1))
     return summary
 
 
@@ -119,6 +120,10 @@ def analyze_checkpoint(
         raise ValueError(f"out_dir {out_dir} is a file, not a directory")
     # Its routing.json and figures would be read as text by the next run on this data.
     check_outside(data, out_dir, "out_dir")
+    try:  # made now: a place that cannot be written fails before minutes of routing
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"out_dir {out_dir} cannot be made: {err.strerror or err}") from err
     if cache_dir is None:
         # The training run's token cache when there is one (same key: nothing is redone).
         cache_dir = run_dir / "cache" if run_dir is not None else out_dir / "cache"
@@ -197,6 +202,10 @@ def _write_figures(
             out / "specialisation.png",
             f"Expert use by domain (uniform = 1/E = {1 / E:.3f})" + suffix,
         )
+    for name in FIGURES:
+        if name not in paths:
+            # An earlier analysis's figure (of two-domain text, say) would be read as this one's.
+            (out / f"{name}.png").unlink(missing_ok=True)
     return {name: str(p) for name, p in paths.items()}
 
 

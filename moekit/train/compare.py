@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from moekit import atomic
 from moekit.data.sources import check_outside
 from moekit.train.config import TrainConfig
 from moekit.train.loop import train
@@ -140,7 +141,7 @@ def compare(
         )
     plot = plot_compare(curves, out_dir / "compare.png") if plots else None
     summary = {"rows": [asdict(r) for r in rows], "curves": curves, "train": config.to_dict()}
-    (out_dir / "compare.json").write_text(json.dumps(summary, indent=1))
+    atomic.write_text(out_dir / "compare.json", json.dumps(summary, indent=1))
     return rows, plot
 
 

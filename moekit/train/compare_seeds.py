@@ -15,6 +15,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from moekit import atomic
 from moekit.train.compare import (
     MODELS,
     check_new_comparison,
@@ -126,7 +127,7 @@ def compare_seeds(
         "seeds": [{**asdict(r), "diff": r.diff} for r in results],
         "train": config.to_dict(),
     }
-    (out_dir / "seeds.json").write_text(json.dumps(record, indent=1))
+    atomic.write_text(out_dir / "seeds.json", json.dumps(record, indent=1))
     return summary
 
 

@@ -7,8 +7,9 @@ per-layer tokens per expert so the plots can show load over training.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from moekit import atomic
 
 FILENAME = "metrics.jsonl"
 
@@ -61,6 +62,4 @@ def copy_until(source: str | Path, run_dir: str | Path, step: int) -> None:
 
 
 def _write(path: Path, kept: list[dict]) -> None:
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -6,10 +6,11 @@ and no display or pyplot state is involved.
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
-from moekit.figures import INSTALL_HINT, have_matplotlib, new_figure, save_figure
+from moekit.figures import INSTALL_HINT, have_matplotlib, new_figure, save_figure, tick_step
 from moekit.train.metrics import read_metrics
 
 _DPI = 110
@@ -68,9 +69,12 @@ def plot_expert_load(records: list[dict], path: str | Path) -> Path | None:
     if not train:
         return None
     num_layers = len(train[0]["tokens_per_expert"])
-    cols = min(num_layers, 2)
+    E = len(train[0]["tokens_per_expert"][0])
+    # Two columns, more where rows of 3.2 inches would pass 60 (a 58-layer model).
+    cols = min(num_layers, max(2, math.ceil(num_layers / 18)))
     rows = (num_layers + cols - 1) // cols
     fig, axes = _figure(5.5 * cols, 3.2 * rows, rows, cols)
+    colors = _expert_colors(E)
     steps = [r["step"] for r in train]
     for layer in range(rows * cols):
         ax = axes[layer // cols][layer % cols]
@@ -80,16 +84,61 @@ def plot_expert_load(records: list[dict], path: str | Path) -> Path | None:
         loads = [r["tokens_per_expert"][layer] for r in train]
         shares = [[v / max(sum(row), 1e-9) for v in row] for row in loads]
         per_expert = list(zip(*shares, strict=True))
-        ax.stackplot(steps, *[_ema(list(s), 0.8) for s in per_expert], lw=0)
-        E = len(per_expert)
+        ax.stackplot(
+            steps,
+            *[_ema(list(s), 0.8) for s in per_expert],
+            colors=colors,
+            labels=[f"expert {e}" for e in range(E)],
+            lw=0,
+        )
         ax.set(
             xlabel="step",
             ylabel="share of tokens",
             ylim=(0, 1),
             title=f"MoE layer {layer}: {E} experts (uniform = 1/{E} each)",
         )
-    fig.suptitle("Tokens per expert over training (stacked, EMA 0.8)")
+    fig.suptitle("Tokens per expert over training (stacked, EMA 0.8; expert 0 at the bottom)")
+    if E <= _LEGEND_MAX:
+        # Reversed: top to bottom, as the bands are stacked.
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles[::-1], labels[::-1], loc="outside right upper", fontsize=8)
+    else:
+        _expert_colorbar(fig, axes, colors)
     return save_figure(fig, path, _DPI)
+
+
+_LEGEND_MAX = 16
+"""Experts named one by one in a legend up to this many; beyond, a colour bar of indices."""
+
+
+def _expert_colors(num_experts: int) -> list:
+    """One colour per expert, every one distinct (matplotlib's default cycle repeats
+    after ten): tab10 / tab20 while they suffice, else samples of a continuous map."""
+    from matplotlib import colormaps
+
+    if num_experts <= 20:
+        cmap = colormaps["tab10" if num_experts <= 10 else "tab20"]
+        return [cmap(e) for e in range(num_experts)]
+    cmap = colormaps["turbo"]
+    return [cmap(e / (num_experts - 1)) for e in range(num_experts)]
+
+
+def _expert_colorbar(fig, axes, colors: list) -> None:
+    """A colour bar from expert index to band colour, for more experts than a legend holds."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
+    E = len(colors)
+    norm = BoundaryNorm(range(E + 1), E)
+    bar = fig.colorbar(
+        ScalarMappable(norm=norm, cmap=ListedColormap(colors)),
+        ax=[ax for row in axes for ax in row],
+        label="expert",
+        shrink=min(1.0, 6.0 / fig.get_figheight()),  # about 6 inches tall, and thin
+        aspect=30,
+    )
+    bar.set_ticks([e + 0.5 for e in range(0, E, tick_step(E, 6.0))])
+    bar.set_ticklabels([str(e) for e in range(0, E, tick_step(E, 6.0))])
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:

@@ -12,8 +12,9 @@ continues the same run.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from moekit import atomic
 
 RUN_TOKENIZER = "tokenizer.json"
 
@@ -53,6 +54,4 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
     if src == dst:
         return
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.write_bytes(src.read_bytes())
-    os.replace(tmp, dst)
+    atomic.write_bytes(dst, src.read_bytes())
