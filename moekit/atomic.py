@@ -8,6 +8,8 @@ was. Checkpoints add fsyncs on top (moekit.train.checkpoint).
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,3 +41,21 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     with replacing(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+def write_json(path: str | Path, obj: object) -> Path:
+    """Replace the file at `path` by `obj` as strict JSON (indented), whole: NaN and
+    infinities, which Python writes as bare NaN / Infinity and strict parsers refuse,
+    become null (a statistic with no value: one seed's standard deviation, an empty
+    expert's share)."""
+    return write_text(path, json.dumps(_finite(obj), indent=1, allow_nan=False))
+
+
+def _finite(obj: object) -> object:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj

@@ -5,6 +5,7 @@ Shapes: B batch, S prompt length, V vocab, N new tokens.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -62,8 +63,9 @@ def sample_next(
 def _check_options(temperature: object, top_k: object, top_p: object, max_new: object) -> None:
     if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new!r}")
-    if not _is_number(temperature) or not temperature >= 0:
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    # inf would flatten every logit to 0, and top-k / top-p then keep every tied token.
+    if not _is_number(temperature) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
     if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):

@@ -145,6 +145,8 @@ def test_any_of_several_eos_ids_ends_a_row(model) -> None:
         ({"max_new_tokens": 0}, "max_new_tokens.*0"),
         ({"max_new_tokens": 30}, "max_seq_len.*24.*34"),
         ({"temperature": -1.0}, "temperature.*-1.0"),
+        # inf flattened every logit to 0, and top-k then kept every tied token.
+        ({"temperature": math.inf}, "temperature must be a finite number >= 0, got inf"),
         ({"top_k": 0}, "top_k.*0"),
         ({"top_p": 1.5}, "top_p.*1.5"),
         ({"top_p": math.nan}, "top_p.*nan"),
@@ -285,3 +287,17 @@ def test_an_expert_choice_model_is_refused() -> None:
     cfg = _config(router="expert_choice")
     with pytest.raises(ValueError, match=r"router='expert_choice' \(MoE layers \[0, 1\]\)"):
         generate(Transformer(cfg), torch.zeros(1, 3, dtype=torch.long), 2)
+
+
+def test_a_sample_ends_at_its_first_eos_whatever_the_others_do(monkeypatch) -> None:
+    # generate() repeats a finished row's EOS while other rows go on; decoded, an EOS
+    # that is no special token had shown as a run of it, longer with more samples.
+    import moekit.generate
+    from moekit.commands.sample import sample_text
+    from moekit.data import ByteTokenizer
+
+    prompt = list(b"ab")
+    rows = [prompt + list(b"xs") + list(b"sss"), prompt + list(b"xyzws")]
+    monkeypatch.setattr(moekit.generate, "generate", lambda *a: torch.tensor(rows))
+    texts = sample_text(torch.nn.Linear(1, 1), ByteTokenizer(), "ab", 5, 2, eos_ids=[ord("s")])
+    assert texts == ["xs", "xyzws"]

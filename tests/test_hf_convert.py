@@ -174,6 +174,8 @@ def test_export_refuses_the_source_and_moekit_directories_as_dst(hf_dir, tmp_pat
         (run_dir, logs, "is a moekit run directory"),
         (ckpt, run_dir, "is a moekit run directory"),
         (run_dir, ckpt, "is a moekit checkpoint"),
+        # Not there yet, named like a checkpoint: the run would take it for its newest.
+        (run_dir, ckpt.parent / "step_00000099", "lies in a run's checkpoints/ directory"),
     ]:
         assert main(["convert", str(src), str(dst)]) == 2
         err = capsys.readouterr().err

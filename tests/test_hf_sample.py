@@ -81,3 +81,11 @@ def test_sample_adds_the_tokenizers_bos_and_stops_at_generation_eos(hf_dir, tmp_
     new = new[: new.index(end) + 1]
     assert len(new) < 6
     assert capsys.readouterr().out.rstrip("\n") == "the cat" + tok.decode(new)
+    # Imported as a moekit run, the same weights sample the same text: the BOS, and the
+    # end-of-sequence ids the run keeps (it had sampled past them, without a BOS).
+    assert main(["convert", str(directory), str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    code = main(["sample", str(tmp_path / "run"), "--prompt", "the cat", "--max-new-tokens",
+                 "6", "--temperature", "0"])  # fmt: skip
+    assert code == 0
+    assert capsys.readouterr().out.rstrip("\n") == "the cat" + tok.decode(new)

@@ -59,9 +59,9 @@ def analyze_model(
         out.mkdir(parents=True, exist_ok=True)
         # The numbers first: a figure that fails (memory, a plotting backend) loses no
         # forward pass. Written again with the figures' paths once they are drawn.
-        atomic.write_text(out / SUMMARY_FILE, json.dumps(summary, indent=1))
+        atomic.write_json(out / SUMMARY_FILE, summary)
         summary["figures"] = _write_figures(counts, summaries, out, title)
-        atomic.write_text(out / SUMMARY_FILE, json.dumps(summary, indent=1))
+        atomic.write_json(out / SUMMARY_FILE, summary)
     return summary
 
 

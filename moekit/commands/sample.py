@@ -44,7 +44,8 @@ def sample_text(
 
     eos_ids end a continuation; add_special_tokens frames the prompt with the tokens the
     tokenizer's post-processor adds (a Hugging Face model's BOS). A moekit run's text was
-    tokenized without them, so its prompts are too.
+    tokenized without them, so its prompts are too; a run that holds a conversion's
+    weights unchanged is sampled as its source was. A sample ends at its first EOS.
     """
     import torch
 
@@ -58,7 +59,20 @@ def sample_text(
     device = next(model.parameters()).device
     prompt_ids = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     out = generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_ids)
-    return [continuation(tokenizer, ids, row[len(ids) :].tolist()) for row in out.cpu()]
+    return [
+        continuation(tokenizer, ids, _until_eos(row[len(ids) :].tolist(), eos_ids))
+        for row in out.cpu()
+    ]
+
+
+def _until_eos(new_ids: list[int], eos_ids: list[int] | None) -> list[int]:
+    """new_ids up to and including the first end-of-sequence id. generate() repeats that
+    id in a row that ended while others go on; decoded, an EOS that is not a special
+    token would show as a run of it, longer the more samples were asked for."""
+    for i, token in enumerate(new_ids):
+        if eos_ids and token in eos_ids:
+            return new_ids[: i + 1]
+    return new_ids
 
 
 def continuation(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
@@ -76,7 +90,15 @@ def run(args: argparse.Namespace) -> int:
     from moekit.data.tokenizer import load_tokenizer
     from moekit.devices import resolve_device
     from moekit.hf.convert import is_hf_dir
-    from moekit.train.checkpoint import load_model, read_config, resolve, resolve_tokenizer
+    from moekit.hf.io import GENERATION_CONFIG_FILE, eos_token_ids
+    from moekit.train.checkpoint import (
+        load_model,
+        read_config,
+        read_state,
+        resolve,
+        resolve_tokenizer,
+        run_dir_of,
+    )
 
     _check_utf8(args.prompt)
     device = resolve_device(args.device)
@@ -87,7 +109,6 @@ def run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         from moekit.hf import from_pretrained
-        from moekit.hf.io import eos_token_ids
 
         tokenizer = load_tokenizer(str(Path(args.checkpoint) / "tokenizer.json"))
         model = from_pretrained(args.checkpoint, device=device)
@@ -97,6 +118,13 @@ def run(args: argparse.Namespace) -> int:
         recorded = read_config(ckpt_dir)["train"]["tokenizer"]
         tokenizer = load_tokenizer(resolve_tokenizer(recorded, ckpt_dir))
         model = load_model(ckpt_dir, device=device)
+        # A run imported from a Hugging Face checkpoint keeps its end-of-sequence ids in
+        # the run's generation_config.json (moekit.hf.convert), and its weights, until
+        # trained further, take prompts framed as their source's were.
+        run_dir = run_dir_of(ckpt_dir)
+        if run_dir is not None and (run_dir / GENERATION_CONFIG_FILE).is_file():
+            eos_ids = eos_token_ids(run_dir) or None
+        special = "converted_from" in read_state(ckpt_dir)
     texts = sample_text(
         model,
         tokenizer,

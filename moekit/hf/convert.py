@@ -104,6 +104,12 @@ def _check_export_dst(src: Path, dst: Path) -> None:
         )
     if (dst / MANIFEST).exists():
         raise ValueError(f"dst {dst} is a moekit checkpoint; export into another directory")
+    if dst.resolve().parent.name == "checkpoints":
+        # A run's checkpoints/ lists its step_<n> directories: an export named like one
+        # would be taken for the run's newest checkpoint, without a manifest.
+        raise ValueError(
+            f"dst {dst} lies in a run's checkpoints/ directory; export into another directory"
+        )
 
 
 def _export_tokenizer_files(recorded: str, beside: list[Path]) -> dict[str, bytes]:

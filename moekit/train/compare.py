@@ -8,7 +8,6 @@ Training FLOPs count forward + backward matmuls as 3x the forward (Kaplan et al.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -141,7 +140,7 @@ def compare(
         )
     plot = plot_compare(curves, out_dir / "compare.png") if plots else None
     summary = {"rows": [asdict(r) for r in rows], "curves": curves, "train": config.to_dict()}
-    atomic.write_text(out_dir / "compare.json", json.dumps(summary, indent=1))
+    atomic.write_json(out_dir / "compare.json", summary)
     return rows, plot
 
 

@@ -10,7 +10,6 @@ out): the chance that a fair coin splits the seeds at least as unevenly.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -127,7 +126,7 @@ def compare_seeds(
         "seeds": [{**asdict(r), "diff": r.diff} for r in results],
         "train": config.to_dict(),
     }
-    atomic.write_text(out_dir / "seeds.json", json.dumps(record, indent=1))
+    atomic.write_json(out_dir / "seeds.json", record)
     return summary
 
 
