@@ -112,6 +112,10 @@ def test_an_out_dir_that_cannot_be_made_fails_before_any_routing(
     assert main(["analyze", str(run_dir), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"out_dir {out} cannot be made" in err and err.count("\n") == 1
+    # The threshold by its flag, before the text too.
+    assert main(["analyze", str(run_dir), "--dead-threshold", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--dead-threshold must be in [0.0, 1.0], got 2.0" in err
 
 
 def test_a_new_analysis_replaces_the_old_one_whole(run_dir, tmp_path, monkeypatch):

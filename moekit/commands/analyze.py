@@ -64,11 +64,12 @@ def run(args: argparse.Namespace) -> int:
     from moekit.analysis import analyze_checkpoint, format_summary
     from moekit.errors import MissingDependency
     from moekit.figures import INSTALL_HINT, have_matplotlib
-    from moekit.validate import check_int
+    from moekit.validate import check_int, check_range
 
     # Named as the user typed them; analyze_checkpoint would name its own arguments.
     for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size)):
         check_int(flag, value)
+    check_range("--dead-threshold", args.dead_threshold, 0.0, 1.0)  # before the text is read
     if args.seq_len is not None:
         check_int("--seq-len", args.seq_len)
     if not have_matplotlib():  # before minutes of forward passes, not after

@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: 16)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data and sampling")
-    p.add_argument("--run-dir", default="runs/demo", help="output directory")
+    p.add_argument("--run-dir", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     from moekit.commands.train import add_threads_argument
 
