@@ -157,3 +157,14 @@ def test_a_model_not_begun_splits_the_text_as_the_finished_one_did(corpus, tmp_p
     states = [read_state(list_checkpoints(out_dir / name)[-1]) for name in ("moe", "dense")]
     assert [s["split_rule"] for s in states] == ["by_name", "by_name"] != [SPLIT_RULE] * 2
     assert states[0]["data_digest"] == states[1]["data_digest"]
+
+
+def test_a_model_with_no_moe_layer_is_not_compared(tmp_path, capsys):
+    # Its dense twin is the same model: the comparison would train one model twice.
+    flags = micro_flags(
+        tmp_path / "unused", "--out-dir", str(tmp_path / "c"), "--set", "moe_every=5"
+    )
+    assert main(["compare", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "compare needs an MoE layer: first_k_dense=0, moe_every=5" in err
+    assert not (tmp_path / "c").exists()

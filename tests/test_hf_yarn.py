@@ -79,8 +79,11 @@ def test_yarn_tables_scale_and_softmax_factor():
 
 
 def test_default_rope_unchanged_by_yarn_fields():
-    # Only rope_type switches YaRN on: the other rope_* fields leave plain RoPE bitwise alone.
-    cfg = ModelConfig(dense_d_ff=32, rope_factor=8.0, rope_mscale_all_dim=1.0)
+    # Only rope_type switches YaRN on: YaRN fields without it are refused (they used to be
+    # ignored silently), and plain RoPE is the textbook one.
+    with pytest.raises(ValueError, match="rope_factor, rope_mscale_all_dim apply to rope_type"):
+        ModelConfig(dense_d_ff=32, rope_factor=8.0, rope_mscale_all_dim=1.0)
+    cfg = ModelConfig(dense_d_ff=32)
     assert cfg.yarn is None
     rope = RotaryEmbedding(cfg.rope_dim, cfg.rope_theta, cfg.max_seq_len, yarn=cfg.yarn)
     exponent = torch.arange(0, cfg.rope_dim, 2, dtype=torch.float32) / cfg.rope_dim

@@ -47,7 +47,13 @@ def _cfg(**changes) -> ModelConfig:
         ({"dense_layers": [0]}, TypeError, ["dense_layers", "[0]"]),
         ({"moe": None}, ValueError, ["dense_d_ff", "None"]),
         ({"tie_embeddings": 1}, TypeError, ["tie_embeddings", "1"]),
-        ({"attention": "mla"}, ValueError, ["kv_lora_rank", "None"]),
+        ({"attention": "mla", "num_kv_heads": None}, ValueError, ["kv_lora_rank", "None"]),
+        # Settings the chosen attention or RoPE would ignore, silently.
+        ({"attention": "mla"}, ValueError, ["num_kv_heads applies to attention='gqa'", "1"]),
+        ({"kv_lora_rank": 8}, ValueError, ["kv_lora_rank apply to attention='mla'", "8"]),
+        ({"rope_interleave": True}, ValueError, ["rope_interleave apply to attention='mla'"]),
+        ({"rope_factor": 4.0}, ValueError, ["rope_factor apply to rope_type='yarn'", "4.0"]),
+        ({"rope_theta": 1.0}, ValueError, ["rope_theta must be > 1", "1.0"]),
     ],
 )
 def test_bad_values_name_field_and_value(changes, error, words) -> None:
@@ -66,6 +72,7 @@ def test_mla_fields_validated_only_for_mla() -> None:
     assert _cfg(kv_lora_rank=None, v_head_dim=None).attention == "gqa"
     mla = _cfg(
         attention="mla",
+        num_kv_heads=None,
         kv_lora_rank=8,
         qk_nope_head_dim=6,
         qk_rope_head_dim=4,

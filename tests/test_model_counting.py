@@ -134,6 +134,7 @@ def test_expert_choice_counts_the_experts_its_capacity_gives_a_token() -> None:
     [
         (lambda: flops(CONFIGS["moe"], seq_len=0), ValueError, "seq_len must be an int >= 1"),
         (lambda: flops(CONFIGS["moe"], seq_len=1.5), ValueError, "seq_len must be an int >= 1"),
+        (lambda: flops(CONFIGS["moe"], seq_len=10**6), ValueError, "<= the model's max_seq_len"),
         (lambda: flops(MOE), TypeError, "config must be a ModelConfig, got MoEConfig"),
         (lambda: dense_twin(MOE), TypeError, "config must be a ModelConfig, got MoEConfig"),
     ],

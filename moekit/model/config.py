@@ -11,6 +11,17 @@ from moekit.validate import check_bool, check_int, check_non_negative, check_pos
 ATTENTION_NAMES = ("gqa", "mla")
 QK_NORMS = (None, "head", "full")
 _MLA_FIELDS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+_YARN_DEFAULTS = {
+    "rope_factor": 1.0,
+    "rope_original_max_seq_len": None,
+    "rope_beta_fast": 32.0,
+    "rope_beta_slow": 1.0,
+    "rope_mscale": None,
+    "rope_mscale_all_dim": None,
+    "rope_attention_factor": None,
+    "rope_truncate": True,
+}
+"""The YaRN fields at their defaults: what a config without rope_type='yarn' must hold."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,9 @@ class ModelConfig:
             check_bool(name, getattr(self, name))
         check_positive("norm_eps", self.norm_eps)
         check_positive("rope_theta", self.rope_theta)
+        if self.rope_theta <= 1:
+            # theta^(-2i/d) would grow with the dimension (and YaRN divides by log theta).
+            raise ValueError(f"rope_theta must be > 1, got {self.rope_theta!r}")
         check_positive("init_std", self.init_std)
         if self.moe is not None:
             if not isinstance(self.moe, MoEConfig):
@@ -164,6 +178,14 @@ class ModelConfig:
         if self.rope_attention_factor is not None:
             check_positive("rope_attention_factor", self.rope_attention_factor)
         if self.rope_type != "yarn":
+            # Else a YaRN setting given without rope_type='yarn' would be ignored, silently.
+            unused = [n for n, v in _YARN_DEFAULTS.items() if getattr(self, n) != v]
+            if unused:
+                raise ValueError(
+                    f"{', '.join(unused)} apply to rope_type='yarn' only, got "
+                    + ", ".join(f"{n}={getattr(self, n)!r}" for n in unused)
+                    + f" with rope_type={self.rope_type!r}"
+                )
             return
         if self.rope_factor < 1:
             raise ValueError(
@@ -187,7 +209,24 @@ class ModelConfig:
         if self.head_dim is not None:
             check_int("head_dim", self.head_dim)
         if self.attention != "gqa":
+            # MLA's heads are its own fields; these would be ignored, silently.
+            for name in ("num_kv_heads", "head_dim"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name} applies to attention='gqa' only (MLA sizes its heads with "
+                        f"qk_nope_head_dim, qk_rope_head_dim and v_head_dim), got "
+                        f"{getattr(self, name)!r}"
+                    )
             return
+        unused = [n for n in ("q_lora_rank", *_MLA_FIELDS) if getattr(self, n) is not None]
+        if self.rope_interleave:
+            unused.append("rope_interleave")
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)} apply to attention='mla' only, got "
+                + ", ".join(f"{n}={getattr(self, n)!r}" for n in unused)
+                + " with attention='gqa'"
+            )
         if self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(
                 f"num_heads must divide d_model ({self.d_model}) when head_dim is None, "

@@ -84,6 +84,10 @@ def flops_per_token(config: ModelConfig, seq_len: int | None = None) -> FlopCoun
     seq_len = config.max_seq_len if seq_len is None else seq_len
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
+    if seq_len > config.max_seq_len:
+        raise ValueError(
+            f"seq_len must be <= the model's max_seq_len ({config.max_seq_len}), got {seq_len!r}"
+        )
     D = config.d_model
     with torch.device("meta"):
         attn = get_attention(config.attention)(config, 0)

@@ -103,6 +103,13 @@ def compare(
 
     if model_config.moe is None or model_config.moe_as_dense:
         raise ValueError("compare needs an MoE model config (moe set, moe_as_dense False)")
+    if not model_config.moe_layer_ids:
+        # Its twin would be the same dense model, trained twice.
+        raise ValueError(
+            f"compare needs an MoE layer: first_k_dense={model_config.first_k_dense}, "
+            f"moe_every={model_config.moe_every} and dense_layers="
+            f"{model_config.dense_layers} leave all {model_config.num_layers} layers dense"
+        )
     out_dir = Path(out_dir)
     check_outside(config.data, out_dir, "--out-dir")  # named as given, not as out_dir/moe
     if resume:
