@@ -32,11 +32,16 @@ def _fake_datasets(monkeypatch, rows):
 
 
 def test_rows_stream_as_documents_with_the_config_passed_on(monkeypatch):
-    rows = [{"text": "first row\n"}, {"text": "   \n"}, {"text": "third row\n", "id": 3}]
+    rows = [
+        {"text": "first row\n"},
+        {"text": "   \n"},
+        {"text": "third row\n", "id": 3},
+        {"text": None},  # a missing value: an empty row (it had been "no column 'text'")
+    ]
     calls = _fake_datasets(monkeypatch, rows)
     docs = list(sources.iter_documents("hf:owner/corpus:clean-v1"))
     assert calls == [("owner/corpus", "clean-v1", "train", True)]
-    # Blank rows are skipped; names keep each row's index, so they are stable.
+    # Blank and null rows are skipped; names keep each row's index, so they are stable.
     assert [(d.name, d.domain, d.text) for d in docs] == [
         ("owner/corpus:clean-v1#0", "text", "first row\n"),
         ("owner/corpus:clean-v1#2", "text", "third row\n"),
@@ -68,7 +73,8 @@ def test_token_files_hold_the_rows_of_each_split(monkeypatch, tmp_path):
     [
         ("hf:", [], ValueError, "expected hf:NAME or hf:NAME:CONFIG"),
         ("hf::cfg", [], ValueError, "expected hf:NAME or hf:NAME:CONFIG"),
-        ("hf:corpus", [{"content": "code"}], ValueError, r"no string column 'text' .*'content'"),
+        ("hf:corpus", [{"content": "code"}], ValueError, r"no column 'text' .*'content'"),
+        ("hf:corpus", [{"text": "a"}, {"text": 7}], ValueError, "'text' holds int in row 1"),
         ("hf:corpus", [{"text": " "}, {"text": ""}], ValueError, "contains no text"),
     ],
 )

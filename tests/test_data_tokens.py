@@ -320,3 +320,48 @@ def test_a_split_of_exactly_one_window(tmp_path):
 def test_step_seeds_do_not_collide_across_seed_and_step():
     assert step_seed(1, 23) != step_seed(12, 3)
     assert len({step_seed(s, t) for s in range(20) for t in range(20)}) == 400
+
+
+def test_a_file_reached_through_a_link_is_read_once(tmp_path):
+    # Split by name, a file and a link to it had put the same text in training and in
+    # validation whenever their names hashed to different sides.
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(30):
+        (data / f"doc{i:02d}.txt").write_text(f"document {i}\n" * 40)
+    for i in range(30):
+        (data / f"link{i:02d}.txt").symlink_to(data / f"doc{i:02d}.txt")
+    with pytest.warns(UserWarning, match="30 file.s. read once only"):
+        splits = prepare_tokens(str(data), TOK, tmp_path / "cache", 0.2, "by_name")
+    texts = {s: TOK.decode(splits[s].tokens().tolist()) for s in ("train", "val")}
+    assert sum(t.count("document 7\n") for t in texts.values()) == 40
+
+
+def test_a_build_that_finds_the_entry_published_leaves_it_alone(corpus, tmp_path):
+    # Two processes building one entry: the second's rename had deleted the first's
+    # entry while the first was reading it.
+    from moekit.data import tokens
+
+    splits = prepare_tokens(str(corpus), TOK, tmp_path / "cache", 0.1)
+    entry = splits["train"].path.parent
+    before = {p.name: p.stat().st_ino for p in entry.iterdir()}
+    late = entry.with_name(entry.name + ".tmp-other-1")
+    late.mkdir()
+    (late / "train.bin").write_bytes(b"")
+    tokens._publish(late, entry, token_dtype(TOK.vocab_size))
+    assert not late.exists()
+    assert {p.name: p.stat().st_ino for p in entry.iterdir()} == before
+
+
+def test_bad_arguments_are_named(corpus, tmp_path):
+    from pathlib import Path
+
+    # A Path is a path (it had failed with AttributeError on str methods).
+    assert prepare_tokens(Path(corpus), TOK, tmp_path / "cache", 0.1)["train"].num_tokens > 0
+    with pytest.raises(TypeError, match="data must be a path or a name"):
+        prepare_tokens(3, TOK, tmp_path / "cache", 0.1)
+    with pytest.raises(TypeError, match="val_fraction must be a number, got str '0.1'"):
+        prepare_tokens(str(corpus), TOK, tmp_path / "cache", "0.1")
+    split = prepare_tokens(str(corpus), TOK, tmp_path / "cache", 0.1)["train"]
+    with pytest.raises(ValueError, match="seq_len must be >= 1, got 0"):
+        TrainBatches(split, 0, 2, seed=0)

@@ -15,9 +15,11 @@ import torch
 from torch import Tensor
 
 from moekit.data.tokens import TokenSplit
+from moekit.validate import check_int
 
 
 def _check_length(split: TokenSplit, seq_len: int, name: str) -> None:
+    check_int("seq_len", seq_len)  # 0 made empty windows
     if split.num_tokens < seq_len + 1:
         # Validation takes whole documents (moekit.data.tokens): a few files split lumpily.
         more = ", a larger val_fraction" if name == "validation" else ""

@@ -162,7 +162,7 @@ def _sort_files(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
             links.append(p)
         elif p.is_file():
             files.append(p)
-    files.sort()
+    files = _one_name_per_file(sorted(files))
     if not files:
         left = [f"{hidden} hidden file(s)"] if hidden else []
         left += [f"{len(links)} link(s) to directories, not followed"] if links else []
@@ -173,6 +173,24 @@ def _sort_files(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
     binary = [p for p in files if _is_binary(p)]
     skipped = set(binary)
     return [p for p in files if p not in skipped], binary, sorted(links)
+
+
+def _one_name_per_file(files: list[Path]) -> list[Path]:
+    """Each file once, under the first of its names in sorted order. Documents split by
+    name: a file reached through a link as well had its text on both sides of the split,
+    validation text trained on."""
+    seen: dict[Path, Path] = {}
+    for p in files:
+        seen.setdefault(p.resolve(), p)
+    kept = set(seen.values())
+    dropped = [p for p in files if p not in kept]
+    if dropped:
+        warnings.warn(
+            f"{len(dropped)} file(s) read once only, under one name: links to files read "
+            f"under another name (e.g. {dropped[0]} -> {dropped[0].resolve()})",
+            stacklevel=4,
+        )
+    return [p for p in files if p in kept]
 
 
 def _is_binary(path: Path) -> bool:
@@ -229,9 +247,16 @@ def _hf_documents(spec: str) -> Iterator[Document]:
         raise ValueError(f"could not load Hugging Face dataset {spec!r}: {err}") from err
     found = False
     for index, row in enumerate(stream):
-        text = row.get("text")
+        if "text" not in row:
+            raise ValueError(f"dataset {spec!r} has no column 'text' (columns: {list(row)})")
+        text = row["text"]
+        if text is None:  # a missing value: an empty row, as a blank one
+            continue
         if not isinstance(text, str):
-            raise ValueError(f"dataset {spec!r} has no string column 'text' (columns: {list(row)})")
+            raise ValueError(
+                f"dataset {spec!r}: column 'text' holds {type(text).__name__} in row {index}, "
+                "not a string"
+            )
         if text.strip():
             found = True
             yield Document(f"{spec}#{index}", "text", text)

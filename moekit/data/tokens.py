@@ -35,6 +35,7 @@ import torch
 from moekit.data import sources
 from moekit.data.corpus import stable_fraction
 from moekit.data.tokenizer import Tokenizer, token_dtype
+from moekit.validate import check_range
 
 SPLITS = ("train", "val")
 SPLIT_RULES = ("sized", "by_name")
@@ -78,8 +79,11 @@ def prepare_tokens(
 
     split_rule: "sized" (new runs) or "by_name" (runs checkpointed before it; see the
     module docstring)."""
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    if isinstance(data, os.PathLike):
+        data = os.fspath(data)
+    if not isinstance(data, str):
+        raise TypeError(f"data must be a path or a name (str), got {type(data).__name__}")
+    check_range("val_fraction", val_fraction, 0, 1, low_open=True, high_open=True)
     if split_rule not in SPLIT_RULES:
         raise ValueError(f"split_rule must be one of {SPLIT_RULES}, got {split_rule!r}")
     sources.check_outside(data, cache_dir, "the token cache")
@@ -202,8 +206,24 @@ def _build(
         },
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    _publish(tmp, entry, dtype)
+
+
+def _publish(tmp: Path, entry: Path, dtype: torch.dtype) -> None:
+    """Rename the built copy into place, unless another process building the same entry
+    (the same key: the same tokens) got there first. Its entry may be in use by it, so it
+    stays and this copy goes; only a damaged entry is replaced."""
+    if _intact_meta(entry, dtype) is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     shutil.rmtree(entry, ignore_errors=True)
-    os.replace(tmp, entry)
+    try:
+        os.replace(tmp, entry)
+    except OSError:
+        # The other process published between the check and the rename.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _intact_meta(entry, dtype) is None:
+            raise
 
 
 def _share_near(counts: dict[str, int], val_fraction: float) -> bool:
@@ -229,11 +249,11 @@ def _split_by_position(tmp: Path, counts, domains, dtype: torch.dtype, val_fract
             runs.append([d, s, e])
     n = counts["train"] + counts["val"]
     cut = n - max(1, round(n * val_fraction))
-    with open(tmp / "train.bin", "r+b") as f:
+    # Streamed: the tail of a single large file is val_fraction of the corpus.
+    with open(tmp / "train.bin", "r+b") as f, open(tmp / "val.bin", "wb") as val:
         f.seek(cut * itemsize)
-        tail = f.read()
+        shutil.copyfileobj(f, val)
         f.truncate(cut * itemsize)
-    (tmp / "val.bin").write_bytes(tail)
     counts["train"], counts["val"] = cut, n - cut
     domains["train"] = [[d, s, min(e, cut)] for d, s, e in runs if s < cut]
     domains["val"] = [[d, max(s, cut) - cut, e - cut] for d, s, e in runs if e > cut]
