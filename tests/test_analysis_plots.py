@@ -70,15 +70,7 @@ def test_figures_of_a_large_model_stay_a_readable_size(tmp_path):
 
 def _drawn(monkeypatch, draw):
     """The axes of the figure `draw()` writes."""
-    figures = []
-
-    def keep(fig, path):
-        figures.append(fig)
-        return path
-
-    monkeypatch.setattr(aplots, "_save", keep)
-    draw()
-    return figures[0].axes[0]
+    return _kept_figure(monkeypatch, draw).axes[0]
 
 
 def test_collapse_is_drawn_at_e_over_k_and_a_collapsed_layer_reaches_it(monkeypatch, tmp_path):

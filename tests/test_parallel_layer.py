@@ -100,14 +100,19 @@ def _check(case: LayerCase, ranks: list[dict], world_size: int) -> None:
     for rank, r in enumerate(ranks):
         for name, value in ref["stats"].items():
             _close(r["stats"][name], value, dt, f"{name} on rank {rank}")
-    for name, grad in ref["grads"].items():
+    _close_grads(ref["grads"], [r["grads"] for r in ranks], num_local, dt)
+
+
+def _close_grads(ref: dict, ranks: list[dict], num_local: int, dt, what: str = "") -> None:
+    """Each rank's expert gradients are its slice of the whole layer's; the replicated
+    weights' gradients over the ranks add up to the whole batch's."""
+    for name, grad in ref.items():
         if ".experts." in f".{name}":
             for rank, r in enumerate(ranks):
                 local = grad[rank * num_local : (rank + 1) * num_local]
-                _close(r["grads"][name], local, dt, f"{name}.grad on rank {rank}")
+                _close(r[name], local, dt, f"{what}{name}.grad on rank {rank}")
         else:
-            # Replicated weights: the ranks' gradients add up to the whole batch's.
-            _close(sum(r["grads"][name] for r in ranks), grad, dt, f"{name}.grad")
+            _close(sum(r[name] for r in ranks), grad, dt, f"{what}{name}.grad")
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -149,15 +154,10 @@ def test_second_derivatives_tangents_and_torch_func_equal_single_process() -> No
             if key in ref:
                 got = torch.cat([r[key] for r in per_rank])
                 _close(got, ref[key], case.dtype, f"{case.name}: {key}")
-        num_local = case.config["num_experts"] // world_size
-        for name, grad in ref.get("penalty_grads", {}).items():
-            if ".experts." in f".{name}":
-                for rank, r in enumerate(per_rank):
-                    local = grad[rank * num_local : (rank + 1) * num_local]
-                    _close(r["penalty_grads"][name], local, case.dtype, f"penalty {name}")
-            else:
-                got = sum(r["penalty_grads"][name] for r in per_rank)
-                _close(got, grad, case.dtype, f"penalty {name}")
+        if "penalty_grads" in ref:
+            num_local = case.config["num_experts"] // world_size
+            ranks_grads = [r["penalty_grads"] for r in per_rank]
+            _close_grads(ref["penalty_grads"], ranks_grads, num_local, case.dtype, "penalty ")
 
 
 def test_cases_exercise_the_edge_cases() -> None:
