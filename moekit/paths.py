@@ -30,25 +30,7 @@ class ReferencePath:
     """Whether group_sum is a collective (then every statistic is computed eagerly)."""
 
     def __call__(self, x_TD: Tensor, routing: Routing, experts: ExpertBank) -> Tensor:
-        # In the experts' dtype: under autocast that is the lower precision, as in the
-        # grouped path, and index_add needs one dtype on both sides.
-        y_TD = x_TD.new_zeros(x_TD.shape, dtype=compute_dtype(x_TD))
-        for e in range(experts.num_experts):
-            sel_A = (routing.expert_A == e).nonzero().squeeze(1)
-            if sel_A.numel() == 0:
-                continue
-            tokens = routing.token_A[sel_A]
-            out = experts.forward_expert(e, x_TD[tokens])
-            weight = routing.weight_A[sel_A].to(out.dtype)
-            y_TD = y_TD.index_add(0, tokens, out * weight[:, None])
-        if routing.expert_A.numel() == 0:
-            # No assignments (zero real tokens, or capacity dropped them all): tie y to the
-            # weights, the router's combine weights and x so their gradients are zeros
-            # rather than None, as the grouped path's are; optimizers need them present.
-            # Empty sums are exactly 0, where x * 0 would turn an inf in x into NaN.
-            tie = sum(w.sum() for w in experts.parameters()) * 0
-            y_TD = y_TD + (tie + routing.weight_A.sum() + x_TD[:0].sum())
-        return y_TD
+        return reference_experts(x_TD, routing.token_A, routing.expert_A, routing.weight_A, experts)
 
     def group_sum(self, t: Tensor) -> Tensor:
         return t
@@ -76,10 +58,36 @@ class GroupedPath(ReferencePath):
         return experts.forward_combined(x_TD, rows_A, weight_A, perm.counts_E)
 
 
+def reference_experts(
+    x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A: Tensor, experts: ExpertBank
+) -> Tensor:
+    """The reference loop: for each expert, gather its tokens' rows, run it, and add the
+    weighted result back into those rows (also the local loop of moekit.parallel)."""
+    # In the experts' dtype: under autocast that is the lower precision, as in the
+    # grouped path, and index_add needs one dtype on both sides.
+    y_TD = x_TD.new_zeros(x_TD.shape, dtype=compute_dtype(x_TD))
+    for e in range(experts.num_experts):
+        sel_A = (expert_A == e).nonzero().squeeze(1)
+        if sel_A.numel() == 0:
+            continue
+        tokens = token_A[sel_A]
+        out = experts.forward_expert(e, x_TD[tokens])
+        weight = weight_A[sel_A].to(out.dtype)
+        y_TD = y_TD.index_add(0, tokens, out * weight[:, None])
+    if expert_A.numel() == 0:
+        # No assignments (zero real tokens, or capacity dropped them all): tie y to the
+        # weights, the router's combine weights and x so their gradients are zeros
+        # rather than None, as the grouped path's are; optimizers need them present.
+        # Empty sums are exactly 0, where x * 0 would turn an inf in x into NaN.
+        tie = sum(w.sum() for w in experts.parameters()) * 0
+        y_TD = y_TD + (tie + weight_A.sum() + x_TD[:0].sum())
+    return y_TD
+
+
 def needs_reference(x_TD: Tensor, routing: Routing, experts: ExpertBank) -> bool:
     """Whether this call needs the reference loop's plain autograd ops: under a torch.func
     transform, or with forward-mode tangents (the fast paths have neither)."""
-    return _under_torch_func() or _has_tangent(x_TD, routing.weight_A, *experts.parameters())
+    return _under_torch_func() or has_tangent(x_TD, routing.weight_A, *experts.parameters())
 
 
 def _under_torch_func() -> bool:
@@ -92,7 +100,7 @@ def _under_torch_func() -> bool:
     return bool(active is not None and active())
 
 
-def _has_tangent(*tensors: Tensor) -> bool:
+def has_tangent(*tensors: Tensor) -> bool:
     """Whether forward-mode AD (torch.autograd.forward_ad) carries a tangent on any input:
     the fused CPU loop has no forward derivative, the reference loop's ops all do."""
     unpack = torch.autograd.forward_ad.unpack_dual

@@ -26,9 +26,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moekit.dispatch import inverse, permute, sort_by_expert, unpermute
-from moekit.experts import ExpertBank, compute_dtype
+from moekit.experts import ExpertBank
 from moekit.parallel.collectives import all_reduce_sum, all_to_all, exchange_counts
-from moekit.paths import needs_reference
+from moekit.paths import needs_reference, reference_experts
 from moekit.router import Routing
 
 
@@ -91,7 +91,9 @@ class AllToAllPath:
         order_N = torch.sort(local_N, stable=True).indices
         counts_L = recv_RL.sum(dim=0)
         if self.reference or needs_reference(x_TD, routing, experts):
-            y_ND = _reference_experts(x_ND, local_N, experts)
+            # Unit weights: each received row is one assignment, its own "token".
+            rows_N = torch.arange(x_ND.shape[0], device=x_ND.device)
+            y_ND = reference_experts(x_ND, rows_N, local_N, x_ND.new_ones(rows_N.shape), experts)
         elif experts.uses_grouped_mm(x_ND):
             y_ND = experts.forward_grouped(x_ND.index_select(0, order_N), counts_L)
             y_ND = y_ND.index_select(0, inverse(order_N))
@@ -106,18 +108,6 @@ class AllToAllPath:
     def group_sum(self, t: Tensor) -> Tensor:
         """Sum over the statistics group; gradients are summed back to every rank."""
         return all_reduce_sum(t, self.stats_group)
-
-
-def _reference_experts(x_ND: Tensor, local_N: Tensor, experts: ExpertBank) -> Tensor:
-    """Each received row through its local expert, expert by expert (moekit.paths'
-    reference loop with unit weights: a received row is one assignment)."""
-    y_ND = x_ND.new_zeros(x_ND.shape, dtype=compute_dtype(x_ND))
-    for e in range(experts.num_experts):
-        # Experts without rows run too, on none: a rank whose experts got no rows then
-        # has gradients of zero for them, as the fused loop gives, not None.
-        rows = (local_N == e).nonzero().squeeze(1)
-        y_ND = y_ND.index_add(0, rows, experts.forward_expert(e, x_ND[rows]))
-    return y_ND
 
 
 class GroupStatsPath:

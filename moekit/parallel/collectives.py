@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd import Function
 
+from moekit.paths import has_tangent
+
 
 def _all_to_all_rows(
     x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group: dist.ProcessGroup
@@ -95,13 +97,9 @@ def all_to_all(
 
 def all_reduce_sum(t: Tensor, group: dist.ProcessGroup) -> Tensor:
     """Sum of t over the group, differentiable (the gradient is summed over the group too)."""
-    if t.requires_grad or _has_tangent(t):
+    if t.requires_grad or has_tangent(t):
         return _AllReduceSum.apply(t, group)
     return _all_reduce_copy(t, group)
-
-
-def _has_tangent(t: Tensor) -> bool:
-    return torch.autograd.forward_ad.unpack_dual(t).tangent is not None
 
 
 def exchange_counts(send_RL: Tensor, group: dist.ProcessGroup) -> Tensor:
