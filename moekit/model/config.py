@@ -180,12 +180,7 @@ class ModelConfig:
         if self.rope_type != "yarn":
             # Else a YaRN setting given without rope_type='yarn' would be ignored, silently.
             unused = [n for n, v in _YARN_DEFAULTS.items() if getattr(self, n) != v]
-            if unused:
-                raise ValueError(
-                    f"{', '.join(unused)} apply to rope_type='yarn' only, got "
-                    + ", ".join(f"{n}={getattr(self, n)!r}" for n in unused)
-                    + f" with rope_type={self.rope_type!r}"
-                )
+            self._refuse_unused(unused, "rope_type='yarn'", f"rope_type={self.rope_type!r}")
             return
         if self.rope_factor < 1:
             raise ValueError(
@@ -221,12 +216,7 @@ class ModelConfig:
         unused = [n for n in ("q_lora_rank", *_MLA_FIELDS) if getattr(self, n) is not None]
         if self.rope_interleave:
             unused.append("rope_interleave")
-        if unused:
-            raise ValueError(
-                f"{', '.join(unused)} apply to attention='mla' only, got "
-                + ", ".join(f"{n}={getattr(self, n)!r}" for n in unused)
-                + " with attention='gqa'"
-            )
+        self._refuse_unused(unused, "attention='mla'", "attention='gqa'")
         if self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(
                 f"num_heads must divide d_model ({self.d_model}) when head_dim is None, "
@@ -238,6 +228,16 @@ class ModelConfig:
             )
         if self.head_size % 2:
             raise ValueError(f"head_dim must be even for rotary embedding, got {self.head_size!r}")
+
+    def _refuse_unused(self, names: list[str], used_by: str, chosen: str) -> None:
+        """ValueError naming the fields `names` (and their values) when there are any:
+        settings only `used_by` reads, given where `chosen` ignores them."""
+        if names:
+            raise ValueError(
+                f"{', '.join(names)} apply to {used_by} only, got "
+                + ", ".join(f"{n}={getattr(self, n)!r}" for n in names)
+                + f" with {chosen}"
+            )
 
     def _check_mla(self) -> None:
         if self.q_lora_rank is not None:
