@@ -69,9 +69,10 @@ def _until_eos(new_ids: list[int], eos_ids: list[int] | None) -> list[int]:
     """new_ids up to and including the first end-of-sequence id. generate() repeats that
     id in a row that ended while others go on; decoded, an EOS that is not a special
     token would show as a run of it, longer the more samples were asked for."""
-    for i, token in enumerate(new_ids):
-        if eos_ids and token in eos_ids:
-            return new_ids[: i + 1]
+    if eos_ids:
+        for i, token in enumerate(new_ids):
+            if token in eos_ids:
+                return new_ids[: i + 1]
     return new_ids
 
 

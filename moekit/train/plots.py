@@ -137,8 +137,9 @@ def _expert_colorbar(fig, axes, colors: list) -> None:
         shrink=min(1.0, 6.0 / fig.get_figheight()),  # about 6 inches tall, and thin
         aspect=30,
     )
-    bar.set_ticks([e + 0.5 for e in range(0, E, tick_step(E, 6.0))])
-    bar.set_ticklabels([str(e) for e in range(0, E, tick_step(E, 6.0))])
+    labelled = range(0, E, tick_step(E, 6.0))
+    bar.set_ticks([e + 0.5 for e in labelled])  # the middle of each expert's band
+    bar.set_ticklabels([str(e) for e in labelled])
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:

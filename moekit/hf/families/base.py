@@ -28,10 +28,10 @@ def unsupported(family: str, option: str, value: object, why: str = "") -> Unsup
 
 def require(hf: dict, family: str, key: str) -> object:
     """hf[key], which must be present and not null."""
-    if key in hf and hf[key] is None:
-        raise UnsupportedConfig(f"{family}: config.json's required field {key!r} is null")
     if key not in hf:
         raise UnsupportedConfig(f"{family}: config.json lacks the required field {key!r}")
+    if hf[key] is None:
+        raise UnsupportedConfig(f"{family}: config.json's required field {key!r} is null")
     return hf[key]
 
 
