@@ -52,6 +52,18 @@ def save_figure(fig, path: str | Path, dpi: int, tight: bool = False) -> Path:
     return path
 
 
+MAX_TALL = 60.0
+"""Inches: the tallest figure of many rows of panels (a 58-layer model's)."""
+
+
+def panel_grid(n: int, min_height: float) -> tuple[int, int]:
+    """(rows, cols) of n panels: two columns, more where rows of min_height inches would
+    pass MAX_TALL."""
+    max_rows = max(1, int(MAX_TALL // min_height))
+    cols = min(n, max(2, math.ceil(n / max_rows)))
+    return math.ceil(n / cols), cols
+
+
 TICK_INCHES = 0.35
 """Room one integer tick label takes along an axis (three digits at matplotlib's default
 size, with a gap): labels closer than this run into each other."""

@@ -17,7 +17,7 @@ import torch
 
 from moekit.analysis import stats
 from moekit.analysis.counts import LayerCounts, LayerSummary
-from moekit.figures import new_figure, save_figure, tick_step
+from moekit.figures import MAX_TALL, new_figure, panel_grid, save_figure, tick_step
 
 # Cell values are printed on heatmaps up to this many cells per axis; beyond, they blur.
 _ANNOTATE_MAX = 16
@@ -31,22 +31,13 @@ _BAR_LABELS_MAX = 16
 # (DeepSeek-V3) drawn at full cell size asked for a canvas of hundreds of millions of
 # pixels and ran out of memory. Cells shrink instead; values are not printed past 16 anyway.
 _MAX_PANEL = 8.0  # inches, one heatmap panel
-_MAX_TALL = 60.0  # inches, a figure of many rows of panels
 _MIN_PANEL = 3.0  # inches: a square panel smaller than this is unreadable
-
-
-def _grid(n: int, min_height: float) -> tuple[int, int]:
-    """(rows, cols) of n panels: two columns, more where rows of min_height inches would
-    pass _MAX_TALL."""
-    max_rows = max(1, int(_MAX_TALL // min_height))
-    cols = min(n, max(2, math.ceil(n / max_rows)))
-    return math.ceil(n / cols), cols
 
 
 def _panel_side(cells: int, rows: int) -> float:
     """Inches per square heatmap panel of `cells` per side, in a figure of `rows` rows
-    (at most _MAX_TALL / _MIN_PANEL rows, as _grid makes them)."""
-    return max(_MIN_PANEL, min(1.5 + 0.45 * max(cells, 6), _MAX_PANEL, _MAX_TALL / rows))
+    (at most MAX_TALL / _MIN_PANEL rows, as panel_grid makes them)."""
+    return max(_MIN_PANEL, min(1.5 + 0.45 * max(cells, 6), _MAX_PANEL, MAX_TALL / rows))
 
 
 def _annotate(ax, values, fmt: str, dark_below: float, skip=frozenset()) -> None:
@@ -91,7 +82,7 @@ def plot_load(summaries: list[LayerSummary], path: str | Path, title: str = "") 
     L, E = len(rel), len(rel[0])
     top = max(2.0, max(max(r) for r in rel))
     width = min(0.6 * max(E, 8), 16.0)
-    fig, axes = new_figure(2.5 + width, 2.0 + min(0.45 * L, _MAX_TALL))
+    fig, axes = new_figure(2.5 + width, 2.0 + min(0.45 * L, MAX_TALL))
     ax = axes[0][0]
     from matplotlib.colors import TwoSlopeNorm
 
@@ -173,9 +164,9 @@ def plot_specialisation(counts: list[LayerCounts], path: str | Path, title: str 
     layer routes by domain. Uniform routing is 1/E everywhere.
     """
     E, N = counts[0].num_experts, len(counts[0].domains)
-    rows, cols = _grid(len(counts), min_height=1.5)
+    rows, cols = panel_grid(len(counts), min_height=1.5)
     width = min(1.0 + 0.45 * max(E, 6), _MAX_PANEL)
-    height = max(1.5, min(1.4 + 0.4 * N, _MAX_TALL / rows))
+    height = max(1.5, min(1.4 + 0.4 * N, MAX_TALL / rows))
     # Constrained layout keeps room for the title above the panels (tight_layout let it
     # run into the first row from 16 layers on).
     fig, axes = new_figure(cols * width, rows * height, rows, cols, layout="constrained")
@@ -205,7 +196,7 @@ def plot_co_selection(counts: list[LayerCounts], path: str | Path, title: str = 
     is empty. Under independent choices each cell would be about (K-1)/(E-1).
     """
     E = counts[0].num_experts
-    rows, cols = _grid(len(counts), min_height=_MIN_PANEL)
+    rows, cols = panel_grid(len(counts), min_height=_MIN_PANEL)
     side = _panel_side(E, rows)
     fig, axes = new_figure(cols * side, rows * side, rows, cols, layout="constrained")
     conds = [stats.co_selection_conditional(c.co_selection) for c in counts]

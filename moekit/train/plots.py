@@ -6,11 +6,17 @@ and no display or pyplot state is involved.
 
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 
-from moekit.figures import INSTALL_HINT, have_matplotlib, new_figure, save_figure, tick_step
+from moekit.figures import (
+    INSTALL_HINT,
+    have_matplotlib,
+    new_figure,
+    panel_grid,
+    save_figure,
+    tick_step,
+)
 from moekit.train.metrics import read_metrics
 
 _DPI = 110
@@ -70,9 +76,7 @@ def plot_expert_load(records: list[dict], path: str | Path) -> Path | None:
         return None
     num_layers = len(train[0]["tokens_per_expert"])
     E = len(train[0]["tokens_per_expert"][0])
-    # Two columns, more where rows of 3.2 inches would pass 60 (a 58-layer model).
-    cols = min(num_layers, max(2, math.ceil(num_layers / 18)))
-    rows = (num_layers + cols - 1) // cols
+    rows, cols = panel_grid(num_layers, min_height=3.2)
     fig, axes = _figure(5.5 * cols, 3.2 * rows, rows, cols)
     colors = _expert_colors(E)
     steps = [r["step"] for r in train]
