@@ -58,6 +58,18 @@ def test_train_then_sample(corpus, tmp_path, capsys):
     # argv bytes that are not UTF-8 (decoded with surrogateescape by Python).
     not_utf8 = ["sample", str(run_dir), "--prompt", os.fsdecode(b"caf\xe9")]
     bad += [(not_utf8, "--prompt is not valid UTF-8 (byte 0xe9 at position 3)")]
+    # Named as typed on the command line, not as generate()'s parameters.
+    bad += [
+        (["sample", str(run_dir), flag, value], f"{flag} must {rule}, got {shown}")
+        for flag, value, rule, shown in [
+            ("--max-new-tokens", "0", "be >= 1", "0"),
+            ("--num-samples", "0", "be >= 1", "0"),
+            ("--temperature", "inf", "be a finite number >= 0", "inf"),
+            ("--top-k", "0", "be >= 1", "0"),
+            ("--top-p", "1.5", "be in (0.0, 1.0]", "1.5"),
+            ("--seed", "-1", "be >= 0", "-1"),
+        ]
+    ]
     if not torch.cuda.is_available():
         bad += [([*args, "--device", "cuda"], "no CUDA device is available")]
         bad += [(["analyze", str(run_dir), "--device", "cuda"], "no CUDA device is available")]

@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         run_dir_of,
     )
 
+    _check_flags(args)
     _check_utf8(args.prompt)
     device = resolve_device(args.device)
     eos_ids, special = None, False
@@ -144,6 +145,21 @@ def run(args: argparse.Namespace) -> int:
             print(f"--- sample {i} ---")
         print(args.prompt + text)
     return 0
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """The sampling flags, named as typed, before a checkpoint is read: generate() checks
+    them again under its own parameter names, which a command-line user never typed."""
+    from moekit.validate import check_int, check_non_negative, check_range, check_seed
+
+    check_int("--max-new-tokens", args.max_new_tokens)
+    check_int("--num-samples", args.num_samples)
+    check_non_negative("--temperature", args.temperature)
+    if args.top_k is not None:
+        check_int("--top-k", args.top_k)
+    if args.top_p is not None:
+        check_range("--top-p", args.top_p, 0.0, 1.0, low_open=True)
+    check_seed("--seed", args.seed)
 
 
 def _check_utf8(prompt: str) -> None:
