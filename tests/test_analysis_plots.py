@@ -85,6 +85,24 @@ def test_collapse_is_drawn_at_e_over_k_and_a_collapsed_layer_reaches_it(monkeypa
     assert ax.get_ylim()[1] == pytest.approx(4.2)
 
 
+def test_collapse_far_above_the_bars_is_named_not_drawn(monkeypatch, tmp_path):
+    # 256 experts, top-8: collapse is E/K = 32; drawn, it would flatten bars of 1.2-1.5.
+    summaries = []
+    for i, hot in enumerate((1.5, 1.2)):
+        c = LayerCounts(256, top_k=8)
+        c.tokens_per_expert = torch.tensor([hot * 8.0] + [8.0] * 255, dtype=torch.float64)
+        c.num_tokens = int(c.tokens_per_expert.sum()) // 8
+        summaries.append(c.summary(i))
+    assert summaries[0].collapsed_imbalance == 32.0
+    ax = _drawn(monkeypatch, lambda: aplots.plot_imbalance(summaries, tmp_path / "i.png"))
+    drawn = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert drawn == {"balanced": [1.0, 1.0], "collapsed (E/K = 32, off scale)": []}
+    highest = max(s.imbalance for s in summaries)
+    assert 1.49 < highest < 1.5 and ax.get_ylim()[1] == pytest.approx(highest * 1.4)
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["balanced", "collapsed (E/K = 32, off scale)"]
+
+
 def test_dead_experts_of_a_large_layer_are_crossed(monkeypatch, tmp_path):
     c = LayerCounts(32)
     c.tokens_per_expert = torch.tensor([100.0] * 30 + [0.0, 1.0], dtype=torch.float64)

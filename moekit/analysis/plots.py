@@ -25,6 +25,9 @@ _ANNOTATE_MAX = 16
 _ANNOTATE_BELOW = 0.005
 # Bars carry their values up to this many layers; beyond, the labels run together.
 _BAR_LABELS_MAX = 16
+# The collapse line (E/K) is drawn up to this many times the highest bar; above, it is off
+# the axis and named in the legend, since a trained router's imbalance stays near 1-3.
+_COLLAPSED_IN_VIEW = 3.0
 
 
 # Figure sizes grow with experts and layers only so far: a 256-expert, 58-layer model
@@ -133,9 +136,18 @@ def plot_imbalance(summaries: list[LayerSummary], path: str | Path, title: str =
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.axhline(1.0, color="black", lw=1, ls="--", label="balanced")
     # Every token on the same K experts: max / mean = E / K, the most top-K routing can reach.
+    # Drawn while it stays near the bars; far above them (E/K = 32 for 256 experts, top-8)
+    # it would flatten every bar, so the legend names it instead.
     collapsed = max(s.collapsed_imbalance for s in summaries)
-    ax.axhline(collapsed, color="tab:red", lw=1, ls=":", label=f"collapsed (E/K = {collapsed:g})")
-    ax.set_ylim(0, max([collapsed, *(s.imbalance for s in summaries if s.imbalance > 0)]) * 1.05)
+    highest = max([1.0, *(s.imbalance for s in summaries if math.isfinite(s.imbalance))])
+    if collapsed <= _COLLAPSED_IN_VIEW * highest:
+        label = f"collapsed (E/K = {collapsed:g})"
+        ax.axhline(collapsed, color="tab:red", lw=1, ls=":", label=label)
+        ax.set_ylim(0, max(collapsed, highest) * 1.05)
+    else:
+        label = f"collapsed (E/K = {collapsed:g}, off scale)"
+        ax.plot([], [], color="tab:red", lw=1, ls=":", label=label)
+        ax.set_ylim(0, highest * 1.4)  # headroom for the bar labels and the legend
     layer_ticks = layers[:: tick_step(len(layers), width)]
     ax.set_xticks(layer_ticks)
     ax.set_xlabel("MoE layer")
