@@ -20,6 +20,7 @@ below 64 KiB live in the heap and count too; they are noise at benchmark sizes.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -62,15 +63,19 @@ def time_interleaved(
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """(wall seconds, process CPU seconds) per call of each case, `repeats` rounds each.
 
-    `warmup` untimed rounds come first. Each round calls every case once, in order, so
-    slow spells of a shared machine are spread over all cases instead of landing on one.
-    CPU time (all threads) is the second view: other processes' load hardly moves it,
-    while it stretches wall time, most of all for code made of many small parallel ops.
+    `warmup` untimed rounds come first. Each round calls every case once, so slow spells
+    of a shared machine are spread over all cases instead of landing on one. Odd rounds
+    run the cases in reverse order: what a case leaves behind (freed pages, the heap's
+    shape, caches) then precedes each other case equally often, where a fixed order
+    always handed it to the same one. CPU time (all threads) is the second view: other
+    processes' load hardly moves it, while it stretches wall time, most of all for code
+    made of many small parallel ops.
     """
     wall: dict[str, list[float]] = {name: [] for name in cases}
     cpu: dict[str, list[float]] = {name: [] for name in cases}
+    order = list(cases.items())
     for r in range(warmup + repeats):
-        for name, fn in cases.items():
+        for name, fn in order if r % 2 == 0 else order[::-1]:
             start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
@@ -82,6 +87,43 @@ def time_interleaved(
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
+
+
+def positive_int(text: str) -> int:
+    """argparse type of rounds, threads and sizes: an int >= 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of warm-up rounds: an int >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {value}")
+    return value
+
+
+def fill_defaults(args: argparse.Namespace, **defaults: tuple[object, object]) -> None:
+    """Give each flag left unset (None) its (normal, --quick) default.
+
+    --quick chooses small defaults; a flag given explicitly is kept, quick or not.
+    """
+    for name, (normal, quick) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else normal)
+
+
+def trainable_presets() -> list[str]:
+    """Presets a benchmark can build and run: the large ones are for counting on `meta`."""
+    from moekit.model import LARGE_PRESETS, PRESETS
+
+    return sorted(set(PRESETS) - set(LARGE_PRESETS))
 
 
 def _status_kib(field: str) -> int:
@@ -125,20 +167,21 @@ def peak_bytes_of(run: Callable[[], object]) -> int:
     return (_status_kib("VmHWM") - base) * 1024
 
 
-def implausible_dense_peak(dense_peak: int, dense_grads: int) -> str | None:
-    """Why a dense layer's measured peak cannot be its true peak, or None if it can be.
+def implausible_peak(layer: str, peak: int, grads: int) -> str | None:
+    """Why a layer's measured peak cannot be its true peak, or None if it can be.
 
-    The dense layer allocates its weight gradients afresh in the measured call, beside
-    its activations, so its peak exceeds their size. A reading at or below it means the
+    Both layers allocate their weight gradients afresh in the measured call (the MoE's
+    expert bank has released the storage it keeps for reuse), beside their activations,
+    so a true peak exceeds the gradients' size. A reading at or below it means the
     peak-RSS counter missed memory (seen on a machine whose probe passed: the quick
-    shapes' dense peak read 0), and a ratio over it would be meaningless or a division
-    by zero.
+    shapes' dense peak read 0), and a ratio over it would be meaningless, negative or a
+    division by zero.
     """
-    if dense_peak > dense_grads:
+    if peak > grads:
         return None
     return (
-        f"the dense layer's measured peak ({dense_peak / 2**10:.0f} KiB) is not above the weight "
-        f"gradients it allocates ({dense_grads / 2**10:.0f} KiB): the counter missed memory"
+        f"the {layer} layer's measured peak ({peak / 2**10:.0f} KiB) is not above the weight "
+        f"gradients it allocates ({grads / 2**10:.0f} KiB): the counter missed memory"
     )
 
 

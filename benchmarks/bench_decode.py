@@ -18,7 +18,17 @@ import argparse
 import time
 
 import torch
-from _common import emit_json, machine, median, print_table, set_threads, time_interleaved
+from _common import (
+    emit_json,
+    fill_defaults,
+    machine,
+    median,
+    positive_int,
+    print_table,
+    set_threads,
+    time_interleaved,
+    trainable_presets,
+)
 
 from moekit.generate import generate
 from moekit.model import Transformer, dense_twin, get_preset
@@ -28,16 +38,15 @@ PROMPT = 16
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--new", type=int, default=128, help="tokens sampled per call")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="8 new tokens, 2 rounds")
+    p.add_argument("--preset", default="tiny", choices=trainable_presets())
+    p.add_argument(
+        "--new", type=positive_int, help="tokens sampled per call (default 128, quick 8)"
+    )
+    p.add_argument("--rounds", type=positive_int, help="timed rounds (default 5, quick 2)")
+    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--quick", action="store_true", help="a smoke test: 8 new tokens, 2 rounds")
     args = p.parse_args()
-    if args.quick:
-        args.new, args.rounds = 8, 2
-    if args.new < 1 or args.rounds < 1:
-        p.error(f"--new and --rounds must be >= 1, got {args.new} and {args.rounds}")
+    fill_defaults(args, new=(128, 8), rounds=(5, 2))
     set_threads(args.threads)
     moe_cfg = get_preset(args.preset)
     if PROMPT + args.new > moe_cfg.max_seq_len:
@@ -86,6 +95,7 @@ def main() -> None:
             "preset": args.preset,
             "new_tokens": args.new,
             "rounds": args.rounds,
+            "quick": args.quick,
             "results": results,
             "machine": machine(),
             "runtime_s": runtime,

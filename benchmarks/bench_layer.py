@@ -50,13 +50,16 @@ from dataclasses import asdict, dataclass
 import torch
 from _common import (
     emit_json,
+    fill_defaults,
     fmt_mib,
     fmt_ms,
-    implausible_dense_peak,
+    implausible_peak,
     machine,
     median,
+    non_negative_int,
     peak_bytes_of,
     peak_rss_problem,
+    positive_int,
     print_table,
     run_in_fresh_process,
     set_threads,
@@ -114,8 +117,11 @@ def build(regime: Regime, kind: str, seed: int = 0):
             impl=impl,
         )
         module = MoE(config)
-    x = torch.randn(regime.num_tokens, D, requires_grad=regime.backward)
-    return module, x, torch.randn(regime.num_tokens, D)
+    # Tokens from their own generator: every kind of a regime gets the same x and g,
+    # whatever its construction drew from the global one.
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(regime.num_tokens, D, generator=gen).requires_grad_(regime.backward)
+    return module, x, torch.randn(regime.num_tokens, D, generator=gen)
 
 
 def forward(module, x):
@@ -217,22 +223,29 @@ def run_training_regime(regime: Regime, args, peaks: dict[str, int]) -> dict[str
     result["fwdbwd_ratio"] = t["moe fwd+bwd"] / t["dense fwd+bwd"]
     result["fwd_cpu_ratio"] = c["moe fwd"] / c["dense fwd"]
     result["fwdbwd_cpu_ratio"] = c["moe fwd+bwd"] / c["dense fwd+bwd"]
+    memory = dict.fromkeys(
+        ("moe_peak_mib", "dense_peak_mib", "expert_grad_mib", "mem_ratio", "act_mem_ratio")
+    )
+    memory["meets_mem_target"] = None
     if peaks:
         moe_peak, dense_peak = peaks[f"{regime.name}/moe"], peaks[f"{regime.name}/dense"]
         moe_grads, dense_grads = expert_grad_bytes(moe), dense_grad_bytes(dense)
-        problem = implausible_dense_peak(dense_peak, dense_grads)
+        problem = implausible_peak("MoE", moe_peak, moe_grads) or implausible_peak(
+            "dense", dense_peak, dense_grads
+        )
         if problem is not None:
             result["memory_unavailable"] = f"{regime.name}: {problem}"
-            peaks = {}
-    if peaks:
-        result.update(
-            moe_peak_mib=moe_peak / 2**20,
-            dense_peak_mib=dense_peak / 2**20,
-            expert_grad_mib=moe_grads / 2**20,
-            mem_ratio=(moe_peak - moe_grads) / dense_peak,
-            act_mem_ratio=(moe_peak - moe_grads) / (dense_peak - dense_grads),
-        )
-        result["meets_mem_target"] = result["mem_ratio"] <= MEM_TARGET
+        else:
+            memory.update(
+                moe_peak_mib=moe_peak / 2**20,
+                dense_peak_mib=dense_peak / 2**20,
+                expert_grad_mib=moe_grads / 2**20,
+                mem_ratio=(moe_peak - moe_grads) / dense_peak,
+                act_mem_ratio=(moe_peak - moe_grads) / (dense_peak - dense_grads),
+            )
+            memory["meets_mem_target"] = memory["mem_ratio"] <= MEM_TARGET
+    # Always present, null where not measured: a reader gets None, not a KeyError.
+    result.update(memory)
     result["meets_target"] = result["fwdbwd_ratio"] <= regime.target
     return result
 
@@ -243,8 +256,9 @@ def run_decode_regime(regime: Regime, args, peaks: dict[str, int]) -> dict[str, 
     slices = touched_weights(moe, x)
 
     def floor_sum() -> None:
-        for w in slices:
-            w.sum()
+        with torch.no_grad():  # as the layer's decode call: no autograd record either side
+            for w in slices:
+                w.sum()
 
     rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in slices}
 
@@ -269,6 +283,8 @@ def run_decode_regime(regime: Regime, args, peaks: dict[str, int]) -> dict[str, 
     return {
         "moe_fwd_ms": t["moe fwd"] * 1e3,
         "dense_fwd_ms": t["dense fwd"] * 1e3,
+        "moe_fwd_cpu_ms": c["moe fwd"] * 1e3,
+        "dense_fwd_cpu_ms": c["dense fwd"] * 1e3,
         "floor_ms": floor * 1e3,
         "floor_sum_ms": t["weight read floor sum"] * 1e3,
         "floor_matvec_ms": t["weight read floor matvec"] * 1e3,
@@ -289,7 +305,7 @@ def report(regimes: tuple[Regime, ...], results: dict[str, dict[str, object]]) -
         shape = f"D={r.d_model} F={r.d_ff} E={r.num_experts} K={r.top_k} T={r.num_tokens}"
         if r.backward:
             mem = "-"
-            if "mem_ratio" in res:
+            if res["mem_ratio"] is not None:
                 mem = f"{res['mem_ratio']:.2f}x ({res['act_mem_ratio']:.2f}x act)"
             rows.append(
                 [
@@ -326,7 +342,7 @@ def report(regimes: tuple[Regime, ...], results: dict[str, dict[str, object]]) -
     print_table(header, rows)
     for r in regimes:
         res = results[r.name]
-        if "moe_peak_mib" in res:
+        if res.get("moe_peak_mib") is not None:
             print(
                 f"{r.name}: peak MiB moe {fmt_mib(res['moe_peak_mib'] * 2**20)}, dense "
                 f"{fmt_mib(res['dense_peak_mib'] * 2**20)}, expert grads "
@@ -342,18 +358,17 @@ def report(regimes: tuple[Regime, ...], results: dict[str, dict[str, object]]) -
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small shapes, for a smoke test")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default 2, quick 1)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7, quick 2)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=positive_int, help="torch threads (default 2, quick 1)")
+    p.add_argument("--repeats", type=positive_int, help="timed rounds (default 7, quick 2)")
+    p.add_argument("--warmup", type=non_negative_int, default=1)
     p.add_argument("--regimes", default="coarse,fine,decode", help="comma-separated subset")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     p.add_argument("--peer", action="store_true", help="also time the reference path")
     p.add_argument("--memory-cases", metavar="REGIMES", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.threads is None:
-        # One thread for the smoke test: on a busy machine, each of the many tiny
-        # parallel regions of small shapes can wait a whole scheduler slice.
-        args.threads = 1 if args.quick else 2
+    # One thread for the smoke test: on a busy machine, each of the many tiny parallel
+    # regions of small shapes can wait a whole scheduler slice.
+    fill_defaults(args, threads=(2, 1), repeats=(7, 2))
     set_threads(args.threads)
     table = {r.name: r for r in (QUICK if args.quick else REGIMES)}
     if args.memory_cases:
@@ -362,9 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in args.regimes.split(",") if n]
     unknown = [n for n in names if n not in table]
     if unknown:
-        p.error(f"unknown regime(s) {unknown}; choose from {sorted(table)}")
-    if args.repeats is None:
-        args.repeats = 2 if args.quick else 7
+        p.error(f"--regimes: unknown {unknown}; choose from {sorted(table)}")
+    if not names:
+        p.error(f"--regimes names no regime ({args.regimes!r}); choose from {sorted(table)}")
     regimes = tuple(table[n] for n in names)
     info = machine()
     print(
@@ -376,7 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     peaks: dict[str, int] = {}
     memory_unavailable = None
     trained = ",".join(r.name for r in regimes if r.backward)
-    if trained and not args.no_memory:
+    if not trained:
+        memory_unavailable = "no training regime was run"
+    elif args.no_memory:
+        memory_unavailable = "not requested (--no-memory)"
+    else:
         child = [__file__, "--memory-cases", trained, "--threads", str(args.threads)]
         measured = json.loads(run_in_fresh_process(child + (["--quick"] if args.quick else [])))
         peaks, memory_unavailable = measured.get("peaks", {}), measured.get("unavailable")

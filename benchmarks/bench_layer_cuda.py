@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _common import emit_json, median, print_table
+from _common import emit_json, fill_defaults, median, positive_int, print_table
 from bench_layer import (
     QUICK,
     REGIMES,
@@ -56,11 +56,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 def time_cuda(
     cases: dict[str, Callable[[], object]], repeats: int, warmup: int
 ) -> dict[str, float]:
-    """Median milliseconds per call of each case, over interleaved rounds."""
+    """Median milliseconds per call of each case, over interleaved rounds (odd rounds in
+    reverse order, as _common.time_interleaved)."""
     times: dict[str, list[float]] = {name: [] for name in cases}
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    order = list(cases.items())
     for r in range(warmup + repeats):
-        for name, fn in cases.items():
+        for name, fn in order if r % 2 == 0 else order[::-1]:
             torch.cuda.synchronize()
             start.record()
             fn()
@@ -197,14 +199,21 @@ def report(results: list[dict[str, object]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small shapes, few rounds")
-    p.add_argument("--tokens", default="4096,16384", help="token counts of the training regimes")
+    p.add_argument(
+        "--tokens",
+        help="token counts of the training regimes, comma-separated "
+        f"(default 4096,16384, quick {QUICK[0].num_tokens})",
+    )
     p.add_argument("--dtypes", default="bf16,fp32", help=f"comma-separated, from {list(DTYPES)}")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 20, quick 3)")
+    p.add_argument("--repeats", type=positive_int, help="timed rounds (default 20, quick 3)")
     args = p.parse_args(argv)
+    fill_defaults(args, tokens=("4096,16384", str(QUICK[0].num_tokens)), repeats=(20, 3))
     dtypes = [d for d in args.dtypes.split(",") if d]
     bad = [d for d in dtypes if d not in DTYPES]
     if bad:
         p.error(f"--dtypes: unknown {bad}; choose from {list(DTYPES)}")
+    if not dtypes:
+        p.error(f"--dtypes names no dtype ({args.dtypes!r}); choose from {list(DTYPES)}")
     try:
         tokens = [int(t) for t in args.tokens.split(",")]
     except ValueError:
@@ -215,10 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device: nothing measured")
         emit_json({"benchmark": "layer_cuda", "unavailable": "no CUDA device"})
         return 0
-    repeats = args.repeats or (3 if args.quick else 20)
+    repeats = args.repeats
     regimes = QUICK if args.quick else REGIMES
-    if args.quick:
-        tokens = [regimes[0].num_tokens]
     started = time.perf_counter()
     bandwidth = copy_bandwidth(2**26 if args.quick else 2**30)
     results: list[dict[str, object]] = []

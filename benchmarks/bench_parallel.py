@@ -12,7 +12,7 @@ Both variants run in the same two processes, one torch thread each, on the same 
   its own tokens' statistics, never needs: the ratio is the whole cost of sharding.
 Reported: median over repeats of the slowest rank's time for forward and for
 forward+backward, and the ratio all-to-all / local. Float32. A human table, then one
-JSON line. Gloo on loopback only: there is no GPU here, so no NCCL figures.
+JSON line. Gloo on loopback only: NCCL is not measured here.
 
     .venv/bin/python benchmarks/bench_parallel.py [--tokens 256 1024 4096] [--repeats 7]
 """
@@ -27,6 +27,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from _common import positive_int
 
 from moekit import MoE, MoEConfig
 from moekit.parallel import apply_expert_parallel
@@ -54,10 +55,12 @@ def _call(moe: MoE, x: torch.Tensor, backward: bool) -> float:
 
 def _time_pair(models: dict[str, MoE], x: torch.Tensor, backward: bool, repeats: int) -> dict:
     # Variants alternate call by call, so load from other processes on the machine
-    # lands on both alike rather than on whichever ran second.
+    # lands on both alike rather than on whichever ran second; odd rounds reverse the
+    # order, so neither always follows the other (see _common.time_interleaved).
     times: dict[str, list[float]] = {name: [] for name in models}
+    order = list(models.items())
     for i in range(repeats + 2):  # two warm-up rounds
-        for name, moe in models.items():
+        for name, moe in order if i % 2 == 0 else order[::-1]:
             elapsed = _call(moe, x, backward)
             if i >= 2:
                 times[name].append(elapsed)
@@ -96,14 +99,21 @@ def _machine() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096])
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--d-ff", type=int, default=512)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--tokens", type=positive_int, nargs="+", default=[256, 1024, 4096])
+    p.add_argument("--d-model", type=positive_int, default=256)
+    p.add_argument("--d-ff", type=positive_int, default=512)
+    p.add_argument("--experts", type=positive_int, default=8)
+    p.add_argument("--top-k", type=positive_int, default=2)
+    p.add_argument("--repeats", type=positive_int, default=7)
     args = p.parse_args()
     shapes = dict(d_model=args.d_model, d_ff=args.d_ff, num_experts=args.experts, top_k=args.top_k)
+    # Checked here, not as a traceback from inside a worker process.
+    try:
+        MoEConfig(**shapes)
+    except ValueError as err:
+        p.error(str(err))
+    if args.experts % WORLD:
+        p.error(f"--experts must be a multiple of the {WORLD} ranks, got {args.experts}")
     with WorkerPool(WORLD, collective_timeout_s=120) as pool:
         rows = pool.run(bench_worker, shapes, args.tokens, args.repeats, timeout_s=1200)[0]
     for row in rows:
@@ -116,7 +126,7 @@ def main() -> None:
         f"F={args.d_ff} E={args.experts} K={args.top_k} (SwiGLU); median of {args.repeats}, "
         "slowest rank"
     )
-    print("no GPU on this machine: no NCCL figures")
+    print("gloo only: NCCL is not measured by this script")
     head = f"{'T/rank':>7} | {'local fwd':>10} {'a2a fwd':>10} {'ratio':>6} | "
     head += f"{'local f+b':>10} {'a2a f+b':>10} {'ratio':>6}"
     print(head)

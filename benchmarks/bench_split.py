@@ -20,9 +20,19 @@ import argparse
 import time
 
 import torch
-from _common import emit_json, fmt_ms, machine, median, print_table, set_threads, time_interleaved
+from _common import (
+    emit_json,
+    fill_defaults,
+    fmt_ms,
+    machine,
+    median,
+    positive_int,
+    print_table,
+    set_threads,
+    time_interleaved,
+)
 
-from moekit.expert_threads import auto_split
+from moekit.expert_threads import auto_split, expert_groups
 from moekit.fused_experts import fused_experts
 
 SHAPES = [
@@ -67,12 +77,17 @@ def make_case(D: int, Fh: int, E: int, N: int, split: bool):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=positive_int, help="timed rounds (default 7, quick 3)")
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--quick", action="store_true", help="three small shapes, 3 rounds")
     args = p.parse_args()
+    # The split runs at least two workers whatever the thread count: on one thread it
+    # would be two threads against the loop's one.
+    if args.threads < 2:
+        p.error(f"--threads must be >= 2 (the split runs a worker per thread), got {args.threads}")
+    fill_defaults(args, rounds=(7, 3))
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    rounds = 3 if args.quick else args.rounds
+    rounds = args.rounds
     threads = set_threads(args.threads)
     started = time.perf_counter()
     rows, results = [], []
@@ -81,6 +96,9 @@ def main() -> None:
         wall, _ = time_interleaved(cases, repeats=rounds)
         t_split, t_loop = median(wall["split"]), median(wall["loop"])
         chosen = auto_split([N] * E, list(range(E)), threads, D, Fh)
+        workers = len(expert_groups([N] * E, True, D, Fh))
+        if workers != threads:
+            raise RuntimeError(f"the split ran {workers} workers on {threads} threads")
         rows.append(
             [f"{D} x {Fh}", E, N, fmt_ms(t_split), fmt_ms(t_loop), f"{t_split / t_loop:.2f}",
              "split" if chosen else "loop"]
@@ -96,7 +114,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     print_table(["D x F", "E", "rows/expert", "split ms", "loop ms", "split/loop", "auto"], rows)
     print(f"runtime {time.perf_counter() - started:.1f} s")
-    emit_json({"benchmark": "split", "threads": threads, "rounds": rounds,
+    emit_json({"benchmark": "split", "threads": threads, "rounds": rounds, "quick": args.quick,
                "shapes": results, "machine": machine()})  # fmt: skip
 
 

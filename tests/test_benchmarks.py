@@ -111,7 +111,10 @@ def test_bench_layer_reports_unmeasurable_memory_instead_of_a_number(monkeypatch
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
     assert result["memory_unavailable"] == reason
-    assert "mem_ratio" not in result["regimes"]["coarse"]
+    # Every memory key is there, null: a reader gets None, not a KeyError.
+    coarse = result["regimes"]["coarse"]
+    for key in ("moe_peak_mib", "dense_peak_mib", "mem_ratio", "meets_mem_target"):
+        assert key in coarse and coarse[key] is None, key
     assert f"peak memory not measured: {reason}" in out
 
 
@@ -130,7 +133,7 @@ def test_bench_split_quick_reports_the_rule_beside_the_times():
 
 def test_bench_train_quick_reports_each_shape_and_the_headline():
     stdout, result = _run("bench_train.py", "--quick")
-    assert result["benchmark"] == "train"
+    assert result["benchmark"] == "train" and result["quick"] is True
     assert [(r["batch_size"], r["seq_len"]) for r in result["shapes"]] == [(4, 64), (4, 32)]
     for shape in result["shapes"]:
         moe, dense = shape["moe"], shape["dense_twin"]
@@ -144,6 +147,13 @@ def test_bench_train_quick_reports_each_shape_and_the_headline():
     # The headline is the first shape's.
     assert result["ratio_moe_over_dense"] == result["shapes"][0]["ratio_moe_over_dense"]
     assert "4 x 32" in stdout and "target >= 0.90" in stdout
+    assert "--quick: a smoke test, not a measurement" in stdout
+
+
+def test_quick_keeps_the_flags_given_explicitly():
+    _, result = _run("bench_train.py", "--quick", "--shapes", "2x16", "--rounds", "1")
+    assert [(r["batch_size"], r["seq_len"]) for r in result["shapes"]] == [(2, 16)]
+    assert result["rounds"] == 1 and result["quick"] is True
 
 
 def _refused(script: str, *args: str) -> str:
@@ -158,16 +168,88 @@ def test_bench_train_refuses_a_malformed_shape():
     assert "--shapes takes BxS[,BxS...] of positive ints, got '16x0'" in stderr
 
 
-def test_a_dense_peak_below_its_own_gradients_is_not_reported(monkeypatch):
+def test_a_peak_below_its_own_gradients_is_not_reported(monkeypatch):
     # A peak-RSS counter that passed its probe can still miss a small case (a quick
     # dense peak once read 0): the benchmark must say so instead of dividing by it.
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    from _common import implausible_dense_peak
+    from _common import implausible_peak
 
-    zero = implausible_dense_peak(0, 270336)
-    assert "(0 KiB) is not above the weight gradients it allocates (264 KiB)" in zero
-    assert "(264 KiB) is not above" in implausible_dense_peak(270336, 270336)
-    assert implausible_dense_peak(400000, 270336) is None
+    zero = implausible_peak("dense", 0, 270336)
+    assert "dense layer's measured peak (0 KiB) is not above the weight gradients it " in zero
+    assert "allocates (264 KiB)" in zero
+    assert "(264 KiB) is not above" in implausible_peak("MoE", 270336, 270336)
+    assert implausible_peak("MoE", 400000, 270336) is None
+
+
+def test_an_under_read_moe_peak_is_not_reported(monkeypatch, capsys):
+    # An MoE peak of 0 once gave mem_ratio -0.52 and meets_mem_target True: the MoE's
+    # measured call allocates its expert gradients, so its peak must exceed them too.
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_layer
+
+    peaks = {"coarse/moe": 0, "coarse/dense": 2**21}
+    monkeypatch.setattr(
+        bench_layer, "run_in_fresh_process", lambda argv: json.dumps({"peaks": peaks})
+    )
+    threads = torch.get_num_threads()
+    try:
+        assert bench_layer.main(["--quick", "--repeats", "1", "--regimes", "coarse"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert "coarse: the MoE layer's measured peak (0 KiB)" in result["memory_unavailable"]
+    assert result["regimes"]["coarse"]["meets_mem_target"] is None
+
+
+def test_bench_layer_says_why_memory_was_not_measured():
+    _, result = _run(
+        "bench_layer.py", "--quick", "--repeats", "1", "--regimes", "coarse", "--no-memory"
+    )
+    assert result["memory_unavailable"] == "not requested (--no-memory)"
+    assert result["regimes"]["coarse"]["mem_ratio"] is None
+    _, result = _run("bench_layer.py", "--quick", "--repeats", "1", "--regimes", "decode")
+    assert result["memory_unavailable"] == "no training regime was run"
+    decode = result["regimes"]["decode"]
+    assert decode["moe_fwd_cpu_ms"] > 0 and decode["dense_fwd_cpu_ms"] > 0
+
+
+def test_rounds_alternate_their_order(monkeypatch):
+    # A fixed order hands what one case leaves behind (heap, caches) always to the same
+    # next case; reversed odd rounds give each case each predecessor equally often.
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from _common import time_interleaved
+
+    calls = []
+    cases = {name: (lambda n=name: calls.append(n)) for name in "abc"}
+    wall, cpu = time_interleaved(cases, repeats=3, warmup=1)
+    assert "".join(calls) == "abccbaabccba"
+    assert all(len(wall[n]) == len(cpu[n]) == 3 for n in "abc")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench_train.py", "--rounds", "0"], "argument --rounds: expected an int >= 1, got 0"),
+        (["bench_train.py", "--threads", "0"], "argument --threads: expected an int >= 1, got 0"),
+        (["bench_train.py", "--preset", "mixtral-8x7b"], "invalid choice: 'mixtral-8x7b'"),
+        (
+            ["bench_train.py", "--shapes", "1x300"],
+            "--shapes 1x300: preset tiny's max_seq_len is 256",
+        ),
+        (["bench_decode.py", "--new", "0"], "argument --new: expected an int >= 1, got 0"),
+        (["bench_decode.py", "--preset", "deepseek-v3"], "invalid choice: 'deepseek-v3'"),
+        (["bench_layer.py", "--warmup", "-1"], "argument --warmup: expected an int >= 0, got -1"),
+        (["bench_layer.py", "--regimes", ","], "--regimes names no regime (',')"),
+        (["bench_split.py", "--threads", "1"], "--threads must be >= 2 (the split runs a worker"),
+        (["bench_parallel.py", "--experts", "3"], "--experts must be a multiple of the 2 ranks"),
+        (["bench_parallel.py", "--tokens", "0"], "argument --tokens: expected an int >= 1, got 0"),
+        (["bench_layer_cuda.py", "--repeats", "0"], "argument --repeats: expected an int >= 1"),
+        (["bench_layer_cuda.py", "--dtypes", ","], "--dtypes names no dtype (',')"),
+    ],
+)
+def test_bad_flags_are_refused_by_name(argv, message):
+    assert message in _refused(*argv)
 
 
 @pytest.mark.timeout(150)
