@@ -231,6 +231,16 @@ def test_demo_trains_samples_and_replaces_only_its_own_runs(corpus, tmp_path, ca
         assert main([*demo, "--run-dir", str(directory)]) == 2
         assert "moekit demo did not write" in capsys.readouterr().err
         assert [p.name for p in (directory / "checkpoints").iterdir()] == ["step_00000004"]
+    # Nor a `moekit train` run that shares the demo's preset, corpus, shape and
+    # checkpoint_every 0 but not its other settings (here the learning rate).
+    lookalike = tmp_path / "lookalike"
+    train = ["train", "--preset", "tiny", "--steps", "2", "--batch-size", "2", "--seq-len", "16"]
+    train += ["--checkpoint-every", "0", "--lr", "1e-3", "--seed", "0"]
+    assert main([*train, "--run-dir", str(lookalike)]) == 0
+    capsys.readouterr()
+    assert main([*demo, "--run-dir", str(lookalike)]) == 2
+    assert "moekit demo did not write" in capsys.readouterr().err
+    assert [p.name for p in (lookalike / "checkpoints").iterdir()] == ["step_00000002"]
 
 
 def test_a_run_records_its_data_path_absolute(corpus, tmp_path, monkeypatch):

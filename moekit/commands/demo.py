@@ -52,10 +52,28 @@ def _start_over(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def demo_config(steps: int, batch_size: int, seq_len: int, seed: int, progress: bool = True):
+    """The demo's TrainConfig: everything but these flags is fixed by the demo."""
+    from moekit.train.config import TrainConfig
+
+    return TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        warmup_steps=min(20, steps // 10),
+        eval_every=max(1, steps // 10),
+        checkpoint_every=0,
+        seed=seed,
+        progress=progress,
+    )
+
+
 def _demo_run(run_dir: Path) -> bool:
-    """A run as the demo writes it: the tiny preset on the embedded corpus, with
-    checkpoint_every 0 (a checkpoint only at the end), which `moekit train` never
-    defaults to."""
+    """A run as the demo writes it: the tiny preset, and every training setting the one
+    the demo derives from the run's own steps, batch, sequence length and seed (only the
+    progress bar may differ). A `moekit train` run that happens to share the preset,
+    the corpus and checkpoint_every 0 differs in its warm-up, evaluation or learning
+    rate, and is not the demo's to delete."""
     import json
 
     from moekit.errors import CheckpointError
@@ -65,11 +83,15 @@ def _demo_run(run_dir: Path) -> bool:
     found = list_checkpoints(run_dir)
     try:
         config = read_config(found[-1]) if found else {}
-        train, model = config["train"], config["model"]
-    except (CheckpointError, KeyError, TypeError):
+        train, model = dict(config["train"]), config["model"]
+        expected = demo_config(train["steps"], train["batch_size"], train["seq_len"], train["seed"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
         return False
-    tiny = json.loads(json.dumps(get_preset("tiny").to_dict()))  # as read back from JSON
-    return (train.get("data"), train.get("checkpoint_every"), model) == ("embedded", 0, tiny)
+    as_read = json.loads(json.dumps(expected.to_dict()))  # as read back from JSON
+    tiny = json.loads(json.dumps(get_preset("tiny").to_dict()))
+    train.pop("progress", None)
+    as_read.pop("progress", None)
+    return train == as_read and model == tiny
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,7 +104,6 @@ def run(args: argparse.Namespace) -> int:
     from moekit.figures import INSTALL_HINT, have_matplotlib
     from moekit.model import count_parameters, get_preset
     from moekit.train import preflight
-    from moekit.train.config import TrainConfig
     from moekit.train.loop import train
     from moekit.validate import SEED_MAX
 
@@ -91,16 +112,7 @@ def run(args: argparse.Namespace) -> int:
         raise MissingDependency(f"the demo draws figures and needs matplotlib: {INSTALL_HINT}")
     start = time.perf_counter()
     model_config = get_preset("tiny")
-    config = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        warmup_steps=min(20, args.steps // 10),
-        eval_every=max(1, args.steps // 10),
-        checkpoint_every=0,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
+    config = demo_config(args.steps, args.batch_size, args.seq_len, args.seed, not args.no_progress)
     run_dir = Path(args.run_dir)
     # Before the last demo is removed: a bad flag must not cost it.
     preflight.check_seq_len(config, model_config)

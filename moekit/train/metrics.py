@@ -1,6 +1,6 @@
 """Metrics as JSON Lines: one object per line in `<run_dir>/metrics.jsonl`.
 
-Each record has a "kind" ("train", "val" or "event") and a "step"; train records carry
+Each record has a "kind" ("train" or "val") and a "step"; train records carry
 per-layer tokens per expert so the plots can show load over training.
 """
 
