@@ -64,6 +64,13 @@ def test_a_statistic_read_under_no_grad_keeps_the_graph_when_compiled(backend):
             return y, out.seq_aux_loss
 
     torch._dynamo.reset()
-    _, eager = forward_then_read(torch.randn(2, 7, 24))
-    _, compiled = torch.compile(forward_then_read, backend=backend)(torch.randn(2, 7, 24))
+    x = torch.randn(2, 7, 24)
+    _, eager = forward_then_read(x)
+    _, compiled = torch.compile(forward_then_read, backend=backend)(x)
     assert eager.requires_grad and compiled.requires_grad
+    torch.testing.assert_close(compiled, eager)
+    # The graph it keeps is the router's: the loss's gradient reaches the router weight.
+    (grad,) = torch.autograd.grad(compiled, moe.router.weight)
+    (want,) = torch.autograd.grad(eager, moe.router.weight)
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(grad, want)

@@ -20,8 +20,8 @@ from moekit.fused_experts import fused_experts
 D, F, E, T = 24, 40, 5, 13
 
 
-def _bank(activation: str) -> ExpertBank:
-    cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=3, activation=activation)
+def _bank(activation: str, d_ff: int = F) -> ExpertBank:
+    cfg = MoEConfig(d_model=D, d_ff=d_ff, num_experts=E, top_k=3, activation=activation)
     return ExpertBank(cfg).double()
 
 
@@ -38,13 +38,15 @@ def _grads(y, g, inputs):
     return [torch.zeros_like(i) if gr is None else gr for i, gr in zip(inputs, grads, strict=True)]
 
 
+# The router weights scale whichever of h [N, F] and y [N, D] is narrower: both branches.
+@pytest.mark.parametrize("d_ff", [F, 8], ids=["D<F", "D>F"])
 @pytest.mark.parametrize("keep_rows", [True, False], ids=["rows-kept", "rows-gathered"])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("counts", [[3, 0, 5, 2, 7], [0, 0, 0, 0, 0], [T, 1, 0, 0, 4]])
-def test_combined_equals_reference(activation, counts, keep_rows, monkeypatch):
+def test_combined_equals_reference(activation, counts, keep_rows, monkeypatch, d_ff):
     if not keep_rows:  # large layers gather x's rows again in backward
         monkeypatch.setattr(fused_experts_module, "_KEEP_ROWS_BYTES", 0)
-    bank = _bank(activation)
+    bank = _bank(activation, d_ff)
     rows, weight = _assignments(counts)
     weight.requires_grad_(True)
     x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)

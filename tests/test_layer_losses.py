@@ -157,9 +157,21 @@ def test_zero_router_weight_is_uniform(router):
     assert_close(out.router_entropy, one.new_tensor(math.log(5)), rtol=1e-14, atol=0)
 
 
-@pytest.mark.parametrize("router", ["softmax_topk", "sigmoid_bias", "expert_choice"])
-def test_padding_changes_no_loss(router):
-    moe = _layer(router=router)
+# Capacity is sized from the real tokens and padding must never take a slot: with 0.5,
+# tokens are dropped, and the same ones with and without padding.
+_CAPACITIES = [
+    ("softmax_topk", {}),
+    ("sigmoid_bias", {}),
+    ("expert_choice", {}),
+    ("softmax_topk", {"capacity_factor": 0.5}),
+    ("softmax_topk", {"capacity_factor": 0.5, "drop_policy": "position"}),
+    ("sigmoid_bias", {"capacity_factor": 0.5}),
+]
+
+
+@pytest.mark.parametrize("router, capacity", _CAPACITIES)
+def test_padding_changes_no_loss(router, capacity):
+    moe = _layer(router=router, **capacity)
     B, S, n_real = 2, 6, 4
     x_real = torch.randn(B, n_real, D, dtype=torch.float64)
     # Each row keeps its 4 real tokens in order, padding interleaved at different places and
@@ -171,8 +183,11 @@ def test_padding_changes_no_loss(router):
     y_pad, out_pad = moe(x_pad, padding_mask=mask)
     y_real, out_real = moe(x_real)
     # Same tokens in the same sequences: every loss and statistic is bitwise identical.
-    for name in ("loss", "aux_loss", "seq_aux_loss", "z_loss", "tokens_per_expert"):
+    names = ("loss", "aux_loss", "seq_aux_loss", "z_loss", "tokens_per_expert")
+    for name in (*names, "routed_tokens_per_expert", "dropped_fraction"):
         assert torch.equal(getattr(out_pad, name), getattr(out_real, name)), name
+    if capacity:
+        assert out_real.dropped_fraction > 0
     assert torch.equal(y_pad[~mask], y_real.reshape(-1, D))
     assert torch.equal(y_pad[mask], torch.zeros_like(y_pad[mask]))
     assert torch.equal(out_pad.expert_ids, out_real.expert_ids)

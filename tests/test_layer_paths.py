@@ -299,26 +299,43 @@ def test_grouped_equals_reference_when_d_model_exceeds_d_ff(router):
     _assert_paths_equal(ref, fast, torch.randn(2, 7, 24, dtype=torch.float64), None)
 
 
+def _expert_grads(impl: str, in_place: bool) -> list[torch.Tensor]:
+    """Expert gradients of (h + y).sum() + loss, the residual written into h or not."""
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(**BASE, impl=impl)).to(torch.bfloat16)
+    h = torch.randn(2, 3, BASE["d_model"], dtype=torch.bfloat16, requires_grad=True) * 1.0
+    y, out = moe(h)
+    h = h.add_(y) if in_place else h + y
+    (h.float().sum() + out.loss).backward()
+    return [p.grad.float() for p in moe.experts.parameters()]
+
+
+def _inference_input_grads(impl: str, inference: bool) -> list[torch.Tensor]:
+    """Expert gradients with a frozen router, from an input made in inference mode or not."""
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(**BASE, impl=impl))
+    moe.router.weight.requires_grad_(False)
+    x = torch.randn(2, 3, BASE["d_model"])
+    if inference:
+        with torch.inference_mode():
+            x = x.clone()
+        assert x.is_inference()
+    moe(x)[0].sum().backward()
+    return [p.grad for p in moe.experts.parameters()]
+
+
 @pytest.mark.parametrize("impl", ["reference", "grouped"])
 def test_the_layer_input_may_change_after_the_forward(impl):
     # Neither path keeps the input itself for backward at these sizes (the grouped path
     # keeps its gathered rows): an in-place residual on it after the forward, and an input
-    # made under inference mode with a frozen router, train as they do on the reference.
-    grads = {}
-    for name in ("reference", impl):
-        torch.manual_seed(0)
-        moe = MoE(MoEConfig(**BASE, impl=name)).to(torch.bfloat16)
-        h = torch.randn(2, 3, BASE["d_model"], dtype=torch.bfloat16, requires_grad=True) * 1.0
-        y, out = moe(h)
-        h.add_(y)  # residual written into the layer's input
-        (h.float().sum() + out.loss).backward()
-        grads[name] = [p.grad.float() for p in moe.experts.parameters()]
-    for got, want in zip(grads[impl], grads["reference"], strict=True):
-        assert_close(got, want, rtol=2e-2, atol=2e-2)
-
-    moe = MoE(MoEConfig(**BASE, impl=impl))
-    moe.router.weight.requires_grad_(False)
-    with torch.inference_mode():
-        x = torch.randn(2, 3, BASE["d_model"])
-    moe(x)[0].sum().backward()
-    assert all(p.grad is not None for p in moe.experts.parameters())
+    # made under inference mode with a frozen router, train as the plain input does.
+    in_place = _expert_grads(impl, in_place=True)
+    for got, want in zip(in_place, _expert_grads(impl, in_place=False), strict=True):
+        assert torch.equal(got, want)
+    if impl != "reference":
+        for got, want in zip(in_place, _expert_grads("reference", False), strict=True):
+            assert_close(got, want, rtol=2e-2, atol=2e-2)
+    plain = _inference_input_grads(impl, inference=False)
+    assert all(g.abs().sum() > 0 for g in plain)
+    for got, want in zip(_inference_input_grads(impl, inference=True), plain, strict=True):
+        assert torch.equal(got, want)

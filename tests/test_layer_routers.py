@@ -189,6 +189,26 @@ def test_jitter_and_noise_only_in_training(option):
     assert not torch.allclose(noisy.router(x).logits_TE, quiet.router(x).logits_TE)
 
 
+def test_jitter_and_noise_have_their_configured_size():
+    torch.manual_seed(0)
+    T = 4000
+    # Jitter multiplies the router's input by U(1 - j, 1 + j): with the router reading the
+    # first E input features of an all-ones input, the logits are the factors themselves.
+    jitter = _layer(router_jitter=0.3).train()
+    with torch.no_grad():
+        jitter.router.weight.copy_(torch.eye(8, D, dtype=torch.float64))
+    factors = jitter.router(torch.ones(T, D, dtype=torch.float64)).logits_TE
+    assert 0.7 <= factors.min() < 0.71 and 1.29 < factors.max() <= 1.3
+    assert abs(factors.mean().item() - 1) < 0.01
+    # Noise adds N(0, router_noise^2) to each logit.
+    noisy = _layer(router_noise=0.5)
+    quiet = _layer()
+    quiet.load_state_dict(noisy.state_dict())
+    x = torch.randn(T, D, dtype=torch.float64)
+    added = noisy.train().router(x).logits_TE - quiet.eval().router(x).logits_TE
+    assert abs(added.std().item() - 0.5) < 0.02 and abs(added.mean().item()) < 0.02
+
+
 def test_bias_stays_float32_in_a_bf16_layer():
     moe = MoE(MoEConfig(d_model=D, d_ff=16, num_experts=4, top_k=2, router="sigmoid_bias"))
     moe = moe.to(torch.bfloat16)
