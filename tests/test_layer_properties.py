@@ -75,7 +75,23 @@ def test_outputs_finite_and_paths_agree(case):
     other = MoE(cfg.replace(impl="grouped" if cfg.impl == "reference" else "reference"))
     other = other.double()
     other.load_state_dict(moe.state_dict())
-    assert_close(other(x, padding_mask=mask)[0], y)
+    x_other = x.detach().clone().requires_grad_(True)
+    y_other, out_other = other(x_other, padding_mask=mask)
+    assert_close(y_other, y)
+    # Backward too: the input's and every parameter's gradient of the output and the loss.
+    x.requires_grad_(True)
+    y, out = moe(x, padding_mask=mask)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad((y * g).sum() + out.loss, [x, *moe.parameters()], allow_unused=True)
+    grads_other = torch.autograd.grad(
+        (y_other * g).sum() + out_other.loss, [x_other, *other.parameters()], allow_unused=True
+    )
+    for got, want in zip(grads_other, grads, strict=True):
+        if got is None or want is None:  # nothing routed reaches this tensor in either path
+            assert got is None or not got.any()
+            assert want is None or not want.any()
+        else:
+            assert_close(got, want)
 
 
 @SETTINGS
