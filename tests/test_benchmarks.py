@@ -91,6 +91,17 @@ def test_peak_rss_probe_sees_a_known_buffer():
     assert 60 * 2**20 <= int(out) <= 80 * 2**20
 
 
+def _quick_coarse_in_process(bench_layer, capsys) -> tuple[str, dict]:
+    """stdout and JSON of bench_layer's quick coarse regime, run in this process."""
+    threads = torch.get_num_threads()
+    try:
+        assert bench_layer.main(["--quick", "--repeats", "1", "--regimes", "coarse"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the benchmark fixes this process's thread count
+    out = capsys.readouterr().out
+    return out, json.loads(out.strip().splitlines()[-1])
+
+
 def test_bench_layer_reports_unmeasurable_memory_instead_of_a_number(monkeypatch, capsys):
     # Where the memory process finds the peak-RSS counter unusable, the run says so and
     # leaves every peak out rather than reporting one.
@@ -103,13 +114,7 @@ def test_bench_layer_reports_unmeasurable_memory_instead_of_a_number(monkeypatch
     monkeypatch.setattr(
         bench_layer, "run_in_fresh_process", lambda argv: json.dumps({"unavailable": reason})
     )
-    threads = torch.get_num_threads()
-    try:
-        assert bench_layer.main(["--quick", "--repeats", "1", "--regimes", "coarse"]) == 0
-    finally:
-        torch.set_num_threads(threads)  # the benchmark fixes this process's thread count
-    out = capsys.readouterr().out
-    result = json.loads(out.strip().splitlines()[-1])
+    out, result = _quick_coarse_in_process(bench_layer, capsys)
     assert result["memory_unavailable"] == reason
     # Every memory key is there, null: a reader gets None, not a KeyError.
     coarse = result["regimes"]["coarse"]
@@ -191,13 +196,7 @@ def test_an_under_read_moe_peak_is_not_reported(monkeypatch, capsys):
     monkeypatch.setattr(
         bench_layer, "run_in_fresh_process", lambda argv: json.dumps({"peaks": peaks})
     )
-    threads = torch.get_num_threads()
-    try:
-        assert bench_layer.main(["--quick", "--repeats", "1", "--regimes", "coarse"]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    out = capsys.readouterr().out
-    result = json.loads(out.strip().splitlines()[-1])
+    out, result = _quick_coarse_in_process(bench_layer, capsys)
     assert "coarse: the MoE layer's measured peak (0 KiB)" in result["memory_unavailable"]
     assert result["regimes"]["coarse"]["meets_mem_target"] is None
 
