@@ -41,6 +41,49 @@ def test_first_logged_loss_is_the_initial_model_on_the_step_0_batch(corpus, tmp_
     assert records[0]["imbalance"] == pytest.approx(max(max(t) / (sum(t) / 5) for t in loads))
 
 
+def _first_step_grad_norm(cfg, config, corpus, cache) -> tuple[float, float]:
+    """The first step's gradient norm, by hand: the sum over micro-batches of the gradient
+    of (ce + balancing losses) / grad_accum; and the same norm without the balancing losses."""
+    torch.manual_seed(config.seed)
+    model = Transformer(cfg)
+    split = prepare_tokens(str(corpus), ByteTokenizer(), cache, config.val_fraction)
+    x, y = TrainBatches(split["train"], config.seq_len, config.batch_size, config.seed)(0)
+    mb = config.batch_size // config.grad_accum
+    params = list(model.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    ce_only = [torch.zeros_like(p) for p in params]
+    for m in range(config.grad_accum):
+        out = model(x[m * mb : (m + 1) * mb])
+        ce = F.cross_entropy(out.logits.reshape(-1, 256), y[m * mb : (m + 1) * mb].reshape(-1))
+        g_ce = torch.autograd.grad(ce / config.grad_accum, params, retain_graph=True)
+        g_aux = torch.autograd.grad(out.aux_loss / config.grad_accum, params, allow_unused=True)
+        for i, (a, b) in enumerate(zip(g_ce, g_aux, strict=True)):
+            ce_only[i] += a
+            total[i] += a if b is None else a + b
+    return _norm(total), _norm(ce_only)
+
+
+def _norm(grads: list[torch.Tensor]) -> float:
+    """The global 2-norm clip_grad_norm_ reports."""
+    return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+
+
+@pytest.mark.parametrize("grad_accum", [1, 4])
+def test_logged_gradient_norm_is_that_of_the_mean_loss_with_its_balancing_terms(
+    corpus, tmp_path, grad_accum
+):
+    # AdamW and global clipping are blind to a constant gradient scale, so the weights
+    # alone would not notice a loss left undivided by grad_accum, or balancing losses left
+    # out of the backward: the logged norm (before clipping) does.
+    cfg = MICRO.replace(moe=MICRO.moe.replace(aux_loss_coef=0.05, z_loss_coef=0.01))
+    config = micro_train(corpus, steps=1, grad_accum=grad_accum, checkpoint_every=0)
+    train(cfg, config, tmp_path / "run", plots=False)
+    (record,) = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    with_aux, without_aux = _first_step_grad_norm(cfg, config, corpus, tmp_path / "cache")
+    assert abs(with_aux - without_aux) > 1e-4 * with_aux  # the balancing terms matter here
+    assert record["grad_norm"] == pytest.approx(with_aux, rel=2e-6)
+
+
 def test_bias_update_uses_the_load_summed_over_micro_batches(corpus, tmp_path):
     cfg = MICRO.replace(moe=MICRO.moe.replace(router="sigmoid_bias", bias_update_rate=0.25))
     config = micro_train(corpus, steps=1, grad_accum=2)
