@@ -44,6 +44,30 @@ def test_logits_equal_transformers(checkpoint):
     assert infer_family(model.config).model_type == family
 
 
+@pytest.mark.parametrize("family", hf_models.FAMILIES)
+def test_exact_router_ties_are_broken_as_transformers_breaks_them(family, tmp_path):
+    # Router rows of experts 0 and 1, and of 2 and 3, made equal: every token scores each
+    # pair exactly alike, and a top-k cut between a pair must keep the expert torch.topk
+    # keeps in transformers. DeepSeek pairs every group's two experts (and its score
+    # correction bias, so the biased scores tie): 3 of the 4 experts of the two chosen
+    # groups always cut one pair. The paired experts' own weights differ, so another
+    # choice changes the logits (by 0.3 when ties went to the higher index). In bf16,
+    # ties like these are common.
+    hf = hf_models.build(family, tmp_path, seed=3)
+    routers = 0
+    with torch.no_grad():
+        for name, t in [*hf.named_parameters(), *hf.named_buffers()]:
+            if name.endswith(("mlp.gate.weight", "e_score_correction_bias")):
+                end = t.shape[0] // 2 * 2 if family == "deepseek_v3" else 4
+                t[1:end:2] = t[0:end:2]
+                routers += name.endswith("weight")
+    assert routers >= 2
+    hf.save_pretrained(tmp_path)
+    ids = _ids()
+    model = moekit.from_pretrained(tmp_path)
+    torch.testing.assert_close(_logits(model, ids), hf_models.hf_logits(hf, ids), **TOL)
+
+
 def test_greedy_generation_identical(checkpoint):
     _, directory, hf = checkpoint
     model = moekit.from_pretrained(directory)
