@@ -117,30 +117,6 @@ def layer_worker(rank: int, world_size: int, cases: list[LayerCase]) -> list[dic
     return results
 
 
-def grouped_forward_worker(rank: int, world_size: int, cases: list[LayerCase]) -> list:
-    """Each case's expert-parallel forward with the experts through F.grouped_mm, the
-    branch the all-to-all path takes on CUDA, forced on CPU (forward only: torch's CPU
-    grouped_mm has no usable backward). This rank's outputs."""
-    import moekit.experts as experts_module
-    from moekit.parallel import apply_expert_parallel
-
-    supported = experts_module._grouped_mm_supported
-    experts_module._grouped_mm_supported = lambda x: True
-    try:
-        results = []
-        for case in cases:
-            moe, x, mask, _ = build_case(case, world_size)
-            apply_expert_parallel(moe)
-            rows = [rank_rows(t, rank, world_size) for t in (x, mask)]
-            if case.flat:
-                rows = [rows[0].flatten(0, 1), rows[1].flatten()]
-            with torch.no_grad():
-                results.append(moe(rows[0], padding_mask=rows[1])[0])
-        return results
-    finally:  # the pool's processes serve other tests after this one
-        experts_module._grouped_mm_supported = supported
-
-
 def _stats(out) -> dict:
     return {
         "loss": out.loss.detach(),

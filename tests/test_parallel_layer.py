@@ -14,7 +14,6 @@ from parallel_cases import (
     derivatives_single_process,
     derivatives_worker,
     errors_worker,
-    grouped_forward_worker,
     layer_worker,
     per_rank_reference,
     pool,
@@ -123,16 +122,6 @@ def test_expert_parallel_equals_single_process(world_size: int) -> None:
     for i, case in enumerate(CASES):
         per_rank = [ranks[r][i] for r in range(world_size)]
         _check(case, per_rank, world_size)
-
-
-def test_the_grouped_mm_branch_equals_single_process() -> None:
-    # On CUDA the all-to-all path regroups the received rows for F.grouped_mm and back;
-    # forced here on CPU, its forward must equal one process's (the fused path's).
-    cases = [c for c in CASES if c.dtype == torch.float32]
-    ranks = pool(2).run(grouped_forward_worker, cases, timeout_s=120)
-    for i, case in enumerate(cases):
-        ref = single_process_reference(case, 2)
-        _close(torch.cat([ranks[r][i] for r in range(2)]), ref["y"], case.dtype, case.name)
 
 
 # Capacity and expert choice decide per rank, over the rank's own tokens (as GShard's
