@@ -148,30 +148,6 @@ def single_process_reference(case: LayerCase, world_size: int) -> dict:
     }
 
 
-def per_rank_reference(case: LayerCase, world_size: int) -> list[dict]:
-    """The layer on one process fed each rank's rows alone: where capacity and expert
-    choice decide per rank (GShard's groups), rank r's outputs are these. Each carries its
-    routed and kept assignment counts [E], which expert parallelism sums over the ranks."""
-    moe, x, mask, g = build_case(case, world_size)
-    results = []
-    for rank in range(world_size):
-        moe.zero_grad(set_to_none=True)
-        rows = [rank_rows(t, rank, world_size) for t in (x, mask, g)]
-        x_r = rows[0].clone().requires_grad_(True)
-        y, out = moe(x_r, padding_mask=rows[1])
-        ((y * rows[2]).sum() + out.loss).backward()
-        results.append(
-            {
-                "y": y.detach(),
-                "x_grad": x_r.grad,
-                "routed": out.routed_tokens_per_expert,
-                "kept": out.tokens_per_expert,
-                "grads": {n: p.grad for n, p in moe.named_parameters()},
-            }
-        )
-    return results
-
-
 def _derivatives(moe, x, mask, g, v, loss_scale: float) -> dict:
     """What the higher-order checks compare: the gradient of a gradient penalty
     ((dL/dx)^2 summed, L = sum(y * g) + loss_scale * out.loss, its backward with

@@ -15,7 +15,6 @@ from parallel_cases import (
     derivatives_worker,
     errors_worker,
     layer_worker,
-    per_rank_reference,
     pool,
     single_process_reference,
 )
@@ -122,63 +121,6 @@ def test_expert_parallel_equals_single_process(world_size: int) -> None:
     for i, case in enumerate(CASES):
         per_rank = [ranks[r][i] for r in range(world_size)]
         _check(case, per_rank, world_size)
-
-
-# Capacity and expert choice decide per rank, over the rank's own tokens (as GShard's
-# groups do): rank r's outputs are one process's on its rows alone, and the kept load and
-# dropped fraction are those of all ranks together. The balancing losses are weighted 0
-# here, so each rank's gradients are its own rows' (their values, computed before any
-# drop, still equal one process's on the whole batch).
-NO_LOSS = dict(BASE, aux_loss_coef=0.0, z_loss_coef=0.0)
-PER_RANK = [
-    LayerCase(
-        "softmax_topk fp64, capacity 0.5",
-        dict(NO_LOSS, top_k=2, capacity_factor=0.5),
-        dtype=torch.float64,
-        batch=8,
-    ),
-    LayerCase(
-        "sigmoid_bias fp64, capacity 0.75, by position, last rank empty",
-        dict(NO_LOSS, top_k=3, router="sigmoid_bias", capacity_factor=0.75, drop_policy="position"),
-        dtype=torch.float64,
-        batch=8,
-        empty_last_rank=True,
-    ),
-    LayerCase(
-        "expert_choice fp64",
-        dict(NO_LOSS, top_k=2, router="expert_choice"),
-        dtype=torch.float64,
-        batch=8,
-    ),
-]
-
-
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_capacity_and_expert_choice_decide_per_rank(world_size: int) -> None:
-    ranks = pool(world_size).run(layer_worker, PER_RANK, timeout_s=120)
-    for i, case in enumerate(PER_RANK):
-        dt = case.dtype
-        got = [ranks[r][i] for r in range(world_size)]
-        want = per_rank_reference(case, world_size)
-        whole = single_process_reference(case, world_size)
-        routed = sum(w["routed"] for w in want)
-        kept = sum(w["kept"] for w in want)
-        dropped = 1 - kept.sum() / routed.sum()
-        if case.config.get("capacity_factor"):
-            assert dropped > 0, case.name  # the case drops tokens, or it proves little
-        for rank, (g, w) in enumerate(zip(got, want, strict=True)):
-            where = f"{case.name}, rank {rank}"
-            _close(g["y"], w["y"], dt, f"{where}: y")
-            _close(g["x_grad"], w["x_grad"], dt, f"{where}: x.grad")
-            _close(g["stats"]["tokens_per_expert"], kept, dt, f"{where}: tokens_per_expert")
-            # A ratio of counts, in float32 whatever the layer dtype.
-            frac = g["stats"]["dropped_fraction"]
-            _close(frac, dropped.float(), torch.float32, f"{where}: dropped")
-            for name in ("aux_loss", "z_loss", "router_entropy"):
-                _close(g["stats"][name], whole["stats"][name], dt, f"{where}: {name}")
-        summed = {n: sum(w["grads"][n] for w in want) for n in want[0]["grads"]}
-        num_local = case.config["num_experts"] // world_size
-        _close_grads(summed, [g["grads"] for g in got], num_local, dt, f"{case.name}: ")
 
 
 HIGHER_ORDER = [
