@@ -57,6 +57,9 @@ class LayerCase:
     """expert_bias for the sigmoid_bias router."""
     flat: bool = False
     """Feed [T, D] rows (one sequence per call; over the ranks, one sequence in all)."""
+    grouped_mm: bool = False
+    """Run the all-to-all path's grouped-GEMM branch (CUDA's) on CPU, where torch has
+    F.grouped_mm forward and backward for float32 but the layer never picks it."""
 
 
 def build_case(case: LayerCase, world_size: int):
@@ -93,28 +96,42 @@ def rank_rows(t: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
 
 def layer_worker(rank: int, world_size: int, cases: list[LayerCase]) -> list[dict]:
     """Run every case expert-parallel; return this rank's outputs and gradients."""
-    from moekit.parallel import apply_expert_parallel
+    import moekit.experts as experts_module
 
+    supported = experts_module._grouped_mm_supported
     results = []
     for case in cases:
-        moe, x, mask, g = build_case(case, world_size)
-        apply_expert_parallel(moe)
-        x_local, mask_local = rank_rows(x, rank, world_size), rank_rows(mask, rank, world_size)
-        if case.flat:
-            x_local, mask_local = x_local.flatten(0, 1), mask_local.flatten()
-        x_local = x_local.clone().requires_grad_(True)
-        y, out = moe(x_local, padding_mask=mask_local)
-        loss = (y * rank_rows(g, rank, world_size).view_as(y)).sum() + out.loss
-        loss.backward()
-        results.append(
-            {
-                "y": y.detach(),
-                "x_grad": x_local.grad,
-                "stats": _stats(out),
-                "grads": {n: p.grad for n, p in moe.named_parameters()},
-            }
-        )
+        calls = []
+        if case.grouped_mm:
+            # Record each time the all-to-all path asks, so the test knows the branch ran.
+            experts_module._grouped_mm_supported = lambda x, calls=calls: calls.append(1) or True
+        try:
+            results.append(_layer_case(rank, world_size, case))
+        finally:
+            # The pool's processes outlive this task: later ones must see the library as is.
+            experts_module._grouped_mm_supported = supported
+        results[-1]["grouped_mm_calls"] = len(calls)
     return results
+
+
+def _layer_case(rank: int, world_size: int, case: LayerCase) -> dict:
+    from moekit.parallel import apply_expert_parallel
+
+    moe, x, mask, g = build_case(case, world_size)
+    apply_expert_parallel(moe)
+    x_local, mask_local = rank_rows(x, rank, world_size), rank_rows(mask, rank, world_size)
+    if case.flat:
+        x_local, mask_local = x_local.flatten(0, 1), mask_local.flatten()
+    x_local = x_local.clone().requires_grad_(True)
+    y, out = moe(x_local, padding_mask=mask_local)
+    loss = (y * rank_rows(g, rank, world_size).view_as(y)).sum() + out.loss
+    loss.backward()
+    return {
+        "y": y.detach(),
+        "x_grad": x_local.grad,
+        "stats": _stats(out),
+        "grads": {n: p.grad for n, p in moe.named_parameters()},
+    }
 
 
 def _stats(out) -> dict:
@@ -124,6 +141,7 @@ def _stats(out) -> dict:
         "seq_aux_loss": out.seq_aux_loss.detach(),
         "z_loss": out.z_loss.detach(),
         "tokens_per_expert": out.tokens_per_expert,
+        "routed_tokens_per_expert": out.routed_tokens_per_expert,
         "dropped_fraction": out.dropped_fraction,
         "router_entropy": out.router_entropy,
     }
@@ -144,6 +162,56 @@ def single_process_reference(case: LayerCase, world_size: int) -> dict:
         "y": y.detach(),
         "x_grad": x.grad,
         "stats": _stats(out),
+        "grads": {n: p.grad for n, p in moe.named_parameters()},
+    }
+
+
+def per_rank_reference(case: LayerCase, world_size: int) -> dict:
+    """The reference where routing decides over each rank's own tokens: capacity and the
+    expert_choice router (apply_expert_parallel's docstring, as GShard's groups).
+
+    One process runs the layer on each rank's rows alone, for the outputs and the
+    assignment counts (the dropped fraction is the group's: kept over routed, both summed
+    over the ranks), and on the whole batch for the losses, whose statistics are summed
+    over the group. Token choice: they count the assignments before capacity drops, which
+    depend on each token alone, so they are the whole batch's. Expert choice fills every
+    expert exactly, so the Switch loss is 1 whatever the choice; the z-loss and entropy are
+    per token; the sequence loss is the mean over the sequences with real tokens, each on
+    one rank, so the ranks' own losses weighted by those sequences (the case keeps it out
+    of the loss: seq_aux_loss_coef=0). Differentiates sum(y * g) + W * out.loss, as
+    single_process_reference.
+    """
+    expert_choice = case.config.get("router") == "expert_choice"
+    if expert_choice and (case.flat or case.config.get("seq_aux_loss_coef", 0.0)):
+        raise ValueError(f"{case.name}: this reference needs [B, S, D] rows, no seq_aux_loss")
+    moe, x, mask, g = build_case(case, world_size)
+    x = x.clone().requires_grad_(True)
+    outs, ys, seqs = [], [], []
+    for rank in range(world_size):
+        x_r, mask_r, g_r = (rank_rows(t, rank, world_size) for t in (x, mask, g))
+        seqs.append((~mask_r).any(dim=1).sum())
+        if case.flat:
+            x_r, mask_r, g_r = x_r.flatten(0, 1), mask_r.flatten(), g_r.flatten(0, 1)
+        y_r, out_r = moe(x_r, padding_mask=mask_r)
+        (y_r * g_r).sum().backward()  # accumulates into x.grad and the weights' grads
+        ys.append(y_r.detach())
+        outs.append(out_r)
+    x_all, mask_all = (x.flatten(0, 1), mask.flatten()) if case.flat else (x, mask)
+    _, whole = moe(x_all, padding_mask=mask_all)
+    (world_size * whole.loss).backward()
+    stats = _stats(whole)
+    kept = sum(o.tokens_per_expert for o in outs)
+    routed = sum(o.routed_tokens_per_expert for o in outs)
+    stats["tokens_per_expert"], stats["routed_tokens_per_expert"] = kept, routed
+    stats["dropped_fraction"] = 1 - kept.sum() / routed.sum()
+    if expert_choice:
+        seq_losses = torch.stack([o.seq_aux_loss.detach() for o in outs])
+        weights = torch.stack(seqs).to(seq_losses.dtype)
+        stats["seq_aux_loss"] = (seq_losses * weights).sum() / weights.sum()
+    return {
+        "y": torch.cat(ys),
+        "x_grad": x.grad.flatten(0, 1) if case.flat else x.grad,
+        "stats": stats,
         "grads": {n: p.grad for n, p in moe.named_parameters()},
     }
 

@@ -3,6 +3,9 @@
 Forward outputs, every balancing statistic, and the gradients of the input, router,
 shared and expert weights, for the softmax top-k and sigmoid-bias routers; including a
 rank that sends zero tokens, an expert that receives none, and every token on one expert.
+The grouped-GEMM branch the path takes on CUDA, forced on CPU, equals one process too.
+With capacity drops and expert-choice routing, which decide over each rank's own tokens,
+the layer equals one process fed each rank's rows alone (its losses: the whole batch's).
 """
 
 from __future__ import annotations
@@ -11,11 +14,14 @@ import pytest
 import torch
 from parallel_cases import (
     LayerCase,
+    build_case,
     derivatives_single_process,
     derivatives_worker,
     errors_worker,
     layer_worker,
+    per_rank_reference,
     pool,
+    rank_rows,
     single_process_reference,
 )
 
@@ -91,8 +97,8 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, msg
     torch.testing.assert_close(actual, expected, rtol=eps, atol=eps * scale, msg=msg or None)
 
 
-def _check(case: LayerCase, ranks: list[dict], world_size: int) -> None:
-    ref = single_process_reference(case, world_size)
+def _check(case: LayerCase, ranks: list[dict], world_size: int, reference=None) -> None:
+    ref = (reference or single_process_reference)(case, world_size)
     dt = case.dtype
     num_local = case.config["num_experts"] // world_size
     _close(torch.cat([r["y"] for r in ranks]), ref["y"], dt, "y")
@@ -121,6 +127,108 @@ def test_expert_parallel_equals_single_process(world_size: int) -> None:
     for i, case in enumerate(CASES):
         per_rank = [ranks[r][i] for r in range(world_size)]
         _check(case, per_rank, world_size)
+
+
+GROUPED = [
+    # grouped_mm has no float64. D=10, F=14 are zero-padded to 16-byte rows (12, 16); the
+    # last rank's experts receive rows from rank 0 only, and an expert none.
+    LayerCase(
+        "grouped GEMM fp32, padded rows, last rank empty, dead expert, shared expert",
+        dict(BASE, d_model=10, d_ff=14, top_k=3, num_shared_experts=1, seq_aux_loss_coef=0.3),
+        empty_last_rank=True,
+        dead_expert=1,
+        grouped_mm=True,
+    ),
+    # Every rank but the hot expert's receives zero rows.
+    LayerCase(
+        "grouped GEMM fp32, gelu, sigmoid_bias, every token to one expert",
+        dict(BASE, top_k=1, activation="gelu", router="sigmoid_bias"),
+        hot_expert=2,
+        grouped_mm=True,
+    ),
+    LayerCase(
+        "grouped GEMM fp32, softmax_topk",
+        dict(BASE, top_k=2),
+        batch=6,
+        grouped_mm=True,
+    ),
+]
+
+
+def test_grouped_gemm_branch_equals_single_process() -> None:
+    # The all-to-all path regroups the received rows by local expert for the grouped GEMMs
+    # and undoes that after; only CUDA takes the branch, so no other test runs it.
+    if not hasattr(torch.nn.functional, "grouped_mm"):
+        pytest.skip("torch has no grouped_mm")
+    world_size = 2
+    ranks = pool(world_size).run(layer_worker, GROUPED, timeout_s=120)
+    for i, case in enumerate(GROUPED):
+        per_rank = [ranks[r][i] for r in range(world_size)]
+        assert all(r["grouped_mm_calls"] > 0 for r in per_rank), case.name
+        _check(case, per_rank, world_size)
+
+
+CAPACITY = [
+    LayerCase(
+        "softmax_topk fp64, capacity 0.5, probs policy, shared expert",
+        dict(BASE, top_k=2, capacity_factor=0.5, num_shared_experts=1, seq_aux_loss_coef=0.3),
+        dtype=torch.float64,
+        batch=8,
+    ),
+    LayerCase(
+        "sigmoid_bias fp32, capacity 0.6, position policy, last rank empty",
+        dict(BASE, top_k=3, router="sigmoid_bias", capacity_factor=0.6, drop_policy="position"),
+        bias=[0.1, -0.2, 0.0, 0.3, -0.1, 0.05, 0.0, -0.3],
+        batch=8,
+        empty_last_rank=True,
+    ),
+    LayerCase(
+        "softmax_topk fp64, capacity 0.5, [T, D] rows",
+        dict(BASE, top_k=2, capacity_factor=0.5, seq_aux_loss_coef=0.3),
+        dtype=torch.float64,
+        batch=8,
+        flat=True,
+    ),
+    LayerCase(
+        "expert_choice fp64, capacity 0.5",
+        dict(BASE, top_k=2, router="expert_choice", capacity_factor=0.5),
+        dtype=torch.float64,
+        batch=8,
+    ),
+]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_capacity_and_expert_choice_equal_each_rank_alone(world_size: int) -> None:
+    ranks = pool(world_size).run(layer_worker, CAPACITY, timeout_s=120)
+    for i, case in enumerate(CAPACITY):
+        per_rank = [ranks[r][i] for r in range(world_size)]
+        _check(case, per_rank, world_size, reference=per_rank_reference)
+
+
+def test_capacity_cases_drop_and_decide_per_rank() -> None:
+    # The test above proves little unless assignments are dropped, the ranks drop
+    # different shares (so the group's fraction is none of theirs), and deciding over each
+    # rank's tokens gives another output than deciding over the whole batch.
+    for case in CAPACITY:
+        for world_size in (2, 4):
+            moe, x, mask, _ = build_case(case, world_size)
+            if case.flat:
+                x, mask = x.flatten(0, 1), mask.flatten()
+            with torch.no_grad():
+                whole, _ = moe(x, padding_mask=mask)
+                alone = [
+                    moe(rank_rows(x, r, world_size), padding_mask=rank_rows(mask, r, world_size))
+                    for r in range(world_size)
+                ]
+            what = f"{case.name}, {world_size} ranks"
+            # (Over 2 ranks with the last one empty, rank 0's tokens are the whole batch.)
+            if not (case.empty_last_rank and world_size == 2):
+                assert not torch.allclose(torch.cat([y for y, _ in alone]), whole), what
+            if case.config.get("router") == "expert_choice":
+                continue
+            dropped = [out.dropped_fraction.item() for _, out in alone]
+            assert max(dropped) > 0 and len(set(dropped)) > 1, (what, dropped)
 
 
 HIGHER_ORDER = [
