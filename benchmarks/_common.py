@@ -185,13 +185,18 @@ def implausible_peak(layer: str, peak: int, grads: int) -> str | None:
     )
 
 
-def run_in_fresh_process(argv: Sequence[str], timeout: float = 900) -> str:
-    """stdout's last line of `python argv...` run with the malloc threshold fixed.
+def run_in_fresh_process(
+    argv: Sequence[str], timeout: float = 900, fixed_malloc_threshold: bool = True
+) -> str:
+    """stdout's last line of `python argv...`, by default with the malloc threshold fixed.
 
     Peak-memory cases run there (see the module docstring), away from the buffers and
-    heap the timing runs have left in this process.
+    heap the timing runs have left in this process. Timing runs in a process of their
+    own keep glibc's defaults (fixed_malloc_threshold=False), as a user's process has.
     """
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
+    env = dict(os.environ)
+    if fixed_malloc_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     done = subprocess.run(
         [sys.executable, *argv], env=env, capture_output=True, text=True, timeout=timeout
     )

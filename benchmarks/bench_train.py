@@ -8,20 +8,33 @@ on CPU, a fixed thread count (2 unless --threads); with --device cuda, bf16 auto
 MoE's active width in each MoE layer's place: equal FFN FLOPs per token, so the ratio of
 tokens/s measures what routing, dispatch and the grouped experts cost in wall time.
 
-Times are medians over interleaved rounds (benchmarks/_common.py); the ratio is MoE
-tokens/s over dense tokens/s from the same run. Target: >= 0.9. Two batch shapes by
-default: 16 x 256 (the preset's whole context; the headline) and 16 x 128 (`moekit
-train`'s default), where the MoE's extra time weighs more.
+Two ways to run the models (`--method`):
+- `processes` (the default): each model alone in a fresh process, as `moekit train` runs
+  one, a pair of processes (one per model) at a time, the pairs alternating which model
+  goes first. A model's step time is the median over its processes of each process's
+  median step; the ratio is MoE tokens/s over dense tokens/s from the same run, and each
+  pair's own ratio is reported beside it (their spread is the run's noise). Measured with
+  both models in one process, what one model leaves there (the heap, freed pages, the
+  first batch shape's buffers) moved the other's step time by 10-20% (benchmarks/README.md).
+- `interleaved`: both models in this process, their steps interleaved round by round
+  (benchmarks/_common.py), one batch shape after another. Quicker; load from other
+  processes falls on both alike, but each model's time depends on the other's.
+
+Target: >= 0.9. Two batch shapes by default: 16 x 256 (the preset's whole context; the
+headline) and 16 x 128 (`moekit train`'s default), where the MoE's extra time weighs more
+(attention, equal in both models, is a smaller share of a shorter sequence's step).
 
     python benchmarks/bench_train.py                      # tiny preset, 16 x 256 and 16 x 128
     python benchmarks/bench_train.py --shapes 64x256      # other batch shapes
     python benchmarks/bench_train.py --quick              # small batches, few rounds (a smoke test)
+    python benchmarks/bench_train.py --method interleaved # both models in one process
     python benchmarks/bench_train.py --device cuda --shapes 16x256,64x256   # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from contextlib import nullcontext
@@ -36,6 +49,7 @@ from _common import (
     median,
     positive_int,
     print_table,
+    run_in_fresh_process,
     set_threads,
     time_interleaved,
     trainable_presets,
@@ -99,26 +113,113 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def time_shape(
-    preset: str, batch_size: int, seq_len: int, rounds: int, split, device: str, compile: str
-) -> dict:
-    """Interleaved step times of the preset and its dense twin at one batch shape, on
-    windows of `split` (the embedded corpus's training tokens)."""
-    config = TrainConfig(batch_size=batch_size, seq_len=seq_len, progress=False, compile=compile)
+MODELS = ("moe", "dense twin")
+METHODS = ("processes", "interleaved")
+
+
+def _model_config(preset: str, name: str):
+    cfg = get_preset(preset)
+    return cfg if name == "moe" else dense_twin(cfg)
+
+
+def _prepared_split(cache: str):
+    """The embedded corpus's training tokens (independent of the batch shape), in `cache`."""
+    return prepare_tokens("embedded", ByteTokenizer(), cache, TrainConfig().val_fraction)["train"]
+
+
+def _steps(args: argparse.Namespace, names, batch_size: int, seq_len: int, split) -> dict:
+    """One step closure per named model, each built from seed 0 on the same windows."""
+    config = TrainConfig(
+        batch_size=batch_size, seq_len=seq_len, progress=False, compile=args.compile
+    )
     batches = TrainBatches(split, seq_len, batch_size, seed=0)
-    moe_cfg = get_preset(preset)
-    configs = {"moe": moe_cfg, "dense twin": dense_twin(moe_cfg)}
     steps = {}
-    for name, cfg in configs.items():
+    for name in names:
         torch.manual_seed(0)
-        steps[name] = make_step(Transformer(cfg), config, batches, device)
+        model = Transformer(_model_config(args.preset, name))
+        steps[name] = make_step(model, config, batches, args.device)
+    return steps
+
+
+def _warmup(compile: str) -> int:
     # A compiled step recompiles over its first rounds (dynamic shapes, then guards).
-    warmup = 2 if compile == "none" else 6
-    times, cpu_times = time_interleaved(steps, repeats=rounds, warmup=warmup)
+    return 2 if compile == "none" else 6
+
+
+def time_interleaved_shape(
+    args: argparse.Namespace, batch_size: int, seq_len: int, split
+) -> dict[str, tuple[list[float], list[float]]]:
+    """name -> ([step wall s], [step CPU s]): both models in this process, interleaved."""
+    steps = _steps(args, MODELS, batch_size, seq_len, split)
+    times, cpu_times = time_interleaved(steps, repeats=args.rounds, warmup=_warmup(args.compile))
+    return {name: (times[name], cpu_times[name]) for name in MODELS}
+
+
+def _worker_argv(args: argparse.Namespace, name: str, batch_size: int, seq_len: int) -> list[str]:
+    return [
+        __file__,
+        "--worker",
+        name,
+        "--preset",
+        args.preset,
+        "--shapes",
+        f"{batch_size}x{seq_len}",
+        "--rounds",
+        str(args.rounds),
+        "--threads",
+        str(args.threads),
+        "--device",
+        args.device,
+        "--compile",
+        args.compile,
+    ]
+
+
+def time_in_processes(
+    args: argparse.Namespace, batch_size: int, seq_len: int
+) -> tuple[dict[str, tuple[list[float], list[float]]], list[float]]:
+    """name -> ([median step wall s], [median step CPU s]) over `args.pairs` processes
+    per model, and each pair's MoE/dense tokens/s ratio."""
+    per_process: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in MODELS}
+    pair_ratios = []
+    for pair in range(args.pairs):
+        order = MODELS if pair % 2 == 0 else MODELS[::-1]
+        pair_times = {}
+        for name in order:
+            argv = _worker_argv(args, name, batch_size, seq_len)
+            measured = json.loads(run_in_fresh_process(argv, fixed_malloc_threshold=False))
+            wall, cpu = median(measured["wall"]), median(measured["cpu"])
+            per_process[name][0].append(wall)
+            per_process[name][1].append(cpu)
+            pair_times[name] = wall
+        pair_ratios.append(pair_times["dense twin"] / pair_times["moe"])
+    return per_process, pair_ratios
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    """One model alone at one batch shape: its step times as the last line of output."""
+    (batch_size, seq_len), name = parse_shapes(args.shapes)[0], args.worker
+    set_threads(args.threads)
+    with tempfile.TemporaryDirectory() as cache:
+        step = _steps(args, [name], batch_size, seq_len, _prepared_split(cache))[name]
+        warmup = _warmup(args.compile)
+        wall, cpu = time_interleaved({name: step}, repeats=args.rounds, warmup=warmup)
+    print(json.dumps({"wall": wall[name], "cpu": cpu[name]}), flush=True)
+
+
+def shape_result(
+    preset: str,
+    batch_size: int,
+    seq_len: int,
+    times: dict[str, tuple[list[float], list[float]]],
+    pair_ratios: list[float] | None,
+) -> dict:
+    """The JSON record of one batch shape from each model's step times."""
     tokens = batch_size * seq_len
     result: dict = {"batch_size": batch_size, "seq_len": seq_len}
-    for name, cfg in configs.items():
-        t = median(times[name])
+    for name in MODELS:
+        cfg = _model_config(preset, name)
+        t = median(times[name][0])
         total, active = count_parameters(cfg)
         gflop = 3 * flops_per_token(cfg, seq_len).total * tokens / 1e9
         result[name.replace(" ", "_")] = {
@@ -131,10 +232,19 @@ def time_shape(
     result["ratio_moe_over_dense"] = (
         result["moe"]["tokens_per_s"] / result["dense_twin"]["tokens_per_s"]
     )
-    result["cpu_time_ratio_moe_over_dense"] = median(cpu_times["dense twin"]) / median(
-        cpu_times["moe"]
+    result["cpu_time_ratio_moe_over_dense"] = median(times["dense twin"][1]) / median(
+        times["moe"][1]
     )
+    result["pair_ratios"] = pair_ratios
     return result
+
+
+def _pair_range(ratios: list[float] | None) -> str:
+    """The lowest and highest of the pairs' ratios ('' when interleaved in one process)."""
+    if not ratios:
+        return ""
+    lo, hi = min(ratios), max(ratios)
+    return f"{lo:.2f}x" if len(ratios) == 1 else f"{lo:.2f}-{hi:.2f}x"
 
 
 def main() -> None:
@@ -145,7 +255,24 @@ def main() -> None:
         help=f"batch shapes BxS, comma-separated; the first is the headline ({DEFAULT_SHAPES}, "
         f"quick {QUICK_SHAPES})",
     )
-    p.add_argument("--rounds", type=positive_int, help="timed rounds (default 8, quick 3)")
+    p.add_argument(
+        "--rounds",
+        type=positive_int,
+        help="timed steps per process, or interleaved rounds (default 8, quick 3)",
+    )
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="processes",
+        help="each model alone in fresh processes (default), or both interleaved in this one",
+    )
+    p.add_argument(
+        "--pairs",
+        type=positive_int,
+        help="processes per model with --method processes (default 4, quick 1)",
+    )
+    # Internal: one model alone at one shape, started by --method processes.
+    p.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument(
         "--quick",
@@ -167,7 +294,7 @@ def main() -> None:
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
-    fill_defaults(args, shapes=(DEFAULT_SHAPES, QUICK_SHAPES), rounds=(8, 3))
+    fill_defaults(args, shapes=(DEFAULT_SHAPES, QUICK_SHAPES), rounds=(8, 3), pairs=(4, 1))
     try:
         shapes = parse_shapes(args.shapes)
     except ValueError as err:
@@ -175,16 +302,22 @@ def main() -> None:
     max_seq_len = get_preset(args.preset).max_seq_len
     if any(s > max_seq_len for _, s in shapes):
         p.error(f"--shapes {args.shapes}: preset {args.preset}'s max_seq_len is {max_seq_len}")
+    if args.worker is not None:
+        run_worker(args)
+        return
     set_threads(args.threads)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as cache:
-        # The token split does not depend on the batch shape: prepared once for all.
-        val_fraction = TrainConfig().val_fraction
-        split = prepare_tokens("embedded", ByteTokenizer(), cache, val_fraction)["train"]
-        results = [
-            time_shape(args.preset, b, s, args.rounds, split, args.device, args.compile)
-            for b, s in shapes
-        ]
+    results = []
+    if args.method == "processes":
+        for b, s in shapes:
+            times, pair_ratios = time_in_processes(args, b, s)
+            results.append(shape_result(args.preset, b, s, times, pair_ratios))
+    else:
+        with tempfile.TemporaryDirectory() as cache:
+            split = _prepared_split(cache)
+            for b, s in shapes:
+                times = time_interleaved_shape(args, b, s, split)
+                results.append(shape_result(args.preset, b, s, times, None))
 
     rows = []
     for r in results:
@@ -200,6 +333,7 @@ def main() -> None:
                     f"{m['tokens_per_s']:.0f}",
                     f"{m['gflop_per_s']:.2f}",
                     f"{r['ratio_moe_over_dense']:.2f}x" if key == "moe" else "",
+                    _pair_range(r["pair_ratios"]) if key == "moe" else "",
                 ]
             )
     where = (
@@ -209,12 +343,16 @@ def main() -> None:
     )
     if args.compile != "none":
         where += f", torch.compile mode {args.compile}"
-    print(
-        f"training step, preset {args.preset}, byte tokens, {where}, "
-        f"median of {args.rounds} interleaved rounds per batch shape"
+    how = (
+        f"each model alone in {args.pairs} fresh process(es), median of {args.rounds} steps "
+        "in each, median over the processes"
+        if args.method == "processes"
+        else f"both models in one process, median of {args.rounds} interleaved rounds"
     )
+    print(f"training step, preset {args.preset}, byte tokens, {where}; {how}")
     print(f"machine: {machine()}")
     header = ["batch", "model", "params", "active", "step ms", "tokens/s", "GFLOP/s", "MoE/dense"]
+    header.append("per pair")
     print_table(header, rows)
     head = results[0]
     headline = (
@@ -237,6 +375,8 @@ def main() -> None:
             "compile": args.compile,
             "threads": args.threads,
             "rounds": args.rounds,
+            "method": args.method,
+            "pairs": args.pairs if args.method == "processes" else None,
             "quick": args.quick,
             "batch_size": head["batch_size"],
             "seq_len": head["seq_len"],

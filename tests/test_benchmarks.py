@@ -149,6 +149,9 @@ def test_bench_train_quick_reports_each_shape_and_the_headline():
         # 2.9x the parameters, about the same active ones (the router is the difference).
         assert moe["params"] > 2 * moe["active_params"]
         assert moe["active_params"] == pytest.approx(dense["params"], rel=0.01)
+        # Each model ran alone in one process: the one pair's ratio is the shape's.
+        assert shape["pair_ratios"] == pytest.approx([shape["ratio_moe_over_dense"]], rel=1e-9)
+    assert result["method"] == "processes" and result["pairs"] == 1
     # The headline is the first shape's.
     assert result["ratio_moe_over_dense"] == result["shapes"][0]["ratio_moe_over_dense"]
     assert "4 x 32" in stdout and "target >= 0.90" in stdout
@@ -156,9 +159,13 @@ def test_bench_train_quick_reports_each_shape_and_the_headline():
 
 
 def test_quick_keeps_the_flags_given_explicitly():
-    _, result = _run("bench_train.py", "--quick", "--shapes", "2x16", "--rounds", "1")
+    args = ("--quick", "--shapes", "2x16", "--rounds", "1", "--method", "interleaved")
+    _, result = _run("bench_train.py", *args)
     assert [(r["batch_size"], r["seq_len"]) for r in result["shapes"]] == [(2, 16)]
     assert result["rounds"] == 1 and result["quick"] is True
+    # Both models in this process: no pairs of processes.
+    assert result["method"] == "interleaved" and result["pairs"] is None
+    assert result["shapes"][0]["pair_ratios"] is None
 
 
 def _refused(script: str, *args: str) -> str:
@@ -231,6 +238,7 @@ def test_rounds_alternate_their_order(monkeypatch):
     [
         (["bench_train.py", "--rounds", "0"], "argument --rounds: expected an int >= 1, got 0"),
         (["bench_train.py", "--threads", "0"], "argument --threads: expected an int >= 1, got 0"),
+        (["bench_train.py", "--pairs", "0"], "argument --pairs: expected an int >= 1, got 0"),
         (["bench_train.py", "--preset", "mixtral-8x7b"], "invalid choice: 'mixtral-8x7b'"),
         (
             ["bench_train.py", "--shapes", "1x300"],
