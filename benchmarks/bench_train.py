@@ -351,8 +351,8 @@ def main() -> None:
     )
     print(f"training step, preset {args.preset}, byte tokens, {where}; {how}")
     print(f"machine: {machine()}")
-    header = ["batch", "model", "params", "active", "step ms", "tokens/s", "GFLOP/s", "MoE/dense"]
-    header.append("per pair")
+    header = ["batch", "model", "params", "active", "step ms", "tokens/s", "GFLOP/s"]
+    header += ["MoE/dense", "per pair"]
     print_table(header, rows)
     head = results[0]
     headline = (

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parallel_cases import (
+from parallel_cases import pool
+from parallel_train_cases import (
     broken_source_worker,
     noisy_train_worker,
-    pool,
     read_losses,
     reshard_worker,
     short_val_configs,
